@@ -1,0 +1,332 @@
+//! The per-environment and per-tenant books, and the arithmetic that moves capacity between
+//! "available", "held" and "used". Everything here is plain data under the caller's locks.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::{AgentId, IdempotencyKey, LedgerError, Milli, Settlement, TenantId};
+
+/// Where capacity comes from. The declaration order is the draw order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Source {
+    EnvironmentAllocation,
+    TenantPool,
+    PayAsYouGo,
+}
+
+impl Source {
+    pub const DRAW_ORDER: [Source; 3] = [Source::EnvironmentAllocation, Source::TenantPool, Source::PayAsYouGo];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// An amount per source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Draws([Milli; 3]);
+
+impl Draws {
+    pub fn get(&self, source: Source) -> Milli {
+        self.0[source.index()]
+    }
+
+    fn set(&mut self, source: Source, amount: Milli) {
+        self.0[source.index()] = amount;
+    }
+
+    /// Cannot overflow: every caller keeps the per-source amounts within one u64 amount in total.
+    pub fn total(&self) -> Milli {
+        self.0.iter().sum()
+    }
+
+    /// The non-zero amounts, in draw order.
+    pub fn iter(&self) -> impl Iterator<Item = (Source, Milli)> + '_ {
+        Source::DRAW_ORDER.into_iter().map(|s| (s, self.get(s))).filter(|(_, amount)| *amount > 0)
+    }
+
+    /// The per-source sum. Callers keep every total within one amount, so no source can overflow.
+    pub fn plus(self, other: Draws) -> Draws {
+        Draws(std::array::from_fn(|i| self.0[i] + other.0[i]))
+    }
+
+    /// Takes `amount` from `available` in draw order; `Err` carries the total available when short.
+    pub fn plan(amount: Milli, available: Draws) -> Result<Draws, Milli> {
+        let (draws, shortfall) = Self::take_up_to(amount, available);
+        if shortfall == 0 { Ok(draws) } else { Err(available.0.iter().fold(0u64, |a, b| a.saturating_add(*b))) }
+    }
+
+    /// Takes as much of `amount` as `available` covers in draw order; returns the draws and what is left.
+    pub fn take_up_to(amount: Milli, available: Draws) -> (Draws, Milli) {
+        let mut draws = Draws::default();
+        let mut left = amount;
+        for source in Source::DRAW_ORDER {
+            let take = left.min(available.get(source));
+            draws.set(source, take);
+            left -= take;
+        }
+        (draws, left)
+    }
+
+    /// Splits `amount` across these draws in draw order: (charged per source, not charged).
+    pub fn split(&self, amount: Milli) -> (Draws, Milli) {
+        Self::take_up_to(amount, *self)
+    }
+
+    pub fn saturating_total(&self) -> Milli {
+        self.0.iter().fold(0u64, |a, b| a.saturating_add(*b))
+    }
+}
+
+/// A tenant's prepaid capacity.
+///
+/// Invariant: `allocated + pool_used + pool_held <= purchased`, where `allocated` is the sum of its
+/// environments' allocations and the pool counters are the sums of theirs.
+#[derive(Debug, Default)]
+pub struct Tenant {
+    pub purchased: Milli,
+    pub allocated: Milli,
+    pub pool_used: Milli,
+    pub pool_held: Milli,
+    /// Purchase idempotency keys with the amount they bought, oldest first in `purchase_key_order`.
+    pub purchase_keys: HashMap<IdempotencyKey, Milli>,
+    pub purchase_key_order: VecDeque<IdempotencyKey>,
+}
+
+impl Tenant {
+    pub fn pool_available(&self) -> Milli {
+        self.purchased.saturating_sub(self.allocated).saturating_sub(self.pool_used).saturating_sub(self.pool_held)
+    }
+}
+
+/// A granted hold, open or resolved. Kept whole after it resolves so that an idempotent retry can
+/// return it.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub agent: AgentId,
+    pub amount: Milli,
+    pub draws: Draws,
+    pub expires_at_ms: u64,
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    Committed { actual: Milli, settlement: Settlement },
+    Released { released: Milli },
+    /// The hold was released by expiry; a late Commit or a Release may still resolve it.
+    Expired,
+}
+
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub hold: Hold,
+    pub resolution: Resolution,
+}
+
+/// A capacity environment's books for the current period.
+///
+/// Invariants: `held` is the per-source sum of the draws of `open`;
+/// `used[allocation] + held[allocation] <= allocated`.
+#[derive(Debug)]
+pub struct Environment {
+    pub tenant: TenantId,
+    pub allocated: Milli,
+    pub draw_from_tenant_pool: bool,
+    pub payg_enabled: bool,
+    /// 0 = no cap.
+    pub payg_budget: Milli,
+    pub used: Draws,
+    pub held: Draws,
+    pub overage: Milli,
+    pub next_seq: u64,
+    pub open: HashMap<u64, Hold>,
+    pub resolved: HashMap<u64, Resolved>,
+    /// (resolved at, seq), oldest first: resolved records are dropped from the front.
+    pub resolved_order: VecDeque<(u64, u64)>,
+    /// Idempotency key → seq of the open or resolved reservation it made.
+    pub idempotency: HashMap<IdempotencyKey, u64>,
+}
+
+impl Environment {
+    pub fn new(tenant: TenantId) -> Self {
+        Self {
+            tenant,
+            allocated: 0,
+            draw_from_tenant_pool: false,
+            payg_enabled: false,
+            payg_budget: 0,
+            used: Draws::default(),
+            held: Draws::default(),
+            overage: 0,
+            next_seq: 1,
+            open: HashMap::new(),
+            resolved: HashMap::new(),
+            resolved_order: VecDeque::new(),
+            idempotency: HashMap::new(),
+        }
+    }
+
+    /// Whether an operation on these books may touch the tenant pool.
+    pub fn touches_pool(&self) -> bool {
+        self.draw_from_tenant_pool || self.held.get(Source::TenantPool) > 0
+    }
+
+    /// What each source could give a new reservation now. `tenant` is needed for the pool.
+    pub fn available(&self, tenant: Option<&Tenant>) -> Draws {
+        let mut available = Draws::default();
+        let allocation = self.allocated
+            .saturating_sub(self.used.get(Source::EnvironmentAllocation))
+            .saturating_sub(self.held.get(Source::EnvironmentAllocation));
+        available.set(Source::EnvironmentAllocation, allocation);
+        if self.draw_from_tenant_pool {
+            available.set(Source::TenantPool, tenant.map_or(0, Tenant::pool_available));
+        }
+        if self.payg_enabled {
+            let payg = match self.payg_budget {
+                0 => Milli::MAX,
+                budget => budget
+                    .saturating_sub(self.used.get(Source::PayAsYouGo))
+                    .saturating_sub(self.held.get(Source::PayAsYouGo)),
+            };
+            available.set(Source::PayAsYouGo, payg);
+        }
+        available
+    }
+
+    /// Adds `draws` to the holds. The caller has checked them against `available`, so no counter
+    /// can overflow.
+    pub fn hold(&mut self, tenant: Option<&mut Tenant>, draws: Draws) {
+        for (source, amount) in draws.iter() {
+            self.held.set(source, self.held.get(source) + amount);
+        }
+        let pool = draws.get(Source::TenantPool);
+        if pool > 0 {
+            let tenant = tenant.expect("a pool draw is planned with the tenant locked");
+            tenant.pool_held += pool;
+        }
+    }
+
+    /// Returns `draws` from the holds to available.
+    pub fn unhold(&mut self, tenant: Option<&mut Tenant>, draws: Draws) {
+        for (source, amount) in draws.iter() {
+            self.held.set(source, self.held.get(source) - amount);
+        }
+        let pool = draws.get(Source::TenantPool);
+        if pool > 0 {
+            let tenant = tenant.expect("a pool hold is released with the tenant locked");
+            tenant.pool_held -= pool;
+        }
+    }
+
+    /// Adds `draws` to the period's use.
+    pub fn charge(&mut self, tenant: Option<&mut Tenant>, draws: Draws) -> Result<(), LedgerError> {
+        let overflow = || LedgerError::CounterOverflow { what: "the period's use" };
+        let mut used = self.used;
+        for (source, amount) in draws.iter() {
+            used.set(source, used.get(source).checked_add(amount).ok_or_else(overflow)?);
+        }
+        let pool = draws.get(Source::TenantPool);
+        if pool > 0 {
+            let tenant = tenant.expect("a pool charge is made with the tenant locked");
+            tenant.pool_used = tenant.pool_used.checked_add(pool).ok_or_else(overflow)?;
+        }
+        self.used = used;
+        Ok(())
+    }
+
+    /// Charges `actual` against a hold's `draws` and releases the rest; use beyond the hold is taken
+    /// from what is available in draw order, and what nothing covers is overage.
+    pub fn settle(&mut self, mut tenant: Option<&mut Tenant>, draws: Draws, actual: Milli, late: bool) -> Result<Settlement, LedgerError> {
+        let (from_hold, excess) = draws.split(actual);
+        let (from_available, overage) = Draws::take_up_to(excess, self.available(tenant.as_deref()));
+        let overage_after = self
+            .overage
+            .checked_add(overage)
+            .ok_or(LedgerError::CounterOverflow { what: "the period's overage" })?;
+        let charged = from_hold.plus(from_available);
+        // Check for overflow before anything changes, so a refused commit changes nothing.
+        self.used_after(charged)?;
+        self.unhold(tenant.as_deref_mut(), draws);
+        self.charge(tenant, charged)?;
+        self.overage = overage_after;
+        Ok(Settlement { charged, released_milli: draws.total() - from_hold.total(), overage_milli: overage, late })
+    }
+
+    fn used_after(&self, charged: Draws) -> Result<(), LedgerError> {
+        for (source, amount) in charged.iter() {
+            self.used
+                .get(source)
+                .checked_add(amount)
+                .ok_or(LedgerError::CounterOverflow { what: "the period's use" })?;
+        }
+        Ok(())
+    }
+
+    /// Records how a reservation resolved, then forgets the oldest records past `retention_ms` or
+    /// over `max_resolved`.
+    pub fn remember(&mut self, seq: u64, resolved: Resolved, now: u64, retention_ms: u64, max_resolved: usize) {
+        self.resolved.insert(seq, resolved);
+        self.resolved_order.push_back((now, seq));
+        while let Some(&(at, oldest)) = self.resolved_order.front() {
+            let expired = now.saturating_sub(at) > retention_ms;
+            if !expired && self.resolved.len() <= max_resolved {
+                break;
+            }
+            self.resolved_order.pop_front();
+            if let Some(record) = self.resolved.remove(&oldest)
+                && let Some(key) = record.hold.idempotency_key
+                && self.idempotency.get(&key) == Some(&oldest)
+            {
+                self.idempotency.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draws(a: Milli, p: Milli, g: Milli) -> Draws {
+        Draws([a, p, g])
+    }
+
+    #[test]
+    fn plans_draw_in_order_and_refuse_when_short() {
+        assert_eq!(Draws::plan(5, draws(3, 10, 10)), Ok(draws(3, 2, 0)));
+        assert_eq!(Draws::plan(5, draws(0, 0, 5)), Ok(draws(0, 0, 5)));
+        assert_eq!(Draws::plan(5, draws(1, 1, 1)), Err(3));
+        assert_eq!(Draws::plan(1, draws(0, 0, Milli::MAX)), Ok(draws(0, 0, 1)));
+    }
+
+    #[test]
+    fn settle_below_the_hold_charges_in_draw_order_and_releases_the_rest() {
+        let mut env = Environment::new(TenantId::new("t").unwrap());
+        env.allocated = 10;
+        env.payg_enabled = true;
+        env.payg_budget = 10;
+        let hold = draws(10, 0, 5);
+        env.hold(None, hold);
+        let settlement = env.settle(None, hold, 12, false).unwrap();
+        assert_eq!(settlement.charged, draws(10, 0, 2));
+        assert_eq!(settlement.released_milli, 3);
+        assert_eq!(settlement.overage_milli, 0);
+        assert_eq!(env.held, Draws::default());
+        assert_eq!(env.used, draws(10, 0, 2));
+    }
+
+    #[test]
+    fn settle_above_the_hold_takes_available_then_records_overage() {
+        let mut env = Environment::new(TenantId::new("t").unwrap());
+        env.allocated = 10;
+        let hold = draws(4, 0, 0);
+        env.hold(None, hold);
+        let settlement = env.settle(None, hold, 15, false).unwrap();
+        assert_eq!(settlement.charged, draws(10, 0, 0));
+        assert_eq!(settlement.overage_milli, 5);
+        assert_eq!(settlement.released_milli, 0);
+        assert_eq!(env.overage, 5);
+    }
+}

@@ -1,0 +1,627 @@
+//! The accounting core: tenants, environments, holds and the rules that move capacity between them.
+//!
+//! Rules only: no I/O, no async, no transport types, and no clock (every call is given `now` in Unix
+//! milliseconds). Every state change is a [`Command`] applied by [`Ledger::apply`], so a log of
+//! commands replays to the same state.
+//!
+//! Concurrency: each capacity environment has its own lock, and a tenant's lock is taken inside it
+//! only when an operation may touch the tenant pool (lock order: environment, then tenant). Admin
+//! commands, which change which environments exist and how they relate, are serialised on one admin
+//! lock that the hot path (reserve, commit, release, expire, balance) never takes.
+
+mod account;
+mod command;
+mod error;
+mod expiry;
+mod ids;
+pub mod period;
+pub mod pricing;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use dashmap::DashMap;
+use parking_lot::{Mutex, MutexGuard};
+
+pub use account::{Draws, Source};
+pub use command::{Command, Grant, Link, Outcome, Settled, Settlement, TenantCapacity};
+pub use error::{LedgerError, OpenReservationScope};
+pub use ids::{
+    AgentId, EnvironmentId, IdError, IdempotencyKey, MAX_ID_BYTES, MAX_RESERVATION_ID_BYTES, ReservationId,
+    ReservationIdError, TenantId,
+};
+
+use account::{Environment, Hold, Resolution, Resolved, Tenant};
+use expiry::ExpiryQueue;
+
+/// Thousandths of a message: every amount in the core is exact in this unit.
+pub type Milli = u64;
+pub const MILLI_PER_MESSAGE: Milli = 1_000;
+
+pub const DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT: u64 = 1_000_000;
+pub const DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL: u64 = 4_000_000;
+/// Resolved reservations are remembered this long so that retries get the first answer.
+pub const DEFAULT_RESOLVED_RETENTION_MS: u64 = 24 * 60 * 60 * 1_000;
+pub const DEFAULT_MAX_RESOLVED_PER_ENVIRONMENT: usize = 1_000_000;
+pub const DEFAULT_MAX_PURCHASE_KEYS_PER_TENANT: usize = 10_000;
+
+const _: () = assert!(DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT <= DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_open_reservations_per_environment: u64,
+    pub max_open_reservations_total: u64,
+    pub resolved_retention_ms: u64,
+    pub max_resolved_per_environment: usize,
+    pub max_purchase_keys_per_tenant: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_open_reservations_per_environment: DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT,
+            max_open_reservations_total: DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL,
+            resolved_retention_ms: DEFAULT_RESOLVED_RETENTION_MS,
+            max_resolved_per_environment: DEFAULT_MAX_RESOLVED_PER_ENVIRONMENT,
+            max_purchase_keys_per_tenant: DEFAULT_MAX_PURCHASE_KEYS_PER_TENANT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceState {
+    Ok,
+    /// 20% or less of allocation plus pay-as-you-go budget is available.
+    Low,
+    /// Nothing is available.
+    Depleted,
+}
+
+/// A capacity environment's balance at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    pub environment: EnvironmentId,
+    pub tenant: TenantId,
+    pub allocated_milli: Milli,
+    pub allocation_used_milli: Milli,
+    pub tenant_pool_used_milli: Milli,
+    pub draw_from_tenant_pool: bool,
+    pub payg_enabled: bool,
+    /// 0 = no cap.
+    pub payg_budget_milli: Milli,
+    pub payg_used_milli: Milli,
+    pub reserved_milli: Milli,
+    pub overage_milli: Milli,
+    /// Saturates at `Milli::MAX` with uncapped pay-as-you-go.
+    pub available_milli: Milli,
+    pub state: BalanceState,
+    pub period: String,
+}
+
+/// What a dry run would hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quote {
+    pub draws: Draws,
+    pub balance: Balance,
+}
+
+#[derive(Clone)]
+enum Slot {
+    Capacity(Arc<CapacityCell>),
+    /// An app environment and the capacity environment it is linked to, if any.
+    App(Option<EnvironmentId>),
+}
+
+struct CapacityCell {
+    id: EnvironmentId,
+    tenant: Arc<Mutex<Tenant>>,
+    books: Mutex<Environment>,
+}
+
+/// One environment's books, locked, with its tenant locked too when the operation may touch the pool.
+struct Books<'a> {
+    cell: &'a CapacityCell,
+    env: MutexGuard<'a, Environment>,
+    tenant: Option<MutexGuard<'a, Tenant>>,
+}
+
+impl<'a> Books<'a> {
+    fn lock(cell: &'a CapacityCell) -> Self {
+        let env = cell.books.lock();
+        let tenant = env.touches_pool().then(|| cell.tenant.lock());
+        Self { cell, env, tenant }
+    }
+
+    fn lock_with_tenant(cell: &'a CapacityCell) -> Self {
+        let env = cell.books.lock();
+        let tenant = Some(cell.tenant.lock());
+        Self { cell, env, tenant }
+    }
+
+    fn available(&self) -> Draws {
+        self.env.available(self.tenant.as_deref())
+    }
+
+    fn balance(&self, now: u64) -> Balance {
+        let env = &*self.env;
+        let available = self.available().saturating_total();
+        Balance {
+            environment: self.cell.id.clone(),
+            tenant: env.tenant.clone(),
+            allocated_milli: env.allocated,
+            allocation_used_milli: env.used.get(Source::EnvironmentAllocation),
+            tenant_pool_used_milli: env.used.get(Source::TenantPool),
+            draw_from_tenant_pool: env.draw_from_tenant_pool,
+            payg_enabled: env.payg_enabled,
+            payg_budget_milli: env.payg_budget,
+            payg_used_milli: env.used.get(Source::PayAsYouGo),
+            reserved_milli: env.held.total(),
+            overage_milli: env.overage,
+            available_milli: available,
+            state: balance_state(available, env),
+            period: period::period_of(now),
+        }
+    }
+}
+
+fn balance_state(available: Milli, env: &Environment) -> BalanceState {
+    if available == 0 {
+        return BalanceState::Depleted;
+    }
+    if env.payg_enabled && env.payg_budget == 0 {
+        return BalanceState::Ok;
+    }
+    let budget = if env.payg_enabled { env.payg_budget } else { 0 };
+    let base = u128::from(env.allocated) + u128::from(budget);
+    if u128::from(available) * 5 <= base { BalanceState::Low } else { BalanceState::Ok }
+}
+
+/// All tenants and environments, and their open and recently resolved reservations.
+pub struct Ledger {
+    limits: Limits,
+    tenants: DashMap<TenantId, Arc<Mutex<Tenant>>>,
+    environments: DashMap<EnvironmentId, Slot>,
+    /// Serialises admin commands; never taken by the hot path.
+    admin: Mutex<()>,
+    /// Invariant: equals the number of open holds across all environments.
+    open_total: AtomicU64,
+    expiries: ExpiryQueue,
+}
+
+impl Ledger {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            tenants: DashMap::new(),
+            environments: DashMap::new(),
+            admin: Mutex::new(()),
+            open_total: AtomicU64::new(0),
+            expiries: ExpiryQueue::new(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Applies one state change at time `now`. A refused command changes nothing.
+    pub fn apply(&self, command: &Command, now: u64) -> Result<Outcome, LedgerError> {
+        match command {
+            Command::PurchaseCapacity { tenant, amount_milli, idempotency_key } => {
+                self.purchase(tenant, *amount_milli, idempotency_key.as_ref()).map(Outcome::Tenant)
+            }
+            Command::AllocateCapacity { tenant, environment, amount_milli, draw_from_tenant_pool } => self
+                .allocate(tenant, environment, *amount_milli, *draw_from_tenant_pool, now)
+                .map(Outcome::Balance),
+            Command::SetPayAsYouGo { environment, enabled, budget_milli } => {
+                self.set_pay_as_you_go(environment, *enabled, *budget_milli, now).map(Outcome::Balance)
+            }
+            Command::LinkEnvironment { app_environment, environment } => {
+                self.link(app_environment, environment.as_ref()).map(Outcome::Linked)
+            }
+            Command::Reserve { environment, agent, amount_milli, idempotency_key, expires_at_ms } => {
+                let hold = Hold {
+                    agent: agent.clone(),
+                    amount: *amount_milli,
+                    draws: Draws::default(),
+                    expires_at_ms: *expires_at_ms,
+                    idempotency_key: idempotency_key.clone(),
+                };
+                self.reserve(environment, hold, now).map(Outcome::Reserved)
+            }
+            Command::Commit { reservation, actual_milli } => {
+                self.commit(reservation, *actual_milli, now).map(Outcome::Committed)
+            }
+            Command::Release { reservation } => self.release(reservation, now).map(Outcome::Released),
+            Command::Expire { reservation } => self.expire(reservation, now).map(Outcome::Expired),
+        }
+    }
+
+    /// Whether a reservation of `amount` would be granted now, and from which sources.
+    pub fn quote(&self, environment: &EnvironmentId, amount: Milli, now: u64) -> Result<Quote, LedgerError> {
+        let cell = self.capacity_cell(environment)?;
+        let books = Books::lock(&cell);
+        let draws = Draws::plan(amount, books.available()).map_err(|available| LedgerError::QuotaDepleted {
+            environment: cell.id.clone(),
+            requested_milli: amount,
+            available_milli: available,
+        })?;
+        Ok(Quote { draws, balance: books.balance(now) })
+    }
+
+    pub fn balance(&self, environment: &EnvironmentId, now: u64) -> Result<Balance, LedgerError> {
+        let cell = self.capacity_cell(environment)?;
+        Ok(Books::lock(&cell).balance(now))
+    }
+
+    pub fn tenant(&self, tenant: &TenantId) -> Result<TenantCapacity, LedgerError> {
+        let cell = self.tenants.get(tenant).map(|t| t.clone()).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
+        let summary = tenant_capacity(tenant, &cell.lock());
+        Ok(summary)
+    }
+
+    /// Reservations whose expiry is at or before `now`, at most `max`, for the caller to `Expire`.
+    /// Some may have resolved meanwhile; expiring those does nothing.
+    pub fn due_expiries(&self, now: u64, max: usize) -> Vec<ReservationId> {
+        self.expiries.pop_due(now, max)
+    }
+
+    pub fn open_reservations(&self) -> u64 {
+        self.open_total.load(Ordering::Relaxed)
+    }
+
+    fn capacity_cell(&self, id: &EnvironmentId) -> Result<Arc<CapacityCell>, LedgerError> {
+        let slot = self.environments.get(id).map(|s| s.clone());
+        match slot {
+            None => Err(LedgerError::UnknownEnvironment(id.clone())),
+            Some(Slot::Capacity(cell)) => Ok(cell),
+            Some(Slot::App(None)) => Err(LedgerError::AppEnvironmentNotLinked(id.clone())),
+            Some(Slot::App(Some(target))) => match self.environments.get(&target).map(|s| s.clone()) {
+                Some(Slot::Capacity(cell)) => Ok(cell),
+                // Links are made only to capacity environments, which never stop being one.
+                _ => unreachable!("app environment {id} is linked to {target}, which is not a capacity environment"),
+            },
+        }
+    }
+
+    /// The capacity environment named exactly, for admin commands that must not follow links.
+    fn named_capacity_cell(&self, id: &EnvironmentId) -> Result<Arc<CapacityCell>, LedgerError> {
+        match self.environments.get(id).map(|s| s.clone()) {
+            None => Err(LedgerError::UnknownEnvironment(id.clone())),
+            Some(Slot::Capacity(cell)) => Ok(cell),
+            Some(Slot::App(_)) => Err(LedgerError::NotACapacityEnvironment(id.clone())),
+        }
+    }
+
+    fn reservation_cell(&self, reservation: &ReservationId) -> Result<Arc<CapacityCell>, LedgerError> {
+        match self.environments.get(&reservation.environment).map(|s| s.clone()) {
+            Some(Slot::Capacity(cell)) => Ok(cell),
+            _ => Err(LedgerError::UnknownReservation(reservation.to_string())),
+        }
+    }
+
+    fn purchase(&self, tenant: &TenantId, amount: Milli, key: Option<&IdempotencyKey>) -> Result<TenantCapacity, LedgerError> {
+        let _admin = self.admin.lock();
+        let existing = self.tenants.get(tenant).map(|t| t.clone());
+        let cell = existing.clone().unwrap_or_default();
+        let mut books = cell.lock();
+        if let Some(key) = key
+            && let Some(&first) = books.purchase_keys.get(key)
+        {
+            if first != amount {
+                return Err(LedgerError::IdempotencyKeyReused {
+                    key: key.clone(),
+                    first: format!("a purchase of {first} milli"),
+                });
+            }
+            return Ok(tenant_capacity(tenant, &books));
+        }
+        books.purchased = books
+            .purchased
+            .checked_add(amount)
+            .ok_or(LedgerError::CounterOverflow { what: "the tenant's purchased capacity" })?;
+        if let Some(key) = key {
+            books.purchase_keys.insert(key.clone(), amount);
+            books.purchase_key_order.push_back(key.clone());
+            while books.purchase_key_order.len() > self.limits.max_purchase_keys_per_tenant {
+                let oldest = books.purchase_key_order.pop_front().expect("longer than the limit");
+                books.purchase_keys.remove(&oldest);
+            }
+        }
+        let summary = tenant_capacity(tenant, &books);
+        drop(books);
+        if existing.is_none() {
+            self.tenants.insert(tenant.clone(), cell);
+        }
+        Ok(summary)
+    }
+
+    fn allocate(&self, tenant: &TenantId, environment: &EnvironmentId, amount: Milli, draw_from_pool: bool, now: u64) -> Result<Balance, LedgerError> {
+        let _admin = self.admin.lock();
+        let tenant_cell = self.tenants.get(tenant).map(|t| t.clone()).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
+        let (cell, is_new) = match self.environments.get(environment).map(|s| s.clone()) {
+            None => {
+                let books = Mutex::new(Environment::new(tenant.clone()));
+                (Arc::new(CapacityCell { id: environment.clone(), tenant: tenant_cell, books }), true)
+            }
+            Some(Slot::App(_)) => return Err(LedgerError::NotACapacityEnvironment(environment.clone())),
+            Some(Slot::Capacity(cell)) => (cell, false),
+        };
+        let mut books = Books::lock_with_tenant(&cell);
+        if books.env.tenant != *tenant {
+            return Err(LedgerError::EnvironmentOfAnotherTenant {
+                environment: environment.clone(),
+                owner: books.env.tenant.clone(),
+            });
+        }
+        let taken = books.env.used.get(Source::EnvironmentAllocation) + books.env.held.get(Source::EnvironmentAllocation);
+        if amount < taken {
+            return Err(LedgerError::AllocationBelowUse { environment: environment.clone(), requested_milli: amount, taken_milli: taken });
+        }
+        let pool = books.tenant.as_deref().expect("locked with tenant");
+        let allocated_after = (pool.allocated - books.env.allocated).checked_add(amount);
+        let pool_taken = pool.pool_used + pool.pool_held;
+        let fits = allocated_after.and_then(|a| a.checked_add(pool_taken)).is_some_and(|total| total <= pool.purchased);
+        if !fits {
+            return Err(LedgerError::OverAllocation {
+                tenant: tenant.clone(),
+                environment: environment.clone(),
+                requested_milli: amount,
+                allocated_after_milli: allocated_after.unwrap_or(Milli::MAX),
+                pool_taken_milli: pool_taken,
+                purchased_milli: pool.purchased,
+            });
+        }
+        let allocated_after = allocated_after.expect("checked by fits");
+        books.tenant.as_deref_mut().expect("locked with tenant").allocated = allocated_after;
+        books.env.allocated = amount;
+        books.env.draw_from_tenant_pool = draw_from_pool;
+        let balance = books.balance(now);
+        drop(books);
+        if is_new {
+            self.environments.insert(environment.clone(), Slot::Capacity(cell));
+        }
+        Ok(balance)
+    }
+
+    fn set_pay_as_you_go(&self, environment: &EnvironmentId, enabled: bool, budget: Milli, now: u64) -> Result<Balance, LedgerError> {
+        let _admin = self.admin.lock();
+        let cell = self.named_capacity_cell(environment)?;
+        let mut books = Books::lock(&cell);
+        books.env.payg_enabled = enabled;
+        books.env.payg_budget = budget;
+        Ok(books.balance(now))
+    }
+
+    fn link(&self, app: &EnvironmentId, target: Option<&EnvironmentId>) -> Result<Link, LedgerError> {
+        let _admin = self.admin.lock();
+        let app_slot = self.environments.get(app).map(|s| s.clone());
+        if let Some(Slot::Capacity(_)) = app_slot {
+            return Err(LedgerError::AlreadyACapacityEnvironment(app.clone()));
+        }
+        let Some(target) = target else {
+            if app_slot.is_none() {
+                return Err(LedgerError::UnknownEnvironment(app.clone()));
+            }
+            self.environments.insert(app.clone(), Slot::App(None));
+            return Ok(Link { app_environment: app.clone(), target: None });
+        };
+        let cell = self.named_capacity_cell(target)?;
+        let tenant = cell.books.lock().tenant.clone();
+        self.environments.insert(app.clone(), Slot::App(Some(target.clone())));
+        Ok(Link { app_environment: app.clone(), target: Some((target.clone(), tenant)) })
+    }
+
+    fn reserve(&self, environment: &EnvironmentId, mut hold: Hold, now: u64) -> Result<Grant, LedgerError> {
+        let cell = self.capacity_cell(environment)?;
+        let mut books = Books::lock(&cell);
+        if let Some(key) = &hold.idempotency_key
+            && let Some(&seq) = books.env.idempotency.get(key)
+        {
+            return replay_grant(&books, seq, &hold, now);
+        }
+        if books.env.open.len() as u64 >= self.limits.max_open_reservations_per_environment {
+            return Err(LedgerError::TooManyOpenReservations {
+                scope: OpenReservationScope::Environment,
+                limit: self.limits.max_open_reservations_per_environment,
+            });
+        }
+        let amount = hold.amount;
+        hold.draws = Draws::plan(amount, books.available()).map_err(|available| LedgerError::QuotaDepleted {
+            environment: cell.id.clone(),
+            requested_milli: amount,
+            available_milli: available,
+        })?;
+        // The server-wide count is taken last, so that every refusal above leaves it untouched.
+        let max_total = self.limits.max_open_reservations_total;
+        if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
+            self.open_total.fetch_sub(1, Ordering::Relaxed);
+            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
+        }
+        let Books { env, tenant, .. } = &mut books;
+        env.hold(tenant.as_deref_mut(), hold.draws);
+        let seq = env.next_seq;
+        env.next_seq += 1;
+        if let Some(key) = &hold.idempotency_key {
+            env.idempotency.insert(key.clone(), seq);
+        }
+        let reservation = ReservationId { environment: cell.id.clone(), seq };
+        self.expiries.push(hold.expires_at_ms, reservation.clone());
+        let grant = Grant {
+            reservation,
+            amount_milli: amount,
+            draws: hold.draws,
+            expires_at_ms: hold.expires_at_ms,
+            balance: books.balance(now),
+            replayed: false,
+        };
+        books.env.open.insert(seq, hold);
+        Ok(grant)
+    }
+
+    fn commit(&self, reservation: &ReservationId, actual: Milli, now: u64) -> Result<Settled<Settlement>, LedgerError> {
+        let cell = self.reservation_cell(reservation)?;
+        let mut books = Books::lock(&cell);
+        self.expire_if_due(&mut books, reservation.seq, now);
+        let seq = reservation.seq;
+        let Books { env, tenant, .. } = &mut books;
+        let settlement = if let Some(draws) = env.open.get(&seq).map(|hold| hold.draws) {
+            let settlement = env.settle(tenant.as_deref_mut(), draws, actual, false)?;
+            let hold = env.open.remove(&seq).expect("present above");
+            self.open_total.fetch_sub(1, Ordering::Relaxed);
+            let resolved = Resolved { hold, resolution: Resolution::Committed { actual, settlement } };
+            env.remember(seq, resolved, now, self.limits.resolved_retention_ms, self.limits.max_resolved_per_environment);
+            settlement
+        } else {
+            match env.resolved.get(&seq).map(|r| r.resolution) {
+                None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
+                Some(Resolution::Committed { actual: first, settlement }) => {
+                    if first != actual {
+                        return Err(LedgerError::AlreadyCommitted { reservation: reservation.clone(), committed_milli: first });
+                    }
+                    return Ok(Settled { result: settlement, balance: books.balance(now), replayed: true });
+                }
+                Some(Resolution::Released { .. }) => return Err(LedgerError::AlreadyReleased(reservation.clone())),
+                Some(Resolution::Expired) => {
+                    let settlement = env.settle(tenant.as_deref_mut(), Draws::default(), actual, true)?;
+                    let record = env.resolved.get_mut(&seq).expect("present above");
+                    record.resolution = Resolution::Committed { actual, settlement };
+                    settlement
+                }
+            }
+        };
+        Ok(Settled { result: settlement, balance: books.balance(now), replayed: false })
+    }
+
+    fn release(&self, reservation: &ReservationId, now: u64) -> Result<Settled<Milli>, LedgerError> {
+        let cell = self.reservation_cell(reservation)?;
+        let mut books = Books::lock(&cell);
+        self.expire_if_due(&mut books, reservation.seq, now);
+        let seq = reservation.seq;
+        let Books { env, tenant, .. } = &mut books;
+        let released = if let Some(hold) = env.open.remove(&seq) {
+            self.open_total.fetch_sub(1, Ordering::Relaxed);
+            env.unhold(tenant.as_deref_mut(), hold.draws);
+            let released = hold.amount;
+            let resolved = Resolved { hold, resolution: Resolution::Released { released } };
+            env.remember(seq, resolved, now, self.limits.resolved_retention_ms, self.limits.max_resolved_per_environment);
+            released
+        } else {
+            let record = env.resolved.get_mut(&seq).ok_or_else(|| LedgerError::UnknownReservation(reservation.to_string()))?;
+            match record.resolution {
+                Resolution::Released { released } => {
+                    return Ok(Settled { result: released, balance: books.balance(now), replayed: true });
+                }
+                Resolution::Committed { .. } => return Err(LedgerError::ReleaseAfterCommit(reservation.clone())),
+                // Expiry already returned the hold; the release only settles the reservation.
+                Resolution::Expired => {
+                    record.resolution = Resolution::Released { released: 0 };
+                    0
+                }
+            }
+        };
+        Ok(Settled { result: released, balance: books.balance(now), replayed: false })
+    }
+
+    fn expire(&self, reservation: &ReservationId, now: u64) -> Result<Option<Milli>, LedgerError> {
+        let Ok(cell) = self.reservation_cell(reservation) else {
+            return Ok(None);
+        };
+        let mut books = Books::lock(&cell);
+        Ok(self.expire_if_due(&mut books, reservation.seq, now))
+    }
+
+    /// Releases the hold `seq` if it is open and its expiry has come; returns what was released.
+    fn expire_if_due(&self, books: &mut Books<'_>, seq: u64, now: u64) -> Option<Milli> {
+        let Books { env, tenant, .. } = books;
+        if env.open.get(&seq)?.expires_at_ms > now {
+            return None;
+        }
+        let hold = env.open.remove(&seq).expect("present above");
+        self.open_total.fetch_sub(1, Ordering::Relaxed);
+        env.unhold(tenant.as_deref_mut(), hold.draws);
+        let released = hold.amount;
+        env.remember(seq, Resolved { hold, resolution: Resolution::Expired }, now, self.limits.resolved_retention_ms, self.limits.max_resolved_per_environment);
+        Some(released)
+    }
+
+    /// Checks every invariant across the whole ledger; for tests and assertions, not the hot path.
+    pub fn verify(&self) -> Result<(), String> {
+        let _admin = self.admin.lock();
+        let mut per_tenant: std::collections::HashMap<TenantId, (Milli, Milli, Milli)> = Default::default();
+        let mut open = 0u64;
+        for slot in self.environments.iter() {
+            let Slot::Capacity(cell) = slot.value() else { continue };
+            let env = cell.books.lock();
+            let mut held = Draws::default();
+            for hold in env.open.values() {
+                held = held.plus(hold.draws);
+                if hold.draws.total() != hold.amount {
+                    return Err(format!("{}: a hold's draws do not add up to its amount", cell.id));
+                }
+            }
+            if held != env.held {
+                return Err(format!("{}: held {:?} != sum of open holds {:?}", cell.id, env.held, held));
+            }
+            let allocation_taken = env.used.get(Source::EnvironmentAllocation) + env.held.get(Source::EnvironmentAllocation);
+            if allocation_taken > env.allocated {
+                return Err(format!("{}: {allocation_taken} milli taken from an allocation of {}", cell.id, env.allocated));
+            }
+            open += env.open.len() as u64;
+            let sums = per_tenant.entry(env.tenant.clone()).or_default();
+            sums.0 += env.allocated;
+            sums.1 += env.used.get(Source::TenantPool);
+            sums.2 += env.held.get(Source::TenantPool);
+        }
+        for entry in self.tenants.iter() {
+            let tenant = entry.value().lock();
+            let (allocated, pool_used, pool_held) = per_tenant.remove(entry.key()).unwrap_or_default();
+            if (tenant.allocated, tenant.pool_used, tenant.pool_held) != (allocated, pool_used, pool_held) {
+                return Err(format!("tenant {}: counters differ from the sums over its environments", entry.key()));
+            }
+            if tenant.allocated + tenant.pool_used + tenant.pool_held > tenant.purchased {
+                return Err(format!("tenant {}: more allocated or drawn than purchased", entry.key()));
+            }
+        }
+        if open != self.open_reservations() {
+            return Err(format!("{open} open holds, but the server counts {}", self.open_reservations()));
+        }
+        Ok(())
+    }
+}
+
+fn tenant_capacity(id: &TenantId, tenant: &Tenant) -> TenantCapacity {
+    TenantCapacity {
+        tenant: id.clone(),
+        purchased_milli: tenant.purchased,
+        allocated_milli: tenant.allocated,
+        pool_used_milli: tenant.pool_used,
+        pool_reserved_milli: tenant.pool_held,
+    }
+}
+
+/// The earlier grant for a retried idempotency key, if the retry asks for the same thing.
+fn replay_grant(books: &Books<'_>, seq: u64, retry: &Hold, now: u64) -> Result<Grant, LedgerError> {
+    let first = books
+        .env
+        .open
+        .get(&seq)
+        .or_else(|| books.env.resolved.get(&seq).map(|r| &r.hold))
+        .expect("an idempotency key maps to a remembered reservation");
+    if first.agent != retry.agent || first.amount != retry.amount {
+        return Err(LedgerError::IdempotencyKeyReused {
+            key: retry.idempotency_key.clone().expect("replays are looked up by key"),
+            first: format!("agent {} reserving {} milli", first.agent, first.amount),
+        });
+    }
+    Ok(Grant {
+        reservation: ReservationId { environment: books.cell.id.clone(), seq },
+        amount_milli: first.amount,
+        draws: first.draws,
+        expires_at_ms: first.expires_at_ms,
+        balance: books.balance(now),
+        replayed: true,
+    })
+}

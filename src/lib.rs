@@ -1,0 +1,18 @@
+//! quotad: the quota authority that agent runtimes call before and after each AI call.
+//!
+//! - [`ledger`]: the accounting core; rules only, no I/O, no async, time passed in.
+//! - [`grpc`]: the `quota.v1` services; decoding, validation and the one mapping of errors to statuses.
+//! - [`config`]: command-line flags, environment overrides and the TOML config file.
+//! - [`server`]: startup, health, reflection, the expiry sweeper and graceful shutdown.
+//! - [`clock`]: the wall clock, and a manual clock for tests.
+//! - [`shutdown`]: the signal future that starts a graceful shutdown.
+
+pub mod ledger;
+
+/// Code generated from `proto/quota/v1/quota.proto`.
+pub mod proto {
+    tonic::include_proto!("quota.v1");
+
+    /// The encoded descriptor set, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("quota_descriptor");
+}
