@@ -7,7 +7,12 @@
 //! - [`clock`]: the wall clock, and a manual clock for tests.
 //! - [`shutdown`]: the signal future that starts a graceful shutdown.
 
+pub mod clock;
+pub mod config;
+pub mod grpc;
 pub mod ledger;
+pub mod server;
+pub mod shutdown;
 
 /// Code generated from `proto/quota/v1/quota.proto`.
 pub mod proto {

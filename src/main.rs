@@ -1,1 +1,68 @@
-fn main() {}
+//! The `quotad` binary: parses the configuration, sets up logging, binds, and runs the server until
+//! SIGTERM or SIGINT.
+
+use std::{io::IsTerminal, process::ExitCode, sync::Arc};
+
+use clap::Parser;
+use quotad::{
+    clock::SystemClock,
+    config::{Cli, Config, LogFormat},
+};
+use tracing_subscriber::EnvFilter;
+
+/// BSD's EX_USAGE: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let config =
+        match Config::load(cli).and_then(|config| config.prepare_data_dir().map(|()| config)) {
+            Ok(config) => config,
+            Err(error) => {
+                eprintln!("quotad: invalid configuration: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "quotad stopped on an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    if let Some(dir) = &config.data_dir {
+        tracing::warn!(data_dir = %dir.display(), "state is kept in memory only; it is lost when quotad stops");
+    }
+    quotad::server::run(
+        listener,
+        config,
+        Arc::new(SystemClock),
+        quotad::shutdown::signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

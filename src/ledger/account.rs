@@ -16,7 +16,11 @@ pub enum Source {
 }
 
 impl Source {
-    pub const DRAW_ORDER: [Source; 3] = [Source::EnvironmentAllocation, Source::TenantPool, Source::PayAsYouGo];
+    pub const DRAW_ORDER: [Source; 3] = [
+        Source::EnvironmentAllocation,
+        Source::TenantPool,
+        Source::PayAsYouGo,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -43,7 +47,10 @@ impl Draws {
 
     /// The non-zero amounts, in draw order.
     pub fn iter(&self) -> impl Iterator<Item = (Source, Milli)> + '_ {
-        Source::DRAW_ORDER.into_iter().map(|s| (s, self.get(s))).filter(|(_, amount)| *amount > 0)
+        Source::DRAW_ORDER
+            .into_iter()
+            .map(|s| (s, self.get(s)))
+            .filter(|(_, amount)| *amount > 0)
     }
 
     /// The per-source sum. Callers keep every total within one amount, so no source can overflow.
@@ -54,7 +61,11 @@ impl Draws {
     /// Takes `amount` from `available` in draw order; `Err` carries the total available when short.
     pub fn plan(amount: Milli, available: Draws) -> Result<Draws, Milli> {
         let (draws, shortfall) = Self::take_up_to(amount, available);
-        if shortfall == 0 { Ok(draws) } else { Err(available.0.iter().fold(0u64, |a, b| a.saturating_add(*b))) }
+        if shortfall == 0 {
+            Ok(draws)
+        } else {
+            Err(available.0.iter().fold(0u64, |a, b| a.saturating_add(*b)))
+        }
     }
 
     /// Takes as much of `amount` as `available` covers in draw order; returns the draws and what is left.
@@ -96,7 +107,10 @@ pub struct Tenant {
 
 impl Tenant {
     pub fn pool_available(&self) -> Milli {
-        self.purchased.saturating_sub(self.allocated).saturating_sub(self.pool_used).saturating_sub(self.pool_held)
+        self.purchased
+            .saturating_sub(self.allocated)
+            .saturating_sub(self.pool_used)
+            .saturating_sub(self.pool_held)
     }
 }
 
@@ -113,8 +127,13 @@ pub struct Hold {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolution {
-    Committed { actual: Milli, settlement: Settlement },
-    Released { released: Milli },
+    Committed {
+        actual: Milli,
+        settlement: Settlement,
+    },
+    Released {
+        released: Milli,
+    },
     /// The hold was released by expiry; a late Commit or a Release may still resolve it.
     Expired,
 }
@@ -176,7 +195,8 @@ impl Environment {
     /// What each source could give a new reservation now. `tenant` is needed for the pool.
     pub fn available(&self, tenant: Option<&Tenant>) -> Draws {
         let mut available = Draws::default();
-        let allocation = self.allocated
+        let allocation = self
+            .allocated
             .saturating_sub(self.used.get(Source::EnvironmentAllocation))
             .saturating_sub(self.held.get(Source::EnvironmentAllocation));
         available.set(Source::EnvironmentAllocation, allocation);
@@ -222,10 +242,15 @@ impl Environment {
 
     /// Adds `draws` to the period's use.
     pub fn charge(&mut self, tenant: Option<&mut Tenant>, draws: Draws) -> Result<(), LedgerError> {
-        let overflow = || LedgerError::CounterOverflow { what: "the period's use" };
+        let overflow = || LedgerError::CounterOverflow {
+            what: "the period's use",
+        };
         let mut used = self.used;
         for (source, amount) in draws.iter() {
-            used.set(source, used.get(source).checked_add(amount).ok_or_else(overflow)?);
+            used.set(
+                source,
+                used.get(source).checked_add(amount).ok_or_else(overflow)?,
+            );
         }
         let pool = draws.get(Source::TenantPool);
         if pool > 0 {
@@ -238,20 +263,34 @@ impl Environment {
 
     /// Charges `actual` against a hold's `draws` and releases the rest; use beyond the hold is taken
     /// from what is available in draw order, and what nothing covers is overage.
-    pub fn settle(&mut self, mut tenant: Option<&mut Tenant>, draws: Draws, actual: Milli, late: bool) -> Result<Settlement, LedgerError> {
+    pub fn settle(
+        &mut self,
+        mut tenant: Option<&mut Tenant>,
+        draws: Draws,
+        actual: Milli,
+        late: bool,
+    ) -> Result<Settlement, LedgerError> {
         let (from_hold, excess) = draws.split(actual);
-        let (from_available, overage) = Draws::take_up_to(excess, self.available(tenant.as_deref()));
-        let overage_after = self
-            .overage
-            .checked_add(overage)
-            .ok_or(LedgerError::CounterOverflow { what: "the period's overage" })?;
+        let (from_available, overage) =
+            Draws::take_up_to(excess, self.available(tenant.as_deref()));
+        let overage_after =
+            self.overage
+                .checked_add(overage)
+                .ok_or(LedgerError::CounterOverflow {
+                    what: "the period's overage",
+                })?;
         let charged = from_hold.plus(from_available);
         // Check for overflow before anything changes, so a refused commit changes nothing.
         self.used_after(charged)?;
         self.unhold(tenant.as_deref_mut(), draws);
         self.charge(tenant, charged)?;
         self.overage = overage_after;
-        Ok(Settlement { charged, released_milli: draws.total() - from_hold.total(), overage_milli: overage, late })
+        Ok(Settlement {
+            charged,
+            released_milli: draws.total() - from_hold.total(),
+            overage_milli: overage,
+            late,
+        })
     }
 
     fn used_after(&self, charged: Draws) -> Result<(), LedgerError> {
@@ -259,14 +298,23 @@ impl Environment {
             self.used
                 .get(source)
                 .checked_add(amount)
-                .ok_or(LedgerError::CounterOverflow { what: "the period's use" })?;
+                .ok_or(LedgerError::CounterOverflow {
+                    what: "the period's use",
+                })?;
         }
         Ok(())
     }
 
     /// Records how a reservation resolved, then forgets the oldest records past `retention_ms` or
     /// over `max_resolved`.
-    pub fn remember(&mut self, seq: u64, resolved: Resolved, now: u64, retention_ms: u64, max_resolved: usize) {
+    pub fn remember(
+        &mut self,
+        seq: u64,
+        resolved: Resolved,
+        now: u64,
+        retention_ms: u64,
+        max_resolved: usize,
+    ) {
         self.resolved.insert(seq, resolved);
         self.resolved_order.push_back((now, seq));
         while let Some(&(at, oldest)) = self.resolved_order.front() {

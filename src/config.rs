@@ -1,0 +1,461 @@
+//! Configuration: command-line flags with `QUOTAD_*` environment overrides, and an optional TOML file
+//! for pack size, rate card, limits and bootstrap tenants. Everything has an embedded default, so
+//! `quotad` runs with no file at all.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+use crate::{
+    grpc::Policy,
+    ledger::{
+        self, Command, EnvironmentId, Ledger, MILLI_PER_MESSAGE, TenantId,
+        pricing::{Rate, RateCard},
+    },
+};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_PACK_SIZE_MESSAGES: u64 = 25_000;
+pub const DEFAULT_TTL_SECONDS: u32 = 60;
+pub const DEFAULT_MAX_TTL_SECONDS: u32 = 3_600;
+pub const DEFAULT_MAX_USAGE_ITEMS: usize = 64;
+pub const DEFAULT_MAX_AMOUNT_MESSAGES: u64 = 1_000_000_000;
+pub const DEFAULT_MAX_PACKS_PER_PURCHASE: u64 = 1_000_000;
+pub const DEFAULT_MAX_BUDGET_MESSAGES: u64 = 1_000_000_000_000;
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 10;
+pub const DEFAULT_RESOLVED_RETENTION_SECONDS: u64 = ledger::DEFAULT_RESOLVED_RETENTION_MS / 1_000;
+
+/// The largest request body the transport accepts at most; a request carries ids and up to a few
+/// dozen usage items, a few KiB at most.
+const MAX_REQUEST_BYTES_CEILING: usize = 4 * 1024 * 1024;
+const MAX_USAGE_ITEMS_CEILING: usize = 1_024;
+
+const _: () = assert!(DEFAULT_TTL_SECONDS <= DEFAULT_MAX_TTL_SECONDS);
+const _: () = assert!(DEFAULT_MAX_USAGE_ITEMS <= MAX_USAGE_ITEMS_CEILING);
+const _: () = assert!(DEFAULT_MAX_REQUEST_BYTES <= MAX_REQUEST_BYTES_CEILING);
+const _: () = assert!(DEFAULT_RESOLVED_RETENTION_SECONDS >= DEFAULT_MAX_TTL_SECONDS as u64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// quotad: the quota authority that agent runtimes call before and after each AI call.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "QUOTAD_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Directory for durable state. State is kept in memory only in this version; the directory is
+    /// created if missing.
+    #[arg(long, env = "QUOTAD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML file with pack size, rate card, limits and bootstrap tenants.
+    #[arg(long, env = "QUOTAD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, env = "QUOTAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The contents of the TOML file; every key is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub pack_size_messages: u64,
+    pub default_ttl_seconds: u32,
+    pub max_ttl_seconds: u32,
+    pub max_usage_items: usize,
+    pub max_amount_messages: u64,
+    pub max_packs_per_purchase: u64,
+    pub max_budget_messages: u64,
+    pub max_open_reservations_per_environment: u64,
+    pub max_open_reservations_total: u64,
+    pub resolved_retention_seconds: u64,
+    pub max_resolved_per_environment: usize,
+    pub max_request_bytes: usize,
+    pub shutdown_grace_seconds: u64,
+    /// Replaces the whole default rate card when given.
+    pub rate_card: Option<BTreeMap<String, Rate>>,
+    /// Tenants created at startup on empty state.
+    pub bootstrap: Vec<BootstrapTenant>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            pack_size_messages: DEFAULT_PACK_SIZE_MESSAGES,
+            default_ttl_seconds: DEFAULT_TTL_SECONDS,
+            max_ttl_seconds: DEFAULT_MAX_TTL_SECONDS,
+            max_usage_items: DEFAULT_MAX_USAGE_ITEMS,
+            max_amount_messages: DEFAULT_MAX_AMOUNT_MESSAGES,
+            max_packs_per_purchase: DEFAULT_MAX_PACKS_PER_PURCHASE,
+            max_budget_messages: DEFAULT_MAX_BUDGET_MESSAGES,
+            max_open_reservations_per_environment:
+                ledger::DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT,
+            max_open_reservations_total: ledger::DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL,
+            resolved_retention_seconds: DEFAULT_RESOLVED_RETENTION_SECONDS,
+            max_resolved_per_environment: ledger::DEFAULT_MAX_RESOLVED_PER_ENVIRONMENT,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            shutdown_grace_seconds: DEFAULT_SHUTDOWN_GRACE_SECONDS,
+            rate_card: None,
+            bootstrap: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapTenant {
+    pub id: String,
+    pub packs: u64,
+    #[serde(default)]
+    pub environments: Vec<BootstrapEnvironment>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapEnvironment {
+    pub id: String,
+    pub messages: u64,
+    #[serde(default)]
+    pub draw_from_tenant_pool: bool,
+    #[serde(default)]
+    pub payg_enabled: bool,
+    #[serde(default)]
+    pub payg_budget_messages: u64,
+    /// App environments linked to this one.
+    #[serde(default)]
+    pub apps: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{key} = {value}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("rate_card: {0}")]
+    RateCard(#[from] ledger::pricing::RateCardError),
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Everything the server needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub policy: Policy,
+    pub limits: ledger::Limits,
+    pub max_request_bytes: usize,
+    pub shutdown_grace: Duration,
+    /// Applied in order to empty state at startup.
+    pub bootstrap: Vec<Command>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::from_settings(
+            DEFAULT_LISTEN.parse().expect("valid default"),
+            Settings::default(),
+        )
+        .expect("the embedded defaults are valid")
+    }
+}
+
+impl Config {
+    pub fn load(cli: Cli) -> Result<Self, ConfigError> {
+        let settings = match &cli.config {
+            None => Settings::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?
+            }
+        };
+        let mut config = Self::from_settings(cli.listen, settings)?;
+        config.log_format = cli.log_format;
+        config.data_dir = cli.data_dir;
+        Ok(config)
+    }
+
+    pub fn from_settings(listen: SocketAddr, settings: Settings) -> Result<Self, ConfigError> {
+        let s = &settings;
+        let invalid = |key, value: &dyn std::fmt::Display, reason: &str| ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            reason: reason.to_owned(),
+        };
+        let to_milli = |key, messages: u64| {
+            messages
+                .checked_mul(MILLI_PER_MESSAGE)
+                .ok_or_else(|| invalid(key, &messages, "too large: overflows 64 bits of milli"))
+        };
+        if s.pack_size_messages == 0 {
+            return Err(invalid("pack_size_messages", &0, "must be at least 1"));
+        }
+        let pack_milli = to_milli("pack_size_messages", s.pack_size_messages)?;
+        if pack_milli.checked_mul(s.max_packs_per_purchase).is_none()
+            || s.max_packs_per_purchase == 0
+        {
+            return Err(invalid(
+                "max_packs_per_purchase",
+                &s.max_packs_per_purchase,
+                "must be at least 1, and times the pack size fit 64 bits of milli",
+            ));
+        }
+        if s.max_ttl_seconds == 0 {
+            return Err(invalid("max_ttl_seconds", &0, "must be at least 1"));
+        }
+        if !(1..=s.max_ttl_seconds).contains(&s.default_ttl_seconds) {
+            return Err(invalid(
+                "default_ttl_seconds",
+                &s.default_ttl_seconds,
+                "must be between 1 and max_ttl_seconds",
+            ));
+        }
+        if !(1..=MAX_USAGE_ITEMS_CEILING).contains(&s.max_usage_items) {
+            return Err(invalid(
+                "max_usage_items",
+                &s.max_usage_items,
+                "must be between 1 and 1024",
+            ));
+        }
+        if s.max_amount_messages == 0 {
+            return Err(invalid("max_amount_messages", &0, "must be at least 1"));
+        }
+        let max_amount_milli = to_milli("max_amount_messages", s.max_amount_messages)?;
+        let max_budget_milli = to_milli("max_budget_messages", s.max_budget_messages)?;
+        if s.max_open_reservations_total == 0 {
+            return Err(invalid(
+                "max_open_reservations_total",
+                &0,
+                "must be at least 1",
+            ));
+        }
+        if !(1..=s.max_open_reservations_total).contains(&s.max_open_reservations_per_environment) {
+            return Err(invalid(
+                "max_open_reservations_per_environment",
+                &s.max_open_reservations_per_environment,
+                "must be between 1 and max_open_reservations_total",
+            ));
+        }
+        if s.resolved_retention_seconds < u64::from(s.max_ttl_seconds) {
+            return Err(invalid(
+                "resolved_retention_seconds",
+                &s.resolved_retention_seconds,
+                "must be at least max_ttl_seconds, so a commit at the end of a hold can still be retried",
+            ));
+        }
+        if s.max_resolved_per_environment == 0 {
+            return Err(invalid(
+                "max_resolved_per_environment",
+                &0,
+                "must be at least 1",
+            ));
+        }
+        if !(1_024..=MAX_REQUEST_BYTES_CEILING).contains(&s.max_request_bytes) {
+            return Err(invalid(
+                "max_request_bytes",
+                &s.max_request_bytes,
+                "must be between 1024 and 4194304",
+            ));
+        }
+        let rate_card = match &s.rate_card {
+            None => RateCard::default(),
+            Some(rates) => RateCard::new(rates.iter().map(|(name, rate)| (name.as_str(), *rate)))?,
+        };
+        let policy = Policy {
+            rate_card,
+            pack_milli,
+            default_ttl_seconds: s.default_ttl_seconds,
+            max_ttl_seconds: s.max_ttl_seconds,
+            max_usage_items: s.max_usage_items,
+            max_amount_milli,
+            max_packs_per_purchase: s.max_packs_per_purchase,
+            max_budget_milli,
+        };
+        let limits = ledger::Limits {
+            max_open_reservations_per_environment: s.max_open_reservations_per_environment,
+            max_open_reservations_total: s.max_open_reservations_total,
+            resolved_retention_ms: s.resolved_retention_seconds.saturating_mul(1_000),
+            max_resolved_per_environment: s.max_resolved_per_environment,
+            ..ledger::Limits::default()
+        };
+        let bootstrap = bootstrap_commands(&s.bootstrap, pack_milli)?;
+        // Apply the bootstrap to a scratch ledger, so that a bad one is a config error, not a failed start.
+        let scratch = Ledger::new(limits);
+        for command in &bootstrap {
+            scratch
+                .apply(command, 0)
+                .map_err(|e| ConfigError::Bootstrap(e.to_string()))?;
+        }
+        Ok(Self {
+            listen,
+            data_dir: None,
+            log_format: LogFormat::Text,
+            policy,
+            limits,
+            max_request_bytes: s.max_request_bytes,
+            shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds),
+            bootstrap,
+        })
+    }
+
+    /// Creates the data directory if one is configured.
+    pub fn prepare_data_dir(&self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.data_dir {
+            std::fs::create_dir_all(path).map_err(|source| ConfigError::DataDir {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn bootstrap_commands(
+    tenants: &[BootstrapTenant],
+    pack_milli: u64,
+) -> Result<Vec<Command>, ConfigError> {
+    let bad = |what: &str, id: &str, e: &dyn std::fmt::Display| {
+        ConfigError::Bootstrap(format!("{what} {id:?}: {e}"))
+    };
+    let mut commands = Vec::new();
+    for tenant in tenants {
+        let tenant_id = TenantId::new(&tenant.id).map_err(|e| bad("tenant id", &tenant.id, &e))?;
+        let amount_milli = pack_milli
+            .checked_mul(tenant.packs)
+            .filter(|amount| *amount > 0)
+            .ok_or_else(|| {
+                bad(
+                    "tenant",
+                    &tenant.id,
+                    &"packs must be at least 1 and fit 64 bits of milli",
+                )
+            })?;
+        commands.push(Command::PurchaseCapacity {
+            tenant: tenant_id.clone(),
+            amount_milli,
+            idempotency_key: None,
+        });
+        for env in &tenant.environments {
+            let environment =
+                EnvironmentId::new(&env.id).map_err(|e| bad("environment id", &env.id, &e))?;
+            let milli = |messages: u64| {
+                messages.checked_mul(MILLI_PER_MESSAGE).ok_or_else(|| {
+                    bad("environment", &env.id, &"amount overflows 64 bits of milli")
+                })
+            };
+            commands.push(Command::AllocateCapacity {
+                tenant: tenant_id.clone(),
+                environment: environment.clone(),
+                amount_milli: milli(env.messages)?,
+                draw_from_tenant_pool: env.draw_from_tenant_pool,
+            });
+            if env.payg_enabled {
+                commands.push(Command::SetPayAsYouGo {
+                    environment: environment.clone(),
+                    enabled: true,
+                    budget_milli: milli(env.payg_budget_messages)?,
+                });
+            }
+            for app in &env.apps {
+                let app_environment =
+                    EnvironmentId::new(app).map_err(|e| bad("app environment id", app, &e))?;
+                commands.push(Command::LinkEnvironment {
+                    app_environment,
+                    environment: Some(environment.clone()),
+                });
+            }
+        }
+    }
+    Ok(commands)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<Config, ConfigError> {
+        let settings: Settings =
+            toml::from_str(toml_text).map_err(|source| ConfigError::Parse {
+                path: "test.toml".into(),
+                source: Box::new(source),
+            })?;
+        Config::from_settings(DEFAULT_LISTEN.parse().unwrap(), settings)
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let config = Config::default();
+        assert_eq!(config.policy.pack_milli, 25_000_000);
+        assert_eq!(config.limits.max_open_reservations_total, 4_000_000);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let config = parse(include_str!("../examples/quotad.toml")).unwrap();
+        assert!(!config.bootstrap.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = parse("pack_size = 10").unwrap_err().to_string();
+        assert!(err.contains("pack_size"), "{err}");
+        let err = parse("default_ttl_seconds = 7200").unwrap_err().to_string();
+        assert!(
+            err.contains("default_ttl_seconds") && err.contains("max_ttl_seconds"),
+            "{err}"
+        );
+        let err =
+            parse("max_open_reservations_per_environment = 5\nmax_open_reservations_total = 4")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("max_open_reservations_per_environment"),
+            "{err}"
+        );
+        let err = parse("[rate_card]\nx = { messages = 1, per = 0 }")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("per"), "{err}");
+    }
+
+    #[test]
+    fn a_bootstrap_that_over_allocates_is_refused() {
+        let err = parse(
+            "[[bootstrap]]\nid = \"t\"\npacks = 1\n[[bootstrap.environments]]\nid = \"e\"\nmessages = 25001\n",
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Bootstrap(_)), "{err}");
+    }
+}

@@ -1,0 +1,160 @@
+//! `quota.v1.QuotaAdmin`: buying, allocating and linking capacity.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::{Context, convert};
+use crate::{
+    ledger::{Command, EnvironmentId, Outcome, TenantCapacity, TenantId},
+    proto::{self, quota_admin_server::QuotaAdmin},
+};
+
+pub struct AdminService {
+    context: Arc<Context>,
+}
+
+impl AdminService {
+    pub fn new(context: Arc<Context>) -> Self {
+        Self { context }
+    }
+
+    /// Applies an admin command that yields a balance.
+    fn balance_of(&self, command: &Command) -> Result<Response<proto::Balance>, Status> {
+        let Outcome::Balance(balance) = self.context.execute(command)? else {
+            unreachable!("this admin command yields a balance")
+        };
+        Ok(Response::new(convert::balance(balance)))
+    }
+}
+
+fn tenant_capacity(capacity: TenantCapacity) -> proto::TenantCapacity {
+    proto::TenantCapacity {
+        tenant_id: capacity.tenant.to_string(),
+        purchased_milli: capacity.purchased_milli,
+        allocated_milli: capacity.allocated_milli,
+        unallocated_milli: capacity.unallocated_milli(),
+        tenant_pool_used_milli: capacity.pool_used_milli,
+        tenant_pool_reserved_milli: capacity.pool_reserved_milli,
+    }
+}
+
+#[tonic::async_trait]
+impl QuotaAdmin for AdminService {
+    #[instrument(name = "PurchaseCapacity", skip_all, fields(tenant = ?request.get_ref().tenant_id, packs = request.get_ref().packs))]
+    async fn purchase_capacity(
+        &self,
+        request: Request<proto::PurchaseCapacityRequest>,
+    ) -> Result<Response<proto::TenantCapacity>, Status> {
+        let request = request.into_inner();
+        let command = Command::PurchaseCapacity {
+            tenant: convert::id("tenant_id", &request.tenant_id, TenantId::new)?,
+            amount_milli: self.context.policy.purchase_milli(request.packs)?,
+            idempotency_key: convert::idempotency_key("idempotency_key", &request.idempotency_key)?,
+        };
+        let Outcome::Tenant(capacity) = self.context.execute(&command)? else {
+            unreachable!("a purchase yields the tenant's capacity")
+        };
+        tracing::info!(
+            purchased_milli = capacity.purchased_milli,
+            "capacity purchased"
+        );
+        Ok(Response::new(tenant_capacity(capacity)))
+    }
+
+    #[instrument(name = "AllocateCapacity", skip_all, fields(tenant = ?request.get_ref().tenant_id, environment = ?request.get_ref().environment_id))]
+    async fn allocate_capacity(
+        &self,
+        request: Request<proto::AllocateCapacityRequest>,
+    ) -> Result<Response<proto::Balance>, Status> {
+        let request = request.into_inner();
+        let command = Command::AllocateCapacity {
+            tenant: convert::id("tenant_id", &request.tenant_id, TenantId::new)?,
+            environment: convert::id(
+                "environment_id",
+                &request.environment_id,
+                EnvironmentId::new,
+            )?,
+            amount_milli: convert::allocation_milli(request.messages)?,
+            draw_from_tenant_pool: request.draw_from_tenant_pool,
+        };
+        let response = self.balance_of(&command)?;
+        tracing::info!(
+            allocated_milli = response.get_ref().allocated_milli,
+            "capacity allocated"
+        );
+        Ok(response)
+    }
+
+    #[instrument(name = "SetPayAsYouGo", skip_all, fields(environment = ?request.get_ref().environment_id))]
+    async fn set_pay_as_you_go(
+        &self,
+        request: Request<proto::SetPayAsYouGoRequest>,
+    ) -> Result<Response<proto::Balance>, Status> {
+        let request = request.into_inner();
+        let command = Command::SetPayAsYouGo {
+            environment: convert::id(
+                "environment_id",
+                &request.environment_id,
+                EnvironmentId::new,
+            )?,
+            enabled: request.enabled,
+            budget_milli: self
+                .context
+                .policy
+                .budget_milli(request.monthly_budget_messages)?,
+        };
+        let response = self.balance_of(&command)?;
+        tracing::info!(
+            enabled = request.enabled,
+            budget_messages = request.monthly_budget_messages,
+            "pay-as-you-go set"
+        );
+        Ok(response)
+    }
+
+    #[instrument(name = "LinkEnvironment", skip_all, fields(app = ?request.get_ref().app_environment_id, environment = ?request.get_ref().environment_id))]
+    async fn link_environment(
+        &self,
+        request: Request<proto::LinkEnvironmentRequest>,
+    ) -> Result<Response<proto::LinkEnvironmentResponse>, Status> {
+        let request = request.into_inner();
+        let target = match request.environment_id.as_str() {
+            "" => None,
+            id => Some(convert::id("environment_id", id, EnvironmentId::new)?),
+        };
+        let command = Command::LinkEnvironment {
+            app_environment: convert::id(
+                "app_environment_id",
+                &request.app_environment_id,
+                EnvironmentId::new,
+            )?,
+            environment: target,
+        };
+        let Outcome::Linked(link) = self.context.execute(&command)? else {
+            unreachable!("a link yields a link")
+        };
+        tracing::info!(linked = link.target.is_some(), "environment link set");
+        let (environment_id, tenant_id) = link
+            .target
+            .map(|(env, tenant)| (env.to_string(), tenant.to_string()))
+            .unwrap_or_default();
+        Ok(Response::new(proto::LinkEnvironmentResponse {
+            app_environment_id: link.app_environment.to_string(),
+            environment_id,
+            tenant_id,
+        }))
+    }
+
+    #[instrument(level = "debug", name = "GetTenant", skip_all)]
+    async fn get_tenant(
+        &self,
+        request: Request<proto::GetTenantRequest>,
+    ) -> Result<Response<proto::TenantCapacity>, Status> {
+        let tenant = convert::id("tenant_id", &request.get_ref().tenant_id, TenantId::new)?;
+        Ok(Response::new(tenant_capacity(
+            self.context.ledger.tenant(&tenant)?,
+        )))
+    }
+}

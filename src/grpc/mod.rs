@@ -1,0 +1,45 @@
+//! The `quota.v1` gRPC services. This is the only module that knows about protobuf: it decodes and
+//! validates requests into ledger commands, and turns outcomes and errors into responses and statuses.
+
+mod admin;
+mod convert;
+mod quota;
+mod status;
+
+use std::sync::Arc;
+
+pub use admin::AdminService;
+pub use quota::QuotaService;
+
+use crate::{
+    clock::Clock,
+    ledger::{Command, Ledger, Milli, Outcome, pricing::RateCard},
+};
+
+/// What the transport checks before a request reaches the ledger.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub rate_card: RateCard,
+    pub pack_milli: Milli,
+    pub default_ttl_seconds: u32,
+    pub max_ttl_seconds: u32,
+    pub max_usage_items: usize,
+    pub max_amount_milli: Milli,
+    pub max_packs_per_purchase: u64,
+    pub max_budget_milli: Milli,
+}
+
+/// What every service shares: the ledger, the clock that stamps commands, and the policy.
+pub struct Context {
+    pub ledger: Ledger,
+    pub clock: Arc<dyn Clock>,
+    pub policy: Policy,
+}
+
+impl Context {
+    /// Stamps a command with the current time and applies it.
+    fn execute(&self, command: &Command) -> Result<Outcome, tonic::Status> {
+        let now = self.clock.now_ms();
+        Ok(self.ledger.apply(command, now)?)
+    }
+}

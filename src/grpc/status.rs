@@ -1,0 +1,159 @@
+//! The one mapping from errors to gRPC statuses. Every refusal carries a `google.rpc.ErrorInfo`
+//! (domain `quotad`) whose reason a client can branch on; bad fields also carry a `BadRequest`.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::ledger::{LedgerError, OpenReservationScope};
+
+pub const DOMAIN: &str = "quotad";
+
+/// A request field that fails validation: INVALID_ARGUMENT naming the field and the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub description: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+impl From<FieldError> for Status {
+    fn from(error: FieldError) -> Status {
+        let message = format!("{}: {}", error.field, error.description);
+        Status::with_error_details(
+            Code::InvalidArgument,
+            message,
+            ErrorDetails::with_bad_request_violation(error.field, error.description),
+        )
+    }
+}
+
+fn refusal(code: Code, message: String, reason: &str, metadata: HashMap<String, String>) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, DOMAIN, metadata),
+    )
+}
+
+impl From<LedgerError> for Status {
+    fn from(error: LedgerError) -> Status {
+        use LedgerError as E;
+        let message = error.to_string();
+        let none = HashMap::new;
+        match error {
+            E::UnknownTenant(_) => refusal(Code::NotFound, message, "UNKNOWN_TENANT", none()),
+            E::UnknownEnvironment(_) => {
+                refusal(Code::NotFound, message, "UNKNOWN_ENVIRONMENT", none())
+            }
+            E::UnknownReservation(_) => {
+                refusal(Code::NotFound, message, "UNKNOWN_RESERVATION", none())
+            }
+            E::AppEnvironmentNotLinked(_) => refusal(
+                Code::FailedPrecondition,
+                message,
+                "APP_ENVIRONMENT_NOT_LINKED",
+                none(),
+            ),
+            E::NotACapacityEnvironment(_) => refusal(
+                Code::FailedPrecondition,
+                message,
+                "NOT_A_CAPACITY_ENVIRONMENT",
+                none(),
+            ),
+            E::AlreadyACapacityEnvironment(_) => refusal(
+                Code::FailedPrecondition,
+                message,
+                "ALREADY_A_CAPACITY_ENVIRONMENT",
+                none(),
+            ),
+            E::EnvironmentOfAnotherTenant { .. } => refusal(
+                Code::FailedPrecondition,
+                message,
+                "ENVIRONMENT_OF_ANOTHER_TENANT",
+                none(),
+            ),
+            E::OverAllocation {
+                purchased_milli, ..
+            } => refusal(
+                Code::FailedPrecondition,
+                message,
+                "OVER_ALLOCATION",
+                HashMap::from([("purchased_milli".to_owned(), purchased_milli.to_string())]),
+            ),
+            E::AllocationBelowUse { taken_milli, .. } => refusal(
+                Code::FailedPrecondition,
+                message,
+                "ALLOCATION_BELOW_USE",
+                HashMap::from([("used_and_held_milli".to_owned(), taken_milli.to_string())]),
+            ),
+            E::QuotaDepleted {
+                environment,
+                requested_milli,
+                available_milli,
+            } => refusal(
+                Code::ResourceExhausted,
+                message,
+                "QUOTA_DEPLETED",
+                HashMap::from([
+                    ("environment_id".to_owned(), environment.to_string()),
+                    ("requested_milli".to_owned(), requested_milli.to_string()),
+                    ("available_milli".to_owned(), available_milli.to_string()),
+                ]),
+            ),
+            E::TooManyOpenReservations { scope, limit } => refusal(
+                Code::ResourceExhausted,
+                message,
+                "TOO_MANY_OPEN_RESERVATIONS",
+                HashMap::from([
+                    (
+                        "scope".to_owned(),
+                        match scope {
+                            OpenReservationScope::Environment => "environment",
+                            OpenReservationScope::Server => "server",
+                        }
+                        .to_owned(),
+                    ),
+                    ("limit".to_owned(), limit.to_string()),
+                ]),
+            ),
+            E::AlreadyCommitted { .. } => refusal(
+                Code::FailedPrecondition,
+                message,
+                "ALREADY_COMMITTED",
+                none(),
+            ),
+            E::AlreadyReleased(_) => refusal(
+                Code::FailedPrecondition,
+                message,
+                "ALREADY_RELEASED",
+                none(),
+            ),
+            E::ReleaseAfterCommit(_) => refusal(
+                Code::FailedPrecondition,
+                message,
+                "ALREADY_COMMITTED",
+                none(),
+            ),
+            E::IdempotencyKeyReused { .. } => refusal(
+                Code::FailedPrecondition,
+                message,
+                "IDEMPOTENCY_KEY_REUSED",
+                none(),
+            ),
+            E::CounterOverflow { .. } => {
+                tracing::error!(error = %message, "counter overflow");
+                refusal(Code::OutOfRange, message, "COUNTER_OVERFLOW", none())
+            }
+        }
+    }
+}
