@@ -95,8 +95,7 @@ impl Default for Settings {
             max_amount_messages: DEFAULT_MAX_AMOUNT_MESSAGES,
             max_packs_per_purchase: DEFAULT_MAX_PACKS_PER_PURCHASE,
             max_budget_messages: DEFAULT_MAX_BUDGET_MESSAGES,
-            max_open_reservations_per_environment:
-                ledger::DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT,
+            max_open_reservations_per_environment: ledger::DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT,
             max_open_reservations_total: ledger::DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL,
             resolved_retention_seconds: DEFAULT_RESOLVED_RETENTION_SECONDS,
             max_resolved_per_environment: ledger::DEFAULT_MAX_RESOLVED_PER_ENVIRONMENT,
@@ -136,30 +135,17 @@ pub struct BootstrapEnvironment {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
     #[error("{key} = {value}: {reason}")]
-    Invalid {
-        key: &'static str,
-        value: String,
-        reason: String,
-    },
+    Invalid { key: &'static str, value: String, reason: String },
     #[error("rate_card: {0}")]
     RateCard(#[from] ledger::pricing::RateCardError),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
     #[error("cannot create data directory {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: PathBuf, source: std::io::Error },
 }
 
 /// Everything the server needs, validated.
@@ -178,11 +164,8 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self::from_settings(
-            DEFAULT_LISTEN.parse().expect("valid default"),
-            Settings::default(),
-        )
-        .expect("the embedded defaults are valid")
+        Self::from_settings(DEFAULT_LISTEN.parse().expect("valid default"), Settings::default())
+            .expect("the embedded defaults are valid")
     }
 }
 
@@ -191,14 +174,10 @@ impl Config {
         let settings = match &cli.config {
             None => Settings::default(),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.clone(),
-                    source: Box::new(source),
-                })?
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str(&text)
+                    .map_err(|source| ConfigError::Parse { path: path.clone(), source: Box::new(source) })?
             }
         };
         let mut config = Self::from_settings(cli.listen, settings)?;
@@ -223,9 +202,7 @@ impl Config {
             return Err(invalid("pack_size_messages", &0, "must be at least 1"));
         }
         let pack_milli = to_milli("pack_size_messages", s.pack_size_messages)?;
-        if pack_milli.checked_mul(s.max_packs_per_purchase).is_none()
-            || s.max_packs_per_purchase == 0
-        {
+        if pack_milli.checked_mul(s.max_packs_per_purchase).is_none() || s.max_packs_per_purchase == 0 {
             return Err(invalid(
                 "max_packs_per_purchase",
                 &s.max_packs_per_purchase,
@@ -243,11 +220,7 @@ impl Config {
             ));
         }
         if !(1..=MAX_USAGE_ITEMS_CEILING).contains(&s.max_usage_items) {
-            return Err(invalid(
-                "max_usage_items",
-                &s.max_usage_items,
-                "must be between 1 and 1024",
-            ));
+            return Err(invalid("max_usage_items", &s.max_usage_items, "must be between 1 and 1024"));
         }
         if s.max_amount_messages == 0 {
             return Err(invalid("max_amount_messages", &0, "must be at least 1"));
@@ -255,11 +228,7 @@ impl Config {
         let max_amount_milli = to_milli("max_amount_messages", s.max_amount_messages)?;
         let max_budget_milli = to_milli("max_budget_messages", s.max_budget_messages)?;
         if s.max_open_reservations_total == 0 {
-            return Err(invalid(
-                "max_open_reservations_total",
-                &0,
-                "must be at least 1",
-            ));
+            return Err(invalid("max_open_reservations_total", &0, "must be at least 1"));
         }
         if !(1..=s.max_open_reservations_total).contains(&s.max_open_reservations_per_environment) {
             return Err(invalid(
@@ -276,18 +245,10 @@ impl Config {
             ));
         }
         if s.max_resolved_per_environment == 0 {
-            return Err(invalid(
-                "max_resolved_per_environment",
-                &0,
-                "must be at least 1",
-            ));
+            return Err(invalid("max_resolved_per_environment", &0, "must be at least 1"));
         }
         if !(1_024..=MAX_REQUEST_BYTES_CEILING).contains(&s.max_request_bytes) {
-            return Err(invalid(
-                "max_request_bytes",
-                &s.max_request_bytes,
-                "must be between 1024 and 4194304",
-            ));
+            return Err(invalid("max_request_bytes", &s.max_request_bytes, "must be between 1024 and 4194304"));
         }
         let rate_card = match &s.rate_card {
             None => RateCard::default(),
@@ -314,9 +275,7 @@ impl Config {
         // Apply the bootstrap to a scratch ledger, so that a bad one is a config error, not a failed start.
         let scratch = Ledger::new(limits);
         for command in &bootstrap {
-            scratch
-                .apply(command, 0)
-                .map_err(|e| ConfigError::Bootstrap(e.to_string()))?;
+            scratch.apply(command, 0).map_err(|e| ConfigError::Bootstrap(e.to_string()))?;
         }
         Ok(Self {
             listen,
@@ -333,47 +292,28 @@ impl Config {
     /// Creates the data directory if one is configured.
     pub fn prepare_data_dir(&self) -> Result<(), ConfigError> {
         if let Some(path) = &self.data_dir {
-            std::fs::create_dir_all(path).map_err(|source| ConfigError::DataDir {
-                path: path.clone(),
-                source,
-            })?;
+            std::fs::create_dir_all(path).map_err(|source| ConfigError::DataDir { path: path.clone(), source })?;
         }
         Ok(())
     }
 }
 
-fn bootstrap_commands(
-    tenants: &[BootstrapTenant],
-    pack_milli: u64,
-) -> Result<Vec<Command>, ConfigError> {
-    let bad = |what: &str, id: &str, e: &dyn std::fmt::Display| {
-        ConfigError::Bootstrap(format!("{what} {id:?}: {e}"))
-    };
+fn bootstrap_commands(tenants: &[BootstrapTenant], pack_milli: u64) -> Result<Vec<Command>, ConfigError> {
+    let bad = |what: &str, id: &str, e: &dyn std::fmt::Display| ConfigError::Bootstrap(format!("{what} {id:?}: {e}"));
     let mut commands = Vec::new();
     for tenant in tenants {
         let tenant_id = TenantId::new(&tenant.id).map_err(|e| bad("tenant id", &tenant.id, &e))?;
         let amount_milli = pack_milli
             .checked_mul(tenant.packs)
             .filter(|amount| *amount > 0)
-            .ok_or_else(|| {
-                bad(
-                    "tenant",
-                    &tenant.id,
-                    &"packs must be at least 1 and fit 64 bits of milli",
-                )
-            })?;
-        commands.push(Command::PurchaseCapacity {
-            tenant: tenant_id.clone(),
-            amount_milli,
-            idempotency_key: None,
-        });
+            .ok_or_else(|| bad("tenant", &tenant.id, &"packs must be at least 1 and fit 64 bits of milli"))?;
+        commands.push(Command::PurchaseCapacity { tenant: tenant_id.clone(), amount_milli, idempotency_key: None });
         for env in &tenant.environments {
-            let environment =
-                EnvironmentId::new(&env.id).map_err(|e| bad("environment id", &env.id, &e))?;
+            let environment = EnvironmentId::new(&env.id).map_err(|e| bad("environment id", &env.id, &e))?;
             let milli = |messages: u64| {
-                messages.checked_mul(MILLI_PER_MESSAGE).ok_or_else(|| {
-                    bad("environment", &env.id, &"amount overflows 64 bits of milli")
-                })
+                messages
+                    .checked_mul(MILLI_PER_MESSAGE)
+                    .ok_or_else(|| bad("environment", &env.id, &"amount overflows 64 bits of milli"))
             };
             commands.push(Command::AllocateCapacity {
                 tenant: tenant_id.clone(),
@@ -389,12 +329,8 @@ fn bootstrap_commands(
                 });
             }
             for app in &env.apps {
-                let app_environment =
-                    EnvironmentId::new(app).map_err(|e| bad("app environment id", app, &e))?;
-                commands.push(Command::LinkEnvironment {
-                    app_environment,
-                    environment: Some(environment.clone()),
-                });
+                let app_environment = EnvironmentId::new(app).map_err(|e| bad("app environment id", app, &e))?;
+                commands.push(Command::LinkEnvironment { app_environment, environment: Some(environment.clone()) });
             }
         }
     }
@@ -406,11 +342,8 @@ mod tests {
     use super::*;
 
     fn parse(toml_text: &str) -> Result<Config, ConfigError> {
-        let settings: Settings =
-            toml::from_str(toml_text).map_err(|source| ConfigError::Parse {
-                path: "test.toml".into(),
-                source: Box::new(source),
-            })?;
+        let settings: Settings = toml::from_str(toml_text)
+            .map_err(|source| ConfigError::Parse { path: "test.toml".into(), source: Box::new(source) })?;
         Config::from_settings(DEFAULT_LISTEN.parse().unwrap(), settings)
     }
 
@@ -432,30 +365,20 @@ mod tests {
         let err = parse("pack_size = 10").unwrap_err().to_string();
         assert!(err.contains("pack_size"), "{err}");
         let err = parse("default_ttl_seconds = 7200").unwrap_err().to_string();
-        assert!(
-            err.contains("default_ttl_seconds") && err.contains("max_ttl_seconds"),
-            "{err}"
-        );
-        let err =
-            parse("max_open_reservations_per_environment = 5\nmax_open_reservations_total = 4")
-                .unwrap_err()
-                .to_string();
-        assert!(
-            err.contains("max_open_reservations_per_environment"),
-            "{err}"
-        );
-        let err = parse("[rate_card]\nx = { messages = 1, per = 0 }")
+        assert!(err.contains("default_ttl_seconds") && err.contains("max_ttl_seconds"), "{err}");
+        let err = parse("max_open_reservations_per_environment = 5\nmax_open_reservations_total = 4")
             .unwrap_err()
             .to_string();
+        assert!(err.contains("max_open_reservations_per_environment"), "{err}");
+        let err = parse("[rate_card]\nx = { messages = 1, per = 0 }").unwrap_err().to_string();
         assert!(err.contains("per"), "{err}");
     }
 
     #[test]
     fn a_bootstrap_that_over_allocates_is_refused() {
-        let err = parse(
-            "[[bootstrap]]\nid = \"t\"\npacks = 1\n[[bootstrap.environments]]\nid = \"e\"\nmessages = 25001\n",
-        )
-        .unwrap_err();
+        let err =
+            parse("[[bootstrap]]\nid = \"t\"\npacks = 1\n[[bootstrap.environments]]\nid = \"e\"\nmessages = 25001\n")
+                .unwrap_err();
         assert!(matches!(err, ConfigError::Bootstrap(_)), "{err}");
     }
 }

@@ -16,18 +16,14 @@ const EXIT_CONFIG: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let config =
-        match Config::load(cli).and_then(|config| config.prepare_data_dir().map(|()| config)) {
-            Ok(config) => config,
-            Err(error) => {
-                eprintln!("quotad: invalid configuration: {error}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let config = match Config::load(cli).and_then(|config| config.prepare_data_dir().map(|()| config)) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("quotad: invalid configuration: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -45,13 +41,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dir) = &config.data_dir {
         tracing::warn!(data_dir = %dir.display(), "state is kept in memory only; it is lost when quotad stops");
     }
-    quotad::server::run(
-        listener,
-        config,
-        Arc::new(SystemClock),
-        quotad::shutdown::signal(),
-    )
-    .await?;
+    quotad::server::run(listener, config, Arc::new(SystemClock), quotad::shutdown::signal()).await?;
     Ok(())
 }
 

@@ -51,11 +51,7 @@ pub async fn run(
     if !config.bootstrap.is_empty() {
         tracing::info!(commands = config.bootstrap.len(), "bootstrap applied");
     }
-    let context = Arc::new(Context {
-        ledger,
-        clock,
-        policy: config.policy.clone(),
-    });
+    let context = Arc::new(Context { ledger, clock, policy: config.policy.clone() });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -67,10 +63,10 @@ pub async fn run(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let quota = QuotaServer::new(QuotaService::new(context.clone()))
-        .max_decoding_message_size(config.max_request_bytes);
-    let admin = QuotaAdminServer::new(AdminService::new(context.clone()))
-        .max_decoding_message_size(config.max_request_bytes);
+    let quota =
+        QuotaServer::new(QuotaService::new(context.clone())).max_decoding_message_size(config.max_request_bytes);
+    let admin =
+        QuotaAdminServer::new(AdminService::new(context.clone())).max_decoding_message_size(config.max_request_bytes);
 
     let background = CancellationToken::new();
     let sweeper = tokio::spawn(sweep_expiries(context.clone(), background.clone()));

@@ -56,10 +56,7 @@ impl QuotaAdmin for AdminService {
         let Outcome::Tenant(capacity) = self.context.execute(&command)? else {
             unreachable!("a purchase yields the tenant's capacity")
         };
-        tracing::info!(
-            purchased_milli = capacity.purchased_milli,
-            "capacity purchased"
-        );
+        tracing::info!(purchased_milli = capacity.purchased_milli, "capacity purchased");
         Ok(Response::new(tenant_capacity(capacity)))
     }
 
@@ -71,19 +68,12 @@ impl QuotaAdmin for AdminService {
         let request = request.into_inner();
         let command = Command::AllocateCapacity {
             tenant: convert::id("tenant_id", &request.tenant_id, TenantId::new)?,
-            environment: convert::id(
-                "environment_id",
-                &request.environment_id,
-                EnvironmentId::new,
-            )?,
+            environment: convert::id("environment_id", &request.environment_id, EnvironmentId::new)?,
             amount_milli: convert::allocation_milli(request.messages)?,
             draw_from_tenant_pool: request.draw_from_tenant_pool,
         };
         let response = self.balance_of(&command)?;
-        tracing::info!(
-            allocated_milli = response.get_ref().allocated_milli,
-            "capacity allocated"
-        );
+        tracing::info!(allocated_milli = response.get_ref().allocated_milli, "capacity allocated");
         Ok(response)
     }
 
@@ -94,16 +84,9 @@ impl QuotaAdmin for AdminService {
     ) -> Result<Response<proto::Balance>, Status> {
         let request = request.into_inner();
         let command = Command::SetPayAsYouGo {
-            environment: convert::id(
-                "environment_id",
-                &request.environment_id,
-                EnvironmentId::new,
-            )?,
+            environment: convert::id("environment_id", &request.environment_id, EnvironmentId::new)?,
             enabled: request.enabled,
-            budget_milli: self
-                .context
-                .policy
-                .budget_milli(request.monthly_budget_messages)?,
+            budget_milli: self.context.policy.budget_milli(request.monthly_budget_messages)?,
         };
         let response = self.balance_of(&command)?;
         tracing::info!(
@@ -125,21 +108,13 @@ impl QuotaAdmin for AdminService {
             id => Some(convert::id("environment_id", id, EnvironmentId::new)?),
         };
         let command = Command::LinkEnvironment {
-            app_environment: convert::id(
-                "app_environment_id",
-                &request.app_environment_id,
-                EnvironmentId::new,
-            )?,
+            app_environment: convert::id("app_environment_id", &request.app_environment_id, EnvironmentId::new)?,
             environment: target,
         };
-        let Outcome::Linked(link) = self.context.execute(&command)? else {
-            unreachable!("a link yields a link")
-        };
+        let Outcome::Linked(link) = self.context.execute(&command)? else { unreachable!("a link yields a link") };
         tracing::info!(linked = link.target.is_some(), "environment link set");
-        let (environment_id, tenant_id) = link
-            .target
-            .map(|(env, tenant)| (env.to_string(), tenant.to_string()))
-            .unwrap_or_default();
+        let (environment_id, tenant_id) =
+            link.target.map(|(env, tenant)| (env.to_string(), tenant.to_string())).unwrap_or_default();
         Ok(Response::new(proto::LinkEnvironmentResponse {
             app_environment_id: link.app_environment.to_string(),
             environment_id,
@@ -153,8 +128,6 @@ impl QuotaAdmin for AdminService {
         request: Request<proto::GetTenantRequest>,
     ) -> Result<Response<proto::TenantCapacity>, Status> {
         let tenant = convert::id("tenant_id", &request.get_ref().tenant_id, TenantId::new)?;
-        Ok(Response::new(tenant_capacity(
-            self.context.ledger.tenant(&tenant)?,
-        )))
+        Ok(Response::new(tenant_capacity(self.context.ledger.tenant(&tenant)?)))
     }
 }

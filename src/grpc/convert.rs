@@ -6,37 +6,27 @@ use tonic::Status;
 use super::{Policy, status::FieldError};
 use crate::{
     ledger::{
-        Balance, BalanceState, Draws, IdError, IdempotencyKey, MILLI_PER_MESSAGE, Milli,
-        ReservationId, ReservationIdError, Source, pricing::PricingError,
+        Balance, BalanceState, Draws, IdError, IdempotencyKey, MILLI_PER_MESSAGE, Milli, ReservationId,
+        ReservationIdError, Source, pricing::PricingError,
     },
     proto,
 };
 
 /// Parses a required id field.
-pub fn id<T>(
-    field: &str,
-    value: &str,
-    parse: fn(&str) -> Result<T, IdError>,
-) -> Result<T, FieldError> {
+pub fn id<T>(field: &str, value: &str, parse: fn(&str) -> Result<T, IdError>) -> Result<T, FieldError> {
     parse(value).map_err(|e| FieldError::new(field, e.to_string()))
 }
 
 /// Parses an optional idempotency key: empty means none.
 pub fn idempotency_key(field: &str, value: &str) -> Result<Option<IdempotencyKey>, FieldError> {
-    if value.is_empty() {
-        Ok(None)
-    } else {
-        id(field, value, IdempotencyKey::new).map(Some)
-    }
+    if value.is_empty() { Ok(None) } else { id(field, value, IdempotencyKey::new).map(Some) }
 }
 
 /// Parses a reservation id; a well-formed id this server never issued is NOT_FOUND.
 pub fn reservation_id(value: &str) -> Result<ReservationId, Status> {
     ReservationId::parse(value).map_err(|e| match e {
         ReservationIdError::Invalid(e) => FieldError::new("reservation_id", e.to_string()).into(),
-        ReservationIdError::Unknown => {
-            crate::ledger::LedgerError::UnknownReservation(value.to_owned()).into()
-        }
+        ReservationIdError::Unknown => crate::ledger::LedgerError::UnknownReservation(value.to_owned()).into(),
     })
 }
 
@@ -49,34 +39,17 @@ pub enum Zero {
 
 impl Policy {
     /// The amount of a request that carries exactly one of `messages` and `usage`, in milli.
-    pub fn amount(
-        &self,
-        messages: Option<u64>,
-        usage: &[proto::UsageItem],
-        zero: Zero,
-    ) -> Result<Milli, FieldError> {
+    pub fn amount(&self, messages: Option<u64>, usage: &[proto::UsageItem], zero: Zero) -> Result<Milli, FieldError> {
         let max_messages = self.max_amount_milli / MILLI_PER_MESSAGE;
         match (messages, usage.is_empty()) {
-            (Some(_), false) => Err(FieldError::new(
-                "messages",
-                "set exactly one of messages and usage; both are set",
-            )),
-            (None, true) => Err(FieldError::new(
-                "messages",
-                "set exactly one of messages and usage; neither is set",
-            )),
-            (Some(0), true) if zero == Zero::Refused => {
-                Err(FieldError::new("messages", "must be at least 1"))
+            (Some(_), false) => Err(FieldError::new("messages", "set exactly one of messages and usage; both are set")),
+            (None, true) => Err(FieldError::new("messages", "set exactly one of messages and usage; neither is set")),
+            (Some(0), true) if zero == Zero::Refused => Err(FieldError::new("messages", "must be at least 1")),
+            (Some(messages), true) => {
+                messages.checked_mul(MILLI_PER_MESSAGE).filter(|milli| *milli <= self.max_amount_milli).ok_or_else(
+                    || FieldError::new("messages", format!("is {messages}; the limit is {max_messages} messages")),
+                )
             }
-            (Some(messages), true) => messages
-                .checked_mul(MILLI_PER_MESSAGE)
-                .filter(|milli| *milli <= self.max_amount_milli)
-                .ok_or_else(|| {
-                    FieldError::new(
-                        "messages",
-                        format!("is {messages}; the limit is {max_messages} messages"),
-                    )
-                }),
             (None, false) => self.price(usage),
         }
     }
@@ -85,36 +58,25 @@ impl Policy {
         if usage.len() > self.max_usage_items {
             return Err(FieldError::new(
                 "usage",
-                format!(
-                    "has {} items; the limit is {} items",
-                    usage.len(),
-                    self.max_usage_items
-                ),
+                format!("has {} items; the limit is {} items", usage.len(), self.max_usage_items),
             ));
         }
-        let items = usage
-            .iter()
-            .map(|item| (item.scenario.as_str(), item.quantity));
+        let items = usage.iter().map(|item| (item.scenario.as_str(), item.quantity));
         let too_large = || {
             FieldError::new(
                 "usage",
-                format!(
-                    "prices above the limit of {} messages",
-                    self.max_amount_milli / MILLI_PER_MESSAGE
-                ),
+                format!("prices above the limit of {} messages", self.max_amount_milli / MILLI_PER_MESSAGE),
             )
         };
         match self.rate_card.price(items) {
             Ok(milli) if milli <= self.max_amount_milli => Ok(milli),
             Ok(_) | Err(PricingError::Overflow) => Err(too_large()),
-            Err(e @ PricingError::UnknownScenario { index, .. }) => Err(FieldError::new(
-                format!("usage[{index}].scenario"),
-                e.to_string(),
-            )),
-            Err(e @ PricingError::ZeroQuantity { index }) => Err(FieldError::new(
-                format!("usage[{index}].quantity"),
-                e.to_string(),
-            )),
+            Err(e @ PricingError::UnknownScenario { index, .. }) => {
+                Err(FieldError::new(format!("usage[{index}].scenario"), e.to_string()))
+            }
+            Err(e @ PricingError::ZeroQuantity { index }) => {
+                Err(FieldError::new(format!("usage[{index}].quantity"), e.to_string()))
+            }
         }
     }
 
@@ -140,52 +102,31 @@ impl Policy {
         if packs == 0 || packs > self.max_packs_per_purchase {
             return Err(FieldError::new(
                 "packs",
-                format!(
-                    "is {packs}; it must be between 1 and {} packs",
-                    self.max_packs_per_purchase
-                ),
+                format!("is {packs}; it must be between 1 and {} packs", self.max_packs_per_purchase),
             ));
         }
         Ok(packs * self.pack_milli)
     }
 
     pub fn budget_milli(&self, messages: u64) -> Result<Milli, FieldError> {
-        messages
-            .checked_mul(MILLI_PER_MESSAGE)
-            .filter(|milli| *milli <= self.max_budget_milli)
-            .ok_or_else(|| {
-                FieldError::new(
-                    "monthly_budget_messages",
-                    format!(
-                        "is {messages}; the limit is {} messages",
-                        self.max_budget_milli / MILLI_PER_MESSAGE
-                    ),
-                )
-            })
+        messages.checked_mul(MILLI_PER_MESSAGE).filter(|milli| *milli <= self.max_budget_milli).ok_or_else(|| {
+            FieldError::new(
+                "monthly_budget_messages",
+                format!("is {messages}; the limit is {} messages", self.max_budget_milli / MILLI_PER_MESSAGE),
+            )
+        })
     }
 }
 
 /// An allocation in whole messages, to milli; the ledger checks it against purchases.
 pub fn allocation_milli(messages: u64) -> Result<Milli, FieldError> {
     messages.checked_mul(MILLI_PER_MESSAGE).ok_or_else(|| {
-        FieldError::new(
-            "messages",
-            format!(
-                "is {messages}; the limit is {} messages",
-                u64::MAX / MILLI_PER_MESSAGE
-            ),
-        )
+        FieldError::new("messages", format!("is {messages}; the limit is {} messages", u64::MAX / MILLI_PER_MESSAGE))
     })
 }
 
 pub fn draws(draws: &Draws) -> Vec<proto::Draw> {
-    draws
-        .iter()
-        .map(|(source, amount_milli)| proto::Draw {
-            source: source_of(source) as i32,
-            amount_milli,
-        })
-        .collect()
+    draws.iter().map(|(source, amount_milli)| proto::Draw { source: source_of(source) as i32, amount_milli }).collect()
 }
 
 fn source_of(source: Source) -> proto::Source {
@@ -226,33 +167,18 @@ mod tests {
     use crate::config::Config;
 
     fn usage(items: &[(&str, u64)]) -> Vec<proto::UsageItem> {
-        items
-            .iter()
-            .map(|(s, q)| proto::UsageItem {
-                scenario: s.to_string(),
-                quantity: *q,
-            })
-            .collect()
+        items.iter().map(|(s, q)| proto::UsageItem { scenario: s.to_string(), quantity: *q }).collect()
     }
 
     #[test]
     fn amount_needs_exactly_one_of_messages_and_usage() {
         let policy = Config::default().policy;
         let field = |r: Result<Milli, FieldError>| r.unwrap_err().field;
-        assert_eq!(
-            field(policy.amount(Some(1), &usage(&[("classic_answer", 1)]), Zero::Refused)),
-            "messages"
-        );
+        assert_eq!(field(policy.amount(Some(1), &usage(&[("classic_answer", 1)]), Zero::Refused)), "messages");
         assert_eq!(field(policy.amount(None, &[], Zero::Refused)), "messages");
-        assert_eq!(
-            field(policy.amount(Some(0), &[], Zero::Refused)),
-            "messages"
-        );
+        assert_eq!(field(policy.amount(Some(0), &[], Zero::Refused)), "messages");
         assert_eq!(policy.amount(Some(0), &[], Zero::Allowed), Ok(0));
-        assert_eq!(
-            policy.amount(None, &usage(&[("agent_flow_actions", 1)]), Zero::Refused),
-            Ok(130)
-        );
+        assert_eq!(policy.amount(None, &usage(&[("agent_flow_actions", 1)]), Zero::Refused), Ok(130));
     }
 
     #[test]
@@ -261,13 +187,8 @@ mod tests {
         let max = policy.max_amount_milli / MILLI_PER_MESSAGE;
         assert!(policy.amount(Some(max - 1), &[], Zero::Refused).is_ok());
         assert!(policy.amount(Some(max), &[], Zero::Refused).is_ok());
-        let err = policy
-            .amount(Some(max + 1), &[], Zero::Refused)
-            .unwrap_err();
-        assert!(
-            err.description.contains("limit is 1000000000 messages"),
-            "{err:?}"
-        );
+        let err = policy.amount(Some(max + 1), &[], Zero::Refused).unwrap_err();
+        assert!(err.description.contains("limit is 1000000000 messages"), "{err:?}");
         assert!(policy.amount(Some(u64::MAX), &[], Zero::Refused).is_err());
     }
 
@@ -275,40 +196,14 @@ mod tests {
     fn usage_item_count_limit_is_inclusive() {
         let policy = Config::default().policy;
         let n = policy.max_usage_items;
-        assert!(
-            policy
-                .amount(
-                    None,
-                    &usage(&vec![("classic_answer", 1); n - 1]),
-                    Zero::Refused
-                )
-                .is_ok()
-        );
-        assert!(
-            policy
-                .amount(None, &usage(&vec![("classic_answer", 1); n]), Zero::Refused)
-                .is_ok()
-        );
-        let err = policy
-            .amount(
-                None,
-                &usage(&vec![("classic_answer", 1); n + 1]),
-                Zero::Refused,
-            )
-            .unwrap_err();
+        assert!(policy.amount(None, &usage(&vec![("classic_answer", 1); n - 1]), Zero::Refused).is_ok());
+        assert!(policy.amount(None, &usage(&vec![("classic_answer", 1); n]), Zero::Refused).is_ok());
+        let err = policy.amount(None, &usage(&vec![("classic_answer", 1); n + 1]), Zero::Refused).unwrap_err();
         assert_eq!(err.field, "usage");
-        let err = policy
-            .amount(
-                None,
-                &usage(&[("classic_answer", 1), ("warp_drive", 1)]),
-                Zero::Refused,
-            )
-            .unwrap_err();
+        let err = policy.amount(None, &usage(&[("classic_answer", 1), ("warp_drive", 1)]), Zero::Refused).unwrap_err();
         assert_eq!(err.field, "usage[1].scenario");
         assert!(err.description.contains("classic_answer"));
-        let err = policy
-            .amount(None, &usage(&[("classic_answer", 0)]), Zero::Refused)
-            .unwrap_err();
+        let err = policy.amount(None, &usage(&[("classic_answer", 0)]), Zero::Refused).unwrap_err();
         assert_eq!(err.field, "usage[0].quantity");
     }
 

@@ -38,15 +38,10 @@ impl Quota for QuotaService {
     ) -> Result<Response<proto::CheckAndReserveResponse>, Status> {
         let request = request.into_inner();
         let policy = &self.context.policy;
-        let environment = convert::id(
-            "environment_id",
-            &request.environment_id,
-            EnvironmentId::new,
-        )?;
+        let environment = convert::id("environment_id", &request.environment_id, EnvironmentId::new)?;
         let agent = convert::id("agent_id", &request.agent_id, AgentId::new)?;
         let amount_milli = policy.amount(request.messages, &request.usage, Zero::Refused)?;
-        let idempotency_key =
-            convert::idempotency_key("idempotency_key", &request.idempotency_key)?;
+        let idempotency_key = convert::idempotency_key("idempotency_key", &request.idempotency_key)?;
         let ttl_ms = policy.ttl_ms(request.ttl_seconds)?;
         let span = Span::current();
         span.record("environment", environment.as_str())
@@ -55,13 +50,9 @@ impl Quota for QuotaService {
 
         let now = self.context.clock.now_ms();
         if request.dry_run {
-            let quote = self
-                .context
-                .ledger
-                .quote(&environment, amount_milli, now)
-                .inspect_err(|_| {
-                    span.record("decision", "refused");
-                })?;
+            let quote = self.context.ledger.quote(&environment, amount_milli, now).inspect_err(|_| {
+                span.record("decision", "refused");
+            })?;
             span.record("decision", "would_grant");
             return Ok(Response::new(proto::CheckAndReserveResponse {
                 reservation_id: String::new(),
@@ -81,17 +72,8 @@ impl Quota for QuotaService {
         let outcome = self.context.ledger.apply(&command, now).inspect_err(|_| {
             span.record("decision", "refused");
         })?;
-        let Outcome::Reserved(grant) = outcome else {
-            unreachable!("a reserve yields a grant")
-        };
-        span.record(
-            "decision",
-            if grant.replayed {
-                "replayed"
-            } else {
-                "granted"
-            },
-        );
+        let Outcome::Reserved(grant) = outcome else { unreachable!("a reserve yields a grant") };
+        span.record("decision", if grant.replayed { "replayed" } else { "granted" });
         Ok(Response::new(proto::CheckAndReserveResponse {
             reservation_id: grant.reservation.to_string(),
             reserved_milli: grant.amount_milli,
@@ -101,32 +83,14 @@ impl Quota for QuotaService {
         }))
     }
 
-    #[instrument(
-        level = "debug",
-        name = "Commit",
-        skip_all,
-        fields(reservation, actual_milli)
-    )]
-    async fn commit(
-        &self,
-        request: Request<proto::CommitRequest>,
-    ) -> Result<Response<proto::CommitResponse>, Status> {
+    #[instrument(level = "debug", name = "Commit", skip_all, fields(reservation, actual_milli))]
+    async fn commit(&self, request: Request<proto::CommitRequest>) -> Result<Response<proto::CommitResponse>, Status> {
         let request = request.into_inner();
         let reservation = convert::reservation_id(&request.reservation_id)?;
-        let actual_milli =
-            self.context
-                .policy
-                .amount(request.messages, &request.usage, Zero::Allowed)?;
-        Span::current()
-            .record("reservation", request.reservation_id.as_str())
-            .record("actual_milli", actual_milli);
-        let outcome = self.context.execute(&Command::Commit {
-            reservation,
-            actual_milli,
-        })?;
-        let Outcome::Committed(settled) = outcome else {
-            unreachable!("a commit yields a settlement")
-        };
+        let actual_milli = self.context.policy.amount(request.messages, &request.usage, Zero::Allowed)?;
+        Span::current().record("reservation", request.reservation_id.as_str()).record("actual_milli", actual_milli);
+        let outcome = self.context.execute(&Command::Commit { reservation, actual_milli })?;
+        let Outcome::Committed(settled) = outcome else { unreachable!("a commit yields a settlement") };
         let settlement = settled.result;
         Ok(Response::new(proto::CommitResponse {
             charged_milli: settlement.charged.total(),
@@ -147,9 +111,7 @@ impl Quota for QuotaService {
         let reservation = convert::reservation_id(&request.reservation_id)?;
         Span::current().record("reservation", request.reservation_id.as_str());
         let outcome = self.context.execute(&Command::Release { reservation })?;
-        let Outcome::Released(settled) = outcome else {
-            unreachable!("a release yields a settlement")
-        };
+        let Outcome::Released(settled) = outcome else { unreachable!("a release yields a settlement") };
         Ok(Response::new(proto::ReleaseResponse {
             released_milli: settled.result,
             balance: Some(convert::balance(settled.balance)),
@@ -162,16 +124,9 @@ impl Quota for QuotaService {
         request: Request<proto::GetBalanceRequest>,
     ) -> Result<Response<proto::Balance>, Status> {
         let request = request.into_inner();
-        let environment = convert::id(
-            "environment_id",
-            &request.environment_id,
-            EnvironmentId::new,
-        )?;
+        let environment = convert::id("environment_id", &request.environment_id, EnvironmentId::new)?;
         Span::current().record("environment", environment.as_str());
-        let balance = self
-            .context
-            .ledger
-            .balance(&environment, self.context.clock.now_ms())?;
+        let balance = self.context.ledger.balance(&environment, self.context.clock.now_ms())?;
         Ok(Response::new(convert::balance(balance)))
     }
 }

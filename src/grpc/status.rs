@@ -19,10 +19,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            description: description.into(),
-        }
+        Self { field: field.into(), description: description.into() }
     }
 }
 
@@ -38,11 +35,7 @@ impl From<FieldError> for Status {
 }
 
 fn refusal(code: Code, message: String, reason: &str, metadata: HashMap<String, String>) -> Status {
-    Status::with_error_details(
-        code,
-        message,
-        ErrorDetails::with_error_info(reason, DOMAIN, metadata),
-    )
+    Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, DOMAIN, metadata))
 }
 
 impl From<LedgerError> for Status {
@@ -52,39 +45,21 @@ impl From<LedgerError> for Status {
         let none = HashMap::new;
         match error {
             E::UnknownTenant(_) => refusal(Code::NotFound, message, "UNKNOWN_TENANT", none()),
-            E::UnknownEnvironment(_) => {
-                refusal(Code::NotFound, message, "UNKNOWN_ENVIRONMENT", none())
+            E::UnknownEnvironment(_) => refusal(Code::NotFound, message, "UNKNOWN_ENVIRONMENT", none()),
+            E::UnknownReservation(_) => refusal(Code::NotFound, message, "UNKNOWN_RESERVATION", none()),
+            E::AppEnvironmentNotLinked(_) => {
+                refusal(Code::FailedPrecondition, message, "APP_ENVIRONMENT_NOT_LINKED", none())
             }
-            E::UnknownReservation(_) => {
-                refusal(Code::NotFound, message, "UNKNOWN_RESERVATION", none())
+            E::NotACapacityEnvironment(_) => {
+                refusal(Code::FailedPrecondition, message, "NOT_A_CAPACITY_ENVIRONMENT", none())
             }
-            E::AppEnvironmentNotLinked(_) => refusal(
-                Code::FailedPrecondition,
-                message,
-                "APP_ENVIRONMENT_NOT_LINKED",
-                none(),
-            ),
-            E::NotACapacityEnvironment(_) => refusal(
-                Code::FailedPrecondition,
-                message,
-                "NOT_A_CAPACITY_ENVIRONMENT",
-                none(),
-            ),
-            E::AlreadyACapacityEnvironment(_) => refusal(
-                Code::FailedPrecondition,
-                message,
-                "ALREADY_A_CAPACITY_ENVIRONMENT",
-                none(),
-            ),
-            E::EnvironmentOfAnotherTenant { .. } => refusal(
-                Code::FailedPrecondition,
-                message,
-                "ENVIRONMENT_OF_ANOTHER_TENANT",
-                none(),
-            ),
-            E::OverAllocation {
-                purchased_milli, ..
-            } => refusal(
+            E::AlreadyACapacityEnvironment(_) => {
+                refusal(Code::FailedPrecondition, message, "ALREADY_A_CAPACITY_ENVIRONMENT", none())
+            }
+            E::EnvironmentOfAnotherTenant { .. } => {
+                refusal(Code::FailedPrecondition, message, "ENVIRONMENT_OF_ANOTHER_TENANT", none())
+            }
+            E::OverAllocation { purchased_milli, .. } => refusal(
                 Code::FailedPrecondition,
                 message,
                 "OVER_ALLOCATION",
@@ -96,11 +71,7 @@ impl From<LedgerError> for Status {
                 "ALLOCATION_BELOW_USE",
                 HashMap::from([("used_and_held_milli".to_owned(), taken_milli.to_string())]),
             ),
-            E::QuotaDepleted {
-                environment,
-                requested_milli,
-                available_milli,
-            } => refusal(
+            E::QuotaDepleted { environment, requested_milli, available_milli } => refusal(
                 Code::ResourceExhausted,
                 message,
                 "QUOTA_DEPLETED",
@@ -126,30 +97,12 @@ impl From<LedgerError> for Status {
                     ("limit".to_owned(), limit.to_string()),
                 ]),
             ),
-            E::AlreadyCommitted { .. } => refusal(
-                Code::FailedPrecondition,
-                message,
-                "ALREADY_COMMITTED",
-                none(),
-            ),
-            E::AlreadyReleased(_) => refusal(
-                Code::FailedPrecondition,
-                message,
-                "ALREADY_RELEASED",
-                none(),
-            ),
-            E::ReleaseAfterCommit(_) => refusal(
-                Code::FailedPrecondition,
-                message,
-                "ALREADY_COMMITTED",
-                none(),
-            ),
-            E::IdempotencyKeyReused { .. } => refusal(
-                Code::FailedPrecondition,
-                message,
-                "IDEMPOTENCY_KEY_REUSED",
-                none(),
-            ),
+            E::AlreadyCommitted { .. } => refusal(Code::FailedPrecondition, message, "ALREADY_COMMITTED", none()),
+            E::AlreadyReleased(_) => refusal(Code::FailedPrecondition, message, "ALREADY_RELEASED", none()),
+            E::ReleaseAfterCommit(_) => refusal(Code::FailedPrecondition, message, "ALREADY_COMMITTED", none()),
+            E::IdempotencyKeyReused { .. } => {
+                refusal(Code::FailedPrecondition, message, "IDEMPOTENCY_KEY_REUSED", none())
+            }
             E::CounterOverflow { .. } => {
                 tracing::error!(error = %message, "counter overflow");
                 refusal(Code::OutOfRange, message, "COUNTER_OVERFLOW", none())

@@ -16,11 +16,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub const DRAW_ORDER: [Source; 3] = [
-        Source::EnvironmentAllocation,
-        Source::TenantPool,
-        Source::PayAsYouGo,
-    ];
+    pub const DRAW_ORDER: [Source; 3] = [Source::EnvironmentAllocation, Source::TenantPool, Source::PayAsYouGo];
 
     fn index(self) -> usize {
         self as usize
@@ -47,10 +43,7 @@ impl Draws {
 
     /// The non-zero amounts, in draw order.
     pub fn iter(&self) -> impl Iterator<Item = (Source, Milli)> + '_ {
-        Source::DRAW_ORDER
-            .into_iter()
-            .map(|s| (s, self.get(s)))
-            .filter(|(_, amount)| *amount > 0)
+        Source::DRAW_ORDER.into_iter().map(|s| (s, self.get(s))).filter(|(_, amount)| *amount > 0)
     }
 
     /// The per-source sum. Callers keep every total within one amount, so no source can overflow.
@@ -61,11 +54,7 @@ impl Draws {
     /// Takes `amount` from `available` in draw order; `Err` carries the total available when short.
     pub fn plan(amount: Milli, available: Draws) -> Result<Draws, Milli> {
         let (draws, shortfall) = Self::take_up_to(amount, available);
-        if shortfall == 0 {
-            Ok(draws)
-        } else {
-            Err(available.0.iter().fold(0u64, |a, b| a.saturating_add(*b)))
-        }
+        if shortfall == 0 { Ok(draws) } else { Err(available.0.iter().fold(0u64, |a, b| a.saturating_add(*b))) }
     }
 
     /// Takes as much of `amount` as `available` covers in draw order; returns the draws and what is left.
@@ -107,10 +96,7 @@ pub struct Tenant {
 
 impl Tenant {
     pub fn pool_available(&self) -> Milli {
-        self.purchased
-            .saturating_sub(self.allocated)
-            .saturating_sub(self.pool_used)
-            .saturating_sub(self.pool_held)
+        self.purchased.saturating_sub(self.allocated).saturating_sub(self.pool_used).saturating_sub(self.pool_held)
     }
 }
 
@@ -242,15 +228,10 @@ impl Environment {
 
     /// Adds `draws` to the period's use.
     pub fn charge(&mut self, tenant: Option<&mut Tenant>, draws: Draws) -> Result<(), LedgerError> {
-        let overflow = || LedgerError::CounterOverflow {
-            what: "the period's use",
-        };
+        let overflow = || LedgerError::CounterOverflow { what: "the period's use" };
         let mut used = self.used;
         for (source, amount) in draws.iter() {
-            used.set(
-                source,
-                used.get(source).checked_add(amount).ok_or_else(overflow)?,
-            );
+            used.set(source, used.get(source).checked_add(amount).ok_or_else(overflow)?);
         }
         let pool = draws.get(Source::TenantPool);
         if pool > 0 {
@@ -271,26 +252,16 @@ impl Environment {
         late: bool,
     ) -> Result<Settlement, LedgerError> {
         let (from_hold, excess) = draws.split(actual);
-        let (from_available, overage) =
-            Draws::take_up_to(excess, self.available(tenant.as_deref()));
+        let (from_available, overage) = Draws::take_up_to(excess, self.available(tenant.as_deref()));
         let overage_after =
-            self.overage
-                .checked_add(overage)
-                .ok_or(LedgerError::CounterOverflow {
-                    what: "the period's overage",
-                })?;
+            self.overage.checked_add(overage).ok_or(LedgerError::CounterOverflow { what: "the period's overage" })?;
         let charged = from_hold.plus(from_available);
         // Check for overflow before anything changes, so a refused commit changes nothing.
         self.used_after(charged)?;
         self.unhold(tenant.as_deref_mut(), draws);
         self.charge(tenant, charged)?;
         self.overage = overage_after;
-        Ok(Settlement {
-            charged,
-            released_milli: draws.total() - from_hold.total(),
-            overage_milli: overage,
-            late,
-        })
+        Ok(Settlement { charged, released_milli: draws.total() - from_hold.total(), overage_milli: overage, late })
     }
 
     fn used_after(&self, charged: Draws) -> Result<(), LedgerError> {
@@ -298,23 +269,14 @@ impl Environment {
             self.used
                 .get(source)
                 .checked_add(amount)
-                .ok_or(LedgerError::CounterOverflow {
-                    what: "the period's use",
-                })?;
+                .ok_or(LedgerError::CounterOverflow { what: "the period's use" })?;
         }
         Ok(())
     }
 
     /// Records how a reservation resolved, then forgets the oldest records past `retention_ms` or
     /// over `max_resolved`.
-    pub fn remember(
-        &mut self,
-        seq: u64,
-        resolved: Resolved,
-        now: u64,
-        retention_ms: u64,
-        max_resolved: usize,
-    ) {
+    pub fn remember(&mut self, seq: u64, resolved: Resolved, now: u64, retention_ms: u64, max_resolved: usize) {
         self.resolved.insert(seq, resolved);
         self.resolved_order.push_back((now, seq));
         while let Some(&(at, oldest)) = self.resolved_order.front() {

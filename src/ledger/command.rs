@@ -4,9 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    AgentId, Balance, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId,
-};
+use super::{AgentId, Balance, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {

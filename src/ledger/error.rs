@@ -16,25 +16,16 @@ pub enum LedgerError {
     UnknownTenant(TenantId),
     #[error("environment {0} does not exist")]
     UnknownEnvironment(EnvironmentId),
-    #[error(
-        "reservation {0} does not exist (ids are remembered for the retention period after they resolve)"
-    )]
+    #[error("reservation {0} does not exist (ids are remembered for the retention period after they resolve)")]
     UnknownReservation(String),
-    #[error(
-        "app environment {0} is not linked: link it to a capacity environment with LinkEnvironment"
-    )]
+    #[error("app environment {0} is not linked: link it to a capacity environment with LinkEnvironment")]
     AppEnvironmentNotLinked(EnvironmentId),
     #[error("environment {0} is an app environment; name the capacity environment it is linked to")]
     NotACapacityEnvironment(EnvironmentId),
     #[error("environment {0} is a capacity environment and cannot be linked as an app environment")]
     AlreadyACapacityEnvironment(EnvironmentId),
-    #[error(
-        "environment {environment} belongs to tenant {owner}; an environment belongs to one tenant for good"
-    )]
-    EnvironmentOfAnotherTenant {
-        environment: EnvironmentId,
-        owner: TenantId,
-    },
+    #[error("environment {environment} belongs to tenant {owner}; an environment belongs to one tenant for good")]
+    EnvironmentOfAnotherTenant { environment: EnvironmentId, owner: TenantId },
     #[error(
         "allocating {requested_milli} milli to environment {environment} would bring tenant {tenant}'s \
          allocations to {allocated_after_milli} milli plus {pool_taken_milli} milli drawn or held from its pool, \
@@ -52,35 +43,21 @@ pub enum LedgerError {
         "environment {environment} has already used and holds {taken_milli} milli of its allocation this \
          period; the allocation cannot drop to {requested_milli} milli"
     )]
-    AllocationBelowUse {
-        environment: EnvironmentId,
-        requested_milli: Milli,
-        taken_milli: Milli,
-    },
+    AllocationBelowUse { environment: EnvironmentId, requested_milli: Milli, taken_milli: Milli },
     #[error(
         "environment {environment} has {available_milli} milli available, less than the {requested_milli} \
          milli requested: add capacity (purchase and allocate packs, or raise the pay-as-you-go budget)"
     )]
-    QuotaDepleted {
-        environment: EnvironmentId,
-        requested_milli: Milli,
-        available_milli: Milli,
-    },
+    QuotaDepleted { environment: EnvironmentId, requested_milli: Milli, available_milli: Milli },
     #[error("{} has {limit} open reservations, its limit: commit or release some first", match scope {
         OpenReservationScope::Environment => "the environment",
         OpenReservationScope::Server => "the server",
     })]
-    TooManyOpenReservations {
-        scope: OpenReservationScope,
-        limit: u64,
-    },
+    TooManyOpenReservations { scope: OpenReservationScope, limit: u64 },
     #[error(
         "reservation {reservation} was already committed with {committed_milli} milli; a retry must carry the same amount"
     )]
-    AlreadyCommitted {
-        reservation: ReservationId,
-        committed_milli: Milli,
-    },
+    AlreadyCommitted { reservation: ReservationId, committed_milli: Milli },
     #[error("reservation {0} was released; it cannot be committed")]
     AlreadyReleased(ReservationId),
     #[error("reservation {0} was committed; it cannot be released")]

@@ -18,16 +18,12 @@ pub struct ExpiryQueue {
 
 impl ExpiryQueue {
     pub fn new() -> Self {
-        Self {
-            shards: std::array::from_fn(|_| Mutex::new(BinaryHeap::new())),
-        }
+        Self { shards: std::array::from_fn(|_| Mutex::new(BinaryHeap::new())) }
     }
 
     pub fn push(&self, expires_at_ms: u64, reservation: ReservationId) {
         let shard = reservation.seq as usize % SHARDS;
-        self.shards[shard]
-            .lock()
-            .push(Reverse((expires_at_ms, reservation)));
+        self.shards[shard].lock().push(Reverse((expires_at_ms, reservation)));
     }
 
     /// Removes and returns up to `max` reservations whose expiry is at or before `now`.
@@ -37,9 +33,7 @@ impl ExpiryQueue {
             let mut heap = shard.lock();
             while due.len() < max {
                 match heap.peek() {
-                    Some(Reverse((at, _))) if *at <= now => {
-                        due.push(heap.pop().expect("peeked").0.1)
-                    }
+                    Some(Reverse((at, _))) if *at <= now => due.push(heap.pop().expect("peeked").0.1),
                     _ => break,
                 }
             }

@@ -124,8 +124,7 @@ impl ReservationId {
             return Err(ReservationIdError::Unknown);
         }
         let seq = seq.parse().map_err(|_| ReservationIdError::Unknown)?;
-        let environment =
-            EnvironmentId::new(environment).map_err(|_| ReservationIdError::Unknown)?;
+        let environment = EnvironmentId::new(environment).map_err(|_| ReservationIdError::Unknown)?;
         Ok(Self { environment, seq })
     }
 }
@@ -152,10 +151,7 @@ mod tests {
         assert!(TenantId::new(&"a".repeat(MAX_ID_BYTES)).is_ok());
         assert_eq!(
             TenantId::new(&"a".repeat(MAX_ID_BYTES + 1)),
-            Err(IdError::TooLong {
-                len: MAX_ID_BYTES + 1,
-                max: MAX_ID_BYTES
-            })
+            Err(IdError::TooLong { len: MAX_ID_BYTES + 1, max: MAX_ID_BYTES })
         );
     }
 
@@ -164,38 +160,17 @@ mod tests {
         assert_eq!(AgentId::new(""), Err(IdError::Empty));
         assert_eq!(AgentId::new("a b"), Err(IdError::NotPrintable { index: 1 }));
         assert_eq!(AgentId::new("é"), Err(IdError::NotPrintable { index: 0 }));
-        assert_eq!(
-            AgentId::new("sales-agent_1.v2").unwrap().as_str(),
-            "sales-agent_1.v2"
-        );
+        assert_eq!(AgentId::new("sales-agent_1.v2").unwrap().as_str(), "sales-agent_1.v2");
     }
 
     #[test]
     fn reservation_ids_round_trip_and_reject_aliases() {
-        let id = ReservationId {
-            environment: EnvironmentId::new("org/env-1").unwrap(),
-            seq: 42,
-        };
+        let id = ReservationId { environment: EnvironmentId::new("org/env-1").unwrap(), seq: 42 };
         assert_eq!(id.to_string(), "org/env-1/42");
         assert_eq!(ReservationId::parse("org/env-1/42").unwrap(), id);
-        for bad in [
-            "env",
-            "env/",
-            "/1",
-            "env/042",
-            "env/-1",
-            "env/1x",
-            "env/99999999999999999999",
-        ] {
-            assert_eq!(
-                ReservationId::parse(bad),
-                Err(ReservationIdError::Unknown),
-                "{bad}"
-            );
+        for bad in ["env", "env/", "/1", "env/042", "env/-1", "env/1x", "env/99999999999999999999"] {
+            assert_eq!(ReservationId::parse(bad), Err(ReservationIdError::Unknown), "{bad}");
         }
-        assert!(matches!(
-            ReservationId::parse(""),
-            Err(ReservationIdError::Invalid(IdError::Empty))
-        ));
+        assert!(matches!(ReservationId::parse(""), Err(ReservationIdError::Invalid(IdError::Empty))));
     }
 }

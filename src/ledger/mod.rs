@@ -29,8 +29,8 @@ pub use account::{Draws, Source};
 pub use command::{Command, Grant, Link, Outcome, Settled, Settlement, TenantCapacity};
 pub use error::{LedgerError, OpenReservationScope};
 pub use ids::{
-    AgentId, EnvironmentId, IdError, IdempotencyKey, MAX_ID_BYTES, MAX_RESERVATION_ID_BYTES,
-    ReservationId, ReservationIdError, TenantId,
+    AgentId, EnvironmentId, IdError, IdempotencyKey, MAX_ID_BYTES, MAX_RESERVATION_ID_BYTES, ReservationId,
+    ReservationIdError, TenantId,
 };
 
 use account::{Environment, Hold, Resolution, Resolved, Tenant};
@@ -47,8 +47,7 @@ pub const DEFAULT_RESOLVED_RETENTION_MS: u64 = 24 * 60 * 60 * 1_000;
 pub const DEFAULT_MAX_RESOLVED_PER_ENVIRONMENT: usize = 1_000_000;
 pub const DEFAULT_MAX_PURCHASE_KEYS_PER_TENANT: usize = 10_000;
 
-const _: () =
-    assert!(DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT <= DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL);
+const _: () = assert!(DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT <= DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -176,11 +175,7 @@ fn balance_state(available: Milli, env: &Environment) -> BalanceState {
     }
     let budget = if env.payg_enabled { env.payg_budget } else { 0 };
     let base = u128::from(env.allocated) + u128::from(budget);
-    if u128::from(available) * 5 <= base {
-        BalanceState::Low
-    } else {
-        BalanceState::Ok
-    }
+    if u128::from(available) * 5 <= base { BalanceState::Low } else { BalanceState::Ok }
 }
 
 /// All tenants and environments, and their open and recently resolved reservations.
@@ -214,47 +209,19 @@ impl Ledger {
     /// Applies one state change at time `now`. A refused command changes nothing.
     pub fn apply(&self, command: &Command, now: u64) -> Result<Outcome, LedgerError> {
         match command {
-            Command::PurchaseCapacity {
-                tenant,
-                amount_milli,
-                idempotency_key,
-            } => self
-                .purchase(tenant, *amount_milli, idempotency_key.as_ref())
-                .map(Outcome::Tenant),
-            Command::AllocateCapacity {
-                tenant,
-                environment,
-                amount_milli,
-                draw_from_tenant_pool,
-            } => self
-                .allocate(
-                    tenant,
-                    environment,
-                    *amount_milli,
-                    *draw_from_tenant_pool,
-                    now,
-                )
-                .map(Outcome::Balance),
-            Command::SetPayAsYouGo {
-                environment,
-                enabled,
-                budget_milli,
-            } => self
-                .set_pay_as_you_go(environment, *enabled, *budget_milli, now)
-                .map(Outcome::Balance),
-            Command::LinkEnvironment {
-                app_environment,
-                environment,
-            } => self
-                .link(app_environment, environment.as_ref())
-                .map(Outcome::Linked),
-            Command::Reserve {
-                environment,
-                agent,
-                amount_milli,
-                idempotency_key,
-                expires_at_ms,
-            } => {
+            Command::PurchaseCapacity { tenant, amount_milli, idempotency_key } => {
+                self.purchase(tenant, *amount_milli, idempotency_key.as_ref()).map(Outcome::Tenant)
+            }
+            Command::AllocateCapacity { tenant, environment, amount_milli, draw_from_tenant_pool } => {
+                self.allocate(tenant, environment, *amount_milli, *draw_from_tenant_pool, now).map(Outcome::Balance)
+            }
+            Command::SetPayAsYouGo { environment, enabled, budget_milli } => {
+                self.set_pay_as_you_go(environment, *enabled, *budget_milli, now).map(Outcome::Balance)
+            }
+            Command::LinkEnvironment { app_environment, environment } => {
+                self.link(app_environment, environment.as_ref()).map(Outcome::Linked)
+            }
+            Command::Reserve { environment, agent, amount_milli, idempotency_key, expires_at_ms } => {
                 let hold = Hold {
                     agent: agent.clone(),
                     amount: *amount_milli,
@@ -264,39 +231,24 @@ impl Ledger {
                 };
                 self.reserve(environment, hold, now).map(Outcome::Reserved)
             }
-            Command::Commit {
-                reservation,
-                actual_milli,
-            } => self
-                .commit(reservation, *actual_milli, now)
-                .map(Outcome::Committed),
-            Command::Release { reservation } => {
-                self.release(reservation, now).map(Outcome::Released)
+            Command::Commit { reservation, actual_milli } => {
+                self.commit(reservation, *actual_milli, now).map(Outcome::Committed)
             }
+            Command::Release { reservation } => self.release(reservation, now).map(Outcome::Released),
             Command::Expire { reservation } => self.expire(reservation, now).map(Outcome::Expired),
         }
     }
 
     /// Whether a reservation of `amount` would be granted now, and from which sources.
-    pub fn quote(
-        &self,
-        environment: &EnvironmentId,
-        amount: Milli,
-        now: u64,
-    ) -> Result<Quote, LedgerError> {
+    pub fn quote(&self, environment: &EnvironmentId, amount: Milli, now: u64) -> Result<Quote, LedgerError> {
         let cell = self.capacity_cell(environment)?;
         let books = Books::lock(&cell);
-        let draws = Draws::plan(amount, books.available()).map_err(|available| {
-            LedgerError::QuotaDepleted {
-                environment: cell.id.clone(),
-                requested_milli: amount,
-                available_milli: available,
-            }
+        let draws = Draws::plan(amount, books.available()).map_err(|available| LedgerError::QuotaDepleted {
+            environment: cell.id.clone(),
+            requested_milli: amount,
+            available_milli: available,
         })?;
-        Ok(Quote {
-            draws,
-            balance: books.balance(now),
-        })
+        Ok(Quote { draws, balance: books.balance(now) })
     }
 
     pub fn balance(&self, environment: &EnvironmentId, now: u64) -> Result<Balance, LedgerError> {
@@ -305,11 +257,8 @@ impl Ledger {
     }
 
     pub fn tenant(&self, tenant: &TenantId) -> Result<TenantCapacity, LedgerError> {
-        let cell = self
-            .tenants
-            .get(tenant)
-            .map(|t| t.clone())
-            .ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
+        let cell =
+            self.tenants.get(tenant).map(|t| t.clone()).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
         let summary = tenant_capacity(tenant, &cell.lock());
         Ok(summary)
     }
@@ -334,9 +283,9 @@ impl Ledger {
                 match self.environments.get(&target).map(|s| s.clone()) {
                     Some(Slot::Capacity(cell)) => Ok(cell),
                     // Links are made only to capacity environments, which never stop being one.
-                    _ => unreachable!(
-                        "app environment {id} is linked to {target}, which is not a capacity environment"
-                    ),
+                    _ => {
+                        unreachable!("app environment {id} is linked to {target}, which is not a capacity environment")
+                    }
                 }
             }
         }
@@ -351,15 +300,8 @@ impl Ledger {
         }
     }
 
-    fn reservation_cell(
-        &self,
-        reservation: &ReservationId,
-    ) -> Result<Arc<CapacityCell>, LedgerError> {
-        match self
-            .environments
-            .get(&reservation.environment)
-            .map(|s| s.clone())
-        {
+    fn reservation_cell(&self, reservation: &ReservationId) -> Result<Arc<CapacityCell>, LedgerError> {
+        match self.environments.get(&reservation.environment).map(|s| s.clone()) {
             Some(Slot::Capacity(cell)) => Ok(cell),
             _ => Err(LedgerError::UnknownReservation(reservation.to_string())),
         }
@@ -386,21 +328,15 @@ impl Ledger {
             }
             return Ok(tenant_capacity(tenant, &books));
         }
-        books.purchased =
-            books
-                .purchased
-                .checked_add(amount)
-                .ok_or(LedgerError::CounterOverflow {
-                    what: "the tenant's purchased capacity",
-                })?;
+        books.purchased = books
+            .purchased
+            .checked_add(amount)
+            .ok_or(LedgerError::CounterOverflow { what: "the tenant's purchased capacity" })?;
         if let Some(key) = key {
             books.purchase_keys.insert(key.clone(), amount);
             books.purchase_key_order.push_back(key.clone());
             while books.purchase_key_order.len() > self.limits.max_purchase_keys_per_tenant {
-                let oldest = books
-                    .purchase_key_order
-                    .pop_front()
-                    .expect("longer than the limit");
+                let oldest = books.purchase_key_order.pop_front().expect("longer than the limit");
                 books.purchase_keys.remove(&oldest);
             }
         }
@@ -421,22 +357,12 @@ impl Ledger {
         now: u64,
     ) -> Result<Balance, LedgerError> {
         let _admin = self.admin.lock();
-        let tenant_cell = self
-            .tenants
-            .get(tenant)
-            .map(|t| t.clone())
-            .ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
+        let tenant_cell =
+            self.tenants.get(tenant).map(|t| t.clone()).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
         let (cell, is_new) = match self.environments.get(environment).map(|s| s.clone()) {
             None => {
                 let books = Mutex::new(Environment::new(tenant.clone()));
-                (
-                    Arc::new(CapacityCell {
-                        id: environment.clone(),
-                        tenant: tenant_cell,
-                        books,
-                    }),
-                    true,
-                )
+                (Arc::new(CapacityCell { id: environment.clone(), tenant: tenant_cell, books }), true)
             }
             Some(Slot::App(_)) => {
                 return Err(LedgerError::NotACapacityEnvironment(environment.clone()));
@@ -450,8 +376,8 @@ impl Ledger {
                 owner: books.env.tenant.clone(),
             });
         }
-        let taken = books.env.used.get(Source::EnvironmentAllocation)
-            + books.env.held.get(Source::EnvironmentAllocation);
+        let taken =
+            books.env.used.get(Source::EnvironmentAllocation) + books.env.held.get(Source::EnvironmentAllocation);
         if amount < taken {
             return Err(LedgerError::AllocationBelowUse {
                 environment: environment.clone(),
@@ -462,9 +388,7 @@ impl Ledger {
         let pool = books.tenant.as_deref().expect("locked with tenant");
         let allocated_after = (pool.allocated - books.env.allocated).checked_add(amount);
         let pool_taken = pool.pool_used + pool.pool_held;
-        let fits = allocated_after
-            .and_then(|a| a.checked_add(pool_taken))
-            .is_some_and(|total| total <= pool.purchased);
+        let fits = allocated_after.and_then(|a| a.checked_add(pool_taken)).is_some_and(|total| total <= pool.purchased);
         if !fits {
             return Err(LedgerError::OverAllocation {
                 tenant: tenant.clone(),
@@ -476,18 +400,13 @@ impl Ledger {
             });
         }
         let allocated_after = allocated_after.expect("checked by fits");
-        books
-            .tenant
-            .as_deref_mut()
-            .expect("locked with tenant")
-            .allocated = allocated_after;
+        books.tenant.as_deref_mut().expect("locked with tenant").allocated = allocated_after;
         books.env.allocated = amount;
         books.env.draw_from_tenant_pool = draw_from_pool;
         let balance = books.balance(now);
         drop(books);
         if is_new {
-            self.environments
-                .insert(environment.clone(), Slot::Capacity(cell));
+            self.environments.insert(environment.clone(), Slot::Capacity(cell));
         }
         Ok(balance)
     }
@@ -507,11 +426,7 @@ impl Ledger {
         Ok(books.balance(now))
     }
 
-    fn link(
-        &self,
-        app: &EnvironmentId,
-        target: Option<&EnvironmentId>,
-    ) -> Result<Link, LedgerError> {
+    fn link(&self, app: &EnvironmentId, target: Option<&EnvironmentId>) -> Result<Link, LedgerError> {
         let _admin = self.admin.lock();
         let app_slot = self.environments.get(app).map(|s| s.clone());
         if let Some(Slot::Capacity(_)) = app_slot {
@@ -522,27 +437,15 @@ impl Ledger {
                 return Err(LedgerError::UnknownEnvironment(app.clone()));
             }
             self.environments.insert(app.clone(), Slot::App(None));
-            return Ok(Link {
-                app_environment: app.clone(),
-                target: None,
-            });
+            return Ok(Link { app_environment: app.clone(), target: None });
         };
         let cell = self.named_capacity_cell(target)?;
         let tenant = cell.books.lock().tenant.clone();
-        self.environments
-            .insert(app.clone(), Slot::App(Some(target.clone())));
-        Ok(Link {
-            app_environment: app.clone(),
-            target: Some((target.clone(), tenant)),
-        })
+        self.environments.insert(app.clone(), Slot::App(Some(target.clone())));
+        Ok(Link { app_environment: app.clone(), target: Some((target.clone(), tenant)) })
     }
 
-    fn reserve(
-        &self,
-        environment: &EnvironmentId,
-        mut hold: Hold,
-        now: u64,
-    ) -> Result<Grant, LedgerError> {
+    fn reserve(&self, environment: &EnvironmentId, mut hold: Hold, now: u64) -> Result<Grant, LedgerError> {
         let cell = self.capacity_cell(environment)?;
         let mut books = Books::lock(&cell);
         if let Some(key) = &hold.idempotency_key
@@ -557,21 +460,16 @@ impl Ledger {
             });
         }
         let amount = hold.amount;
-        hold.draws = Draws::plan(amount, books.available()).map_err(|available| {
-            LedgerError::QuotaDepleted {
-                environment: cell.id.clone(),
-                requested_milli: amount,
-                available_milli: available,
-            }
+        hold.draws = Draws::plan(amount, books.available()).map_err(|available| LedgerError::QuotaDepleted {
+            environment: cell.id.clone(),
+            requested_milli: amount,
+            available_milli: available,
         })?;
         // The server-wide count is taken last, so that every refusal above leaves it untouched.
         let max_total = self.limits.max_open_reservations_total;
         if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
             self.open_total.fetch_sub(1, Ordering::Relaxed);
-            return Err(LedgerError::TooManyOpenReservations {
-                scope: OpenReservationScope::Server,
-                limit: max_total,
-            });
+            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
         }
         let Books { env, tenant, .. } = &mut books;
         env.hold(tenant.as_deref_mut(), hold.draws);
@@ -580,10 +478,7 @@ impl Ledger {
         if let Some(key) = &hold.idempotency_key {
             env.idempotency.insert(key.clone(), seq);
         }
-        let reservation = ReservationId {
-            environment: cell.id.clone(),
-            seq,
-        };
+        let reservation = ReservationId { environment: cell.id.clone(), seq };
         self.expiries.push(hold.expires_at_ms, reservation.clone());
         let grant = Grant {
             reservation,
@@ -597,12 +492,7 @@ impl Ledger {
         Ok(grant)
     }
 
-    fn commit(
-        &self,
-        reservation: &ReservationId,
-        actual: Milli,
-        now: u64,
-    ) -> Result<Settled<Settlement>, LedgerError> {
+    fn commit(&self, reservation: &ReservationId, actual: Milli, now: u64) -> Result<Settled<Settlement>, LedgerError> {
         let cell = self.reservation_cell(reservation)?;
         let mut books = Books::lock(&cell);
         self.expire_if_due(&mut books, reservation.seq, now);
@@ -612,10 +502,7 @@ impl Ledger {
             let settlement = env.settle(tenant.as_deref_mut(), draws, actual, false)?;
             let hold = env.open.remove(&seq).expect("present above");
             self.open_total.fetch_sub(1, Ordering::Relaxed);
-            let resolved = Resolved {
-                hold,
-                resolution: Resolution::Committed { actual, settlement },
-            };
+            let resolved = Resolved { hold, resolution: Resolution::Committed { actual, settlement } };
             env.remember(
                 seq,
                 resolved,
@@ -627,46 +514,30 @@ impl Ledger {
         } else {
             match env.resolved.get(&seq).map(|r| r.resolution) {
                 None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
-                Some(Resolution::Committed {
-                    actual: first,
-                    settlement,
-                }) => {
+                Some(Resolution::Committed { actual: first, settlement }) => {
                     if first != actual {
                         return Err(LedgerError::AlreadyCommitted {
                             reservation: reservation.clone(),
                             committed_milli: first,
                         });
                     }
-                    return Ok(Settled {
-                        result: settlement,
-                        balance: books.balance(now),
-                        replayed: true,
-                    });
+                    return Ok(Settled { result: settlement, balance: books.balance(now), replayed: true });
                 }
                 Some(Resolution::Released { .. }) => {
                     return Err(LedgerError::AlreadyReleased(reservation.clone()));
                 }
                 Some(Resolution::Expired) => {
-                    let settlement =
-                        env.settle(tenant.as_deref_mut(), Draws::default(), actual, true)?;
+                    let settlement = env.settle(tenant.as_deref_mut(), Draws::default(), actual, true)?;
                     let record = env.resolved.get_mut(&seq).expect("present above");
                     record.resolution = Resolution::Committed { actual, settlement };
                     settlement
                 }
             }
         };
-        Ok(Settled {
-            result: settlement,
-            balance: books.balance(now),
-            replayed: false,
-        })
+        Ok(Settled { result: settlement, balance: books.balance(now), replayed: false })
     }
 
-    fn release(
-        &self,
-        reservation: &ReservationId,
-        now: u64,
-    ) -> Result<Settled<Milli>, LedgerError> {
+    fn release(&self, reservation: &ReservationId, now: u64) -> Result<Settled<Milli>, LedgerError> {
         let cell = self.reservation_cell(reservation)?;
         let mut books = Books::lock(&cell);
         self.expire_if_due(&mut books, reservation.seq, now);
@@ -676,10 +547,7 @@ impl Ledger {
             self.open_total.fetch_sub(1, Ordering::Relaxed);
             env.unhold(tenant.as_deref_mut(), hold.draws);
             let released = hold.amount;
-            let resolved = Resolved {
-                hold,
-                resolution: Resolution::Released { released },
-            };
+            let resolved = Resolved { hold, resolution: Resolution::Released { released } };
             env.remember(
                 seq,
                 resolved,
@@ -689,17 +557,11 @@ impl Ledger {
             );
             released
         } else {
-            let record = env
-                .resolved
-                .get_mut(&seq)
-                .ok_or_else(|| LedgerError::UnknownReservation(reservation.to_string()))?;
+            let record =
+                env.resolved.get_mut(&seq).ok_or_else(|| LedgerError::UnknownReservation(reservation.to_string()))?;
             match record.resolution {
                 Resolution::Released { released } => {
-                    return Ok(Settled {
-                        result: released,
-                        balance: books.balance(now),
-                        replayed: true,
-                    });
+                    return Ok(Settled { result: released, balance: books.balance(now), replayed: true });
                 }
                 Resolution::Committed { .. } => {
                     return Err(LedgerError::ReleaseAfterCommit(reservation.clone()));
@@ -711,11 +573,7 @@ impl Ledger {
                 }
             }
         };
-        Ok(Settled {
-            result: released,
-            balance: books.balance(now),
-            replayed: false,
-        })
+        Ok(Settled { result: released, balance: books.balance(now), replayed: false })
     }
 
     fn expire(&self, reservation: &ReservationId, now: u64) -> Result<Option<Milli>, LedgerError> {
@@ -738,10 +596,7 @@ impl Ledger {
         let released = hold.amount;
         env.remember(
             seq,
-            Resolved {
-                hold,
-                resolution: Resolution::Expired,
-            },
+            Resolved { hold, resolution: Resolution::Expired },
             now,
             self.limits.resolved_retention_ms,
             self.limits.max_resolved_per_environment,
@@ -752,8 +607,7 @@ impl Ledger {
     /// Checks every invariant across the whole ledger; for tests and assertions, not the hot path.
     pub fn verify(&self) -> Result<(), String> {
         let _admin = self.admin.lock();
-        let mut per_tenant: std::collections::HashMap<TenantId, (Milli, Milli, Milli)> =
-            Default::default();
+        let mut per_tenant: std::collections::HashMap<TenantId, (Milli, Milli, Milli)> = Default::default();
         let mut open = 0u64;
         for slot in self.environments.iter() {
             let Slot::Capacity(cell) = slot.value() else {
@@ -764,20 +618,14 @@ impl Ledger {
             for hold in env.open.values() {
                 held = held.plus(hold.draws);
                 if hold.draws.total() != hold.amount {
-                    return Err(format!(
-                        "{}: a hold's draws do not add up to its amount",
-                        cell.id
-                    ));
+                    return Err(format!("{}: a hold's draws do not add up to its amount", cell.id));
                 }
             }
             if held != env.held {
-                return Err(format!(
-                    "{}: held {:?} != sum of open holds {:?}",
-                    cell.id, env.held, held
-                ));
+                return Err(format!("{}: held {:?} != sum of open holds {:?}", cell.id, env.held, held));
             }
-            let allocation_taken = env.used.get(Source::EnvironmentAllocation)
-                + env.held.get(Source::EnvironmentAllocation);
+            let allocation_taken =
+                env.used.get(Source::EnvironmentAllocation) + env.held.get(Source::EnvironmentAllocation);
             if allocation_taken > env.allocated {
                 return Err(format!(
                     "{}: {allocation_taken} milli taken from an allocation of {}",
@@ -792,28 +640,16 @@ impl Ledger {
         }
         for entry in self.tenants.iter() {
             let tenant = entry.value().lock();
-            let (allocated, pool_used, pool_held) =
-                per_tenant.remove(entry.key()).unwrap_or_default();
-            if (tenant.allocated, tenant.pool_used, tenant.pool_held)
-                != (allocated, pool_used, pool_held)
-            {
-                return Err(format!(
-                    "tenant {}: counters differ from the sums over its environments",
-                    entry.key()
-                ));
+            let (allocated, pool_used, pool_held) = per_tenant.remove(entry.key()).unwrap_or_default();
+            if (tenant.allocated, tenant.pool_used, tenant.pool_held) != (allocated, pool_used, pool_held) {
+                return Err(format!("tenant {}: counters differ from the sums over its environments", entry.key()));
             }
             if tenant.allocated + tenant.pool_used + tenant.pool_held > tenant.purchased {
-                return Err(format!(
-                    "tenant {}: more allocated or drawn than purchased",
-                    entry.key()
-                ));
+                return Err(format!("tenant {}: more allocated or drawn than purchased", entry.key()));
             }
         }
         if open != self.open_reservations() {
-            return Err(format!(
-                "{open} open holds, but the server counts {}",
-                self.open_reservations()
-            ));
+            return Err(format!("{open} open holds, but the server counts {}", self.open_reservations()));
         }
         Ok(())
     }
@@ -839,18 +675,12 @@ fn replay_grant(books: &Books<'_>, seq: u64, retry: &Hold, now: u64) -> Result<G
         .expect("an idempotency key maps to a remembered reservation");
     if first.agent != retry.agent || first.amount != retry.amount {
         return Err(LedgerError::IdempotencyKeyReused {
-            key: retry
-                .idempotency_key
-                .clone()
-                .expect("replays are looked up by key"),
+            key: retry.idempotency_key.clone().expect("replays are looked up by key"),
             first: format!("agent {} reserving {} milli", first.agent, first.amount),
         });
     }
     Ok(Grant {
-        reservation: ReservationId {
-            environment: books.cell.id.clone(),
-            seq,
-        },
+        reservation: ReservationId { environment: books.cell.id.clone(), seq },
         amount_milli: first.amount,
         draws: first.draws,
         expires_at_ms: first.expires_at_ms,

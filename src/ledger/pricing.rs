@@ -24,11 +24,7 @@ pub struct RateCard {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PricingError {
     #[error("unknown scenario {scenario:?}; known scenarios: {}", known.join(", "))]
-    UnknownScenario {
-        index: usize,
-        scenario: String,
-        known: Vec<String>,
-    },
+    UnknownScenario { index: usize, scenario: String, known: Vec<String> },
     #[error("quantity must be at least 1")]
     ZeroQuantity { index: usize },
     #[error("the priced total does not fit in 64 bits of milli")]
@@ -66,21 +62,14 @@ impl Default for RateCard {
 }
 
 impl RateCard {
-    pub fn new<'a>(
-        rates: impl IntoIterator<Item = (&'a str, Rate)>,
-    ) -> Result<Self, RateCardError> {
-        let rates: BTreeMap<String, Rate> = rates
-            .into_iter()
-            .map(|(name, rate)| (name.to_owned(), rate))
-            .collect();
+    pub fn new<'a>(rates: impl IntoIterator<Item = (&'a str, Rate)>) -> Result<Self, RateCardError> {
+        let rates: BTreeMap<String, Rate> = rates.into_iter().map(|(name, rate)| (name.to_owned(), rate)).collect();
         if rates.is_empty() {
             return Err(RateCardError::Empty);
         }
         for (name, rate) in &rates {
             let good_name = (1..=64).contains(&name.len())
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
             if !good_name {
                 return Err(RateCardError::BadName(name.clone()));
             }
@@ -100,10 +89,7 @@ impl RateCard {
 
     /// The exact price of a list of (scenario, quantity) items. A fractional milli is rounded up, so
     /// usage is never under-billed.
-    pub fn price<'a>(
-        &self,
-        items: impl IntoIterator<Item = (&'a str, u64)>,
-    ) -> Result<Milli, PricingError> {
+    pub fn price<'a>(&self, items: impl IntoIterator<Item = (&'a str, u64)>) -> Result<Milli, PricingError> {
         let mut total: u128 = 0;
         for (index, (scenario, quantity)) in items.into_iter().enumerate() {
             let Some(rate) = self.rates.get(scenario) else {
@@ -117,8 +103,8 @@ impl RateCard {
                 return Err(PricingError::ZeroQuantity { index });
             }
             // u64 × u64 × 1000 fits in u128, so only the sum can overflow, and it is checked below.
-            let milli = (quantity as u128 * rate.messages as u128 * MILLI_PER_MESSAGE as u128)
-                .div_ceil(rate.per as u128);
+            let milli =
+                (quantity as u128 * rate.messages as u128 * MILLI_PER_MESSAGE as u128).div_ceil(rate.per as u128);
             total = total.checked_add(milli).ok_or(PricingError::Overflow)?;
         }
         u64::try_from(total).map_err(|_| PricingError::Overflow)
@@ -141,23 +127,12 @@ mod tests {
         assert_eq!(price("ai_tools_standard", 1), 1_500);
         assert_eq!(price("ai_tools_premium", 1), 10_000);
         assert_eq!(price("content_processing", 2), 16_000);
-        assert_eq!(
-            card.price([("agent_action", 2), ("classic_answer", 1)])
-                .unwrap(),
-            11_000
-        );
+        assert_eq!(card.price([("agent_action", 2), ("classic_answer", 1)]).unwrap(), 11_000);
     }
 
     #[test]
     fn fractional_milli_rounds_up() {
-        let card = RateCard::new([(
-            "odd",
-            Rate {
-                messages: 1,
-                per: 3,
-            },
-        )])
-        .unwrap();
+        let card = RateCard::new([("odd", Rate { messages: 1, per: 3 })]).unwrap();
         assert_eq!(card.price([("odd", 1)]).unwrap(), 334);
         assert_eq!(card.price([("odd", 3)]).unwrap(), 1_000);
     }
@@ -165,46 +140,17 @@ mod tests {
     #[test]
     fn bad_items_are_named() {
         let card = RateCard::default();
-        let err = card
-            .price([("classic_answer", 1), ("nope", 1)])
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            PricingError::UnknownScenario { index: 1, .. }
-        ));
+        let err = card.price([("classic_answer", 1), ("nope", 1)]).unwrap_err();
+        assert!(matches!(err, PricingError::UnknownScenario { index: 1, .. }));
         assert!(err.to_string().contains("generative_answer"));
-        assert_eq!(
-            card.price([("classic_answer", 0)]),
-            Err(PricingError::ZeroQuantity { index: 0 })
-        );
-        assert_eq!(
-            card.price([("ai_tools_premium", u64::MAX)]),
-            Err(PricingError::Overflow)
-        );
+        assert_eq!(card.price([("classic_answer", 0)]), Err(PricingError::ZeroQuantity { index: 0 }));
+        assert_eq!(card.price([("ai_tools_premium", u64::MAX)]), Err(PricingError::Overflow));
     }
 
     #[test]
     fn invalid_cards_are_refused() {
         assert_eq!(RateCard::new([]), Err(RateCardError::Empty));
-        assert!(matches!(
-            RateCard::new([(
-                "x",
-                Rate {
-                    messages: 1,
-                    per: 0
-                }
-            )]),
-            Err(RateCardError::ZeroPer(_))
-        ));
-        assert!(matches!(
-            RateCard::new([(
-                "Bad Name",
-                Rate {
-                    messages: 1,
-                    per: 1
-                }
-            )]),
-            Err(RateCardError::BadName(_))
-        ));
+        assert!(matches!(RateCard::new([("x", Rate { messages: 1, per: 0 })]), Err(RateCardError::ZeroPer(_))));
+        assert!(matches!(RateCard::new([("Bad Name", Rate { messages: 1, per: 1 })]), Err(RateCardError::BadName(_))));
     }
 }
