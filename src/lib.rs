@@ -20,4 +20,7 @@ pub mod proto {
 
     /// The encoded descriptor set, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("quota_descriptor");
+
+    /// `google.rpc` error details, served by reflection so that generic clients can decode them.
+    pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("error_details_descriptor");
 }
