@@ -34,6 +34,8 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    // Signal handlers first, so that a SIGTERM as soon as the address is logged is a graceful stop.
+    let shutdown = quotad::shutdown::signal();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -41,7 +43,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dir) = &config.data_dir {
         tracing::warn!(data_dir = %dir.display(), "state is kept in memory only; it is lost when quotad stops");
     }
-    quotad::server::run(listener, config, Arc::new(SystemClock), quotad::shutdown::signal()).await?;
+    quotad::server::run(listener, config, Arc::new(SystemClock), shutdown).await?;
     Ok(())
 }
 

@@ -201,8 +201,8 @@ impl Environment {
         available
     }
 
-    /// Adds `draws` to the holds. The caller has checked them against `available`, so no counter
-    /// can overflow.
+    /// Adds `draws` to the holds. The caller has checked them against `available` and the total
+    /// already held, so no counter can overflow.
     pub fn hold(&mut self, tenant: Option<&mut Tenant>, draws: Draws) {
         for (source, amount) in draws.iter() {
             self.held.set(source, self.held.get(source) + amount);

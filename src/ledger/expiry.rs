@@ -12,8 +12,11 @@ use super::ReservationId;
 
 const SHARDS: usize = 16;
 
+/// Holds by expiry time, earliest first.
+type Shard = Mutex<BinaryHeap<Reverse<(u64, ReservationId)>>>;
+
 pub struct ExpiryQueue {
-    shards: [Mutex<BinaryHeap<Reverse<(u64, ReservationId)>>>; SHARDS],
+    shards: [Shard; SHARDS],
 }
 
 impl ExpiryQueue {

@@ -251,6 +251,27 @@ impl Ledger {
         Ok(Quote { draws, balance: books.balance(now) })
     }
 
+    /// What a dry run answers: the quote, or the refusal `reserve` would give now, open-reservation caps
+    /// included and checked in the same order.
+    pub fn dry_run(&self, environment: &EnvironmentId, amount: Milli, now: u64) -> Result<Quote, LedgerError> {
+        let cell = self.capacity_cell(environment)?;
+        let open = cell.books.lock().open.len() as u64;
+        if open >= self.limits.max_open_reservations_per_environment {
+            return Err(LedgerError::TooManyOpenReservations {
+                scope: OpenReservationScope::Environment,
+                limit: self.limits.max_open_reservations_per_environment,
+            });
+        }
+        let quote = self.quote(environment, amount, now)?;
+        if self.open_total.load(Ordering::Relaxed) >= self.limits.max_open_reservations_total {
+            return Err(LedgerError::TooManyOpenReservations {
+                scope: OpenReservationScope::Server,
+                limit: self.limits.max_open_reservations_total,
+            });
+        }
+        Ok(quote)
+    }
+
     pub fn balance(&self, environment: &EnvironmentId, now: u64) -> Result<Balance, LedgerError> {
         let cell = self.capacity_cell(environment)?;
         Ok(Books::lock(&cell).balance(now))
@@ -465,6 +486,11 @@ impl Ledger {
             requested_milli: amount,
             available_milli: available,
         })?;
+        // Uncapped pay-as-you-go offers `Milli::MAX` however much is already held, so the plan alone
+        // does not keep the holds countable.
+        if books.env.held.total().checked_add(amount).is_none() {
+            return Err(LedgerError::CounterOverflow { what: "the environment's holds" });
+        }
         // The server-wide count is taken last, so that every refusal above leaves it untouched.
         let max_total = self.limits.max_open_reservations_total;
         if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
@@ -687,4 +713,45 @@ fn replay_grant(books: &Books<'_>, seq: u64, retry: &Hold, now: u64) -> Result<G
         balance: books.balance(now),
         replayed: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Uncapped pay-as-you-go offers `Milli::MAX` whatever is already held: a hold that would take the
+    /// environment's holds past the largest count is refused, where it used to wrap (or panic in debug).
+    #[test]
+    fn holds_past_the_largest_count_are_refused_not_wrapped() {
+        let ledger = Ledger::new(Limits::default());
+        let (tenant, environment) = (TenantId::new("t").unwrap(), EnvironmentId::new("e").unwrap());
+        let admin = [
+            Command::PurchaseCapacity { tenant: tenant.clone(), amount_milli: 5, idempotency_key: None },
+            Command::AllocateCapacity {
+                tenant,
+                environment: environment.clone(),
+                amount_milli: 5,
+                draw_from_tenant_pool: false,
+            },
+            Command::SetPayAsYouGo { environment: environment.clone(), enabled: true, budget_milli: 0 },
+        ];
+        for command in &admin {
+            ledger.apply(command, 0).unwrap();
+        }
+        let reserve = |amount_milli| Command::Reserve {
+            environment: environment.clone(),
+            agent: AgentId::new("a").unwrap(),
+            amount_milli,
+            idempotency_key: None,
+            expires_at_ms: 1_000,
+        };
+        assert!(ledger.apply(&reserve(Milli::MAX - 1), 0).is_ok());
+        assert!(ledger.apply(&reserve(1), 0).is_ok());
+        let before = ledger.balance(&environment, 0).unwrap();
+        assert_eq!(before.reserved_milli, Milli::MAX);
+        assert_eq!(ledger.apply(&reserve(1), 0), Err(LedgerError::CounterOverflow { what: "the environment's holds" }));
+        assert_eq!(ledger.balance(&environment, 0).unwrap(), before);
+        assert_eq!(ledger.open_reservations(), 2);
+        assert_eq!(ledger.verify(), Ok(()));
+    }
 }
