@@ -83,7 +83,7 @@ impl Draws {
 ///
 /// Invariant: `allocated + pool_used + pool_held <= purchased`, where `allocated` is the sum of its
 /// environments' allocations and the pool counters are the sums of theirs.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Tenant {
     pub purchased: Milli,
     pub allocated: Milli,
@@ -92,6 +92,8 @@ pub struct Tenant {
     /// Purchase idempotency keys with the amount they bought, oldest first in `purchase_key_order`.
     pub purchase_keys: HashMap<IdempotencyKey, Milli>,
     pub purchase_key_order: VecDeque<IdempotencyKey>,
+    /// Sequence number of the last logged event applied to this tenant.
+    pub applied_seq: u64,
 }
 
 impl Tenant {
@@ -102,7 +104,7 @@ impl Tenant {
 
 /// A granted hold, open or resolved. Kept whole after it resolves so that an idempotent retry can
 /// return it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hold {
     pub agent: AgentId,
     pub amount: Milli,
@@ -111,7 +113,7 @@ pub struct Hold {
     pub idempotency_key: Option<IdempotencyKey>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Resolution {
     Committed {
         actual: Milli,
@@ -124,7 +126,7 @@ pub enum Resolution {
     Expired,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Resolved {
     pub hold: Hold,
     pub resolution: Resolution,
@@ -134,7 +136,7 @@ pub struct Resolved {
 ///
 /// Invariants: `held` is the per-source sum of the draws of `open`;
 /// `used[allocation] + held[allocation] <= allocated`.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Environment {
     pub tenant: TenantId,
     pub allocated: Milli,
@@ -152,6 +154,8 @@ pub struct Environment {
     pub resolved_order: VecDeque<(u64, u64)>,
     /// Idempotency key → seq of the open or resolved reservation it made.
     pub idempotency: HashMap<IdempotencyKey, u64>,
+    /// Sequence number of the last logged event applied to these books.
+    pub applied_seq: u64,
 }
 
 impl Environment {
@@ -170,6 +174,7 @@ impl Environment {
             resolved: HashMap::new(),
             resolved_order: VecDeque::new(),
             idempotency: HashMap::new(),
+            applied_seq: 0,
         }
     }
 
@@ -242,35 +247,43 @@ impl Environment {
         Ok(())
     }
 
-    /// Charges `actual` against a hold's `draws` and releases the rest; use beyond the hold is taken
-    /// from what is available in draw order, and what nothing covers is overage.
-    pub fn settle(
-        &mut self,
-        mut tenant: Option<&mut Tenant>,
+    /// What committing `actual` against a hold of `draws` charges: `actual` is split across the hold
+    /// in draw order, use beyond the hold is taken from what is available in draw order, and what
+    /// nothing covers is overage. Changes nothing; refuses what would overflow a counter.
+    pub fn settlement(
+        &self,
+        tenant: Option<&Tenant>,
         draws: Draws,
         actual: Milli,
         late: bool,
     ) -> Result<Settlement, LedgerError> {
         let (from_hold, excess) = draws.split(actual);
-        let (from_available, overage) = Draws::take_up_to(excess, self.available(tenant.as_deref()));
-        let overage_after =
-            self.overage.checked_add(overage).ok_or(LedgerError::CounterOverflow { what: "the period's overage" })?;
+        let (from_available, overage) = Draws::take_up_to(excess, self.available(tenant));
+        self.overage.checked_add(overage).ok_or(LedgerError::CounterOverflow { what: "the period's overage" })?;
         let charged = from_hold.plus(from_available);
-        // Check for overflow before anything changes, so a refused commit changes nothing.
-        self.used_after(charged)?;
-        self.unhold(tenant.as_deref_mut(), draws);
-        self.charge(tenant, charged)?;
-        self.overage = overage_after;
-        Ok(Settlement { charged, released_milli: draws.total() - from_hold.total(), overage_milli: overage, late })
-    }
-
-    fn used_after(&self, charged: Draws) -> Result<(), LedgerError> {
         for (source, amount) in charged.iter() {
             self.used
                 .get(source)
                 .checked_add(amount)
                 .ok_or(LedgerError::CounterOverflow { what: "the period's use" })?;
         }
+        Ok(Settlement { charged, released_milli: draws.total() - from_hold.total(), overage_milli: overage, late })
+    }
+
+    /// Releases a hold of `draws` and charges a settlement computed by [`Self::settlement`].
+    pub fn settle(
+        &mut self,
+        mut tenant: Option<&mut Tenant>,
+        draws: Draws,
+        settlement: &Settlement,
+    ) -> Result<(), LedgerError> {
+        let overage_after = self
+            .overage
+            .checked_add(settlement.overage_milli)
+            .ok_or(LedgerError::CounterOverflow { what: "the period's overage" })?;
+        self.unhold(tenant.as_deref_mut(), draws);
+        self.charge(tenant, settlement.charged)?;
+        self.overage = overage_after;
         Ok(())
     }
 
@@ -319,7 +332,8 @@ mod tests {
         env.payg_budget = 10;
         let hold = draws(10, 0, 5);
         env.hold(None, hold);
-        let settlement = env.settle(None, hold, 12, false).unwrap();
+        let settlement = env.settlement(None, hold, 12, false).unwrap();
+        env.settle(None, hold, &settlement).unwrap();
         assert_eq!(settlement.charged, draws(10, 0, 2));
         assert_eq!(settlement.released_milli, 3);
         assert_eq!(settlement.overage_milli, 0);
@@ -333,7 +347,8 @@ mod tests {
         env.allocated = 10;
         let hold = draws(4, 0, 0);
         env.hold(None, hold);
-        let settlement = env.settle(None, hold, 15, false).unwrap();
+        let settlement = env.settlement(None, hold, 15, false).unwrap();
+        env.settle(None, hold, &settlement).unwrap();
         assert_eq!(settlement.charged, draws(10, 0, 0));
         assert_eq!(settlement.overage_milli, 5);
         assert_eq!(settlement.released_milli, 0);

@@ -76,7 +76,7 @@ pub struct Grant {
 }
 
 /// What a commit charged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settlement {
     /// Per source; their total is what the sources covered.
     pub charged: Draws,

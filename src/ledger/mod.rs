@@ -12,10 +12,12 @@
 mod account;
 mod command;
 mod error;
+mod event;
 mod expiry;
 mod ids;
 pub mod period;
 pub mod pricing;
+mod restore;
 
 use std::sync::{
     Arc,
@@ -28,10 +30,12 @@ use parking_lot::{Mutex, MutexGuard};
 pub use account::{Draws, Source};
 pub use command::{Command, Grant, Link, Outcome, Settled, Settlement, TenantCapacity};
 pub use error::{LedgerError, OpenReservationScope};
+pub use event::{Discard, Event, EventSink};
 pub use ids::{
     AgentId, EnvironmentId, IdError, IdempotencyKey, MAX_ID_BYTES, MAX_RESERVATION_ID_BYTES, ReservationId,
     ReservationIdError, TenantId,
 };
+pub use restore::{RestoreError, SnapshotItem};
 
 use account::{Environment, Hold, Resolution, Resolved, Tenant};
 use expiry::ExpiryQueue;
@@ -111,7 +115,10 @@ pub struct Quote {
 enum Slot {
     Capacity(Arc<CapacityCell>),
     /// An app environment and the capacity environment it is linked to, if any.
-    App(Option<EnvironmentId>),
+    App {
+        target: Option<EnvironmentId>,
+        applied_seq: u64,
+    },
 }
 
 struct CapacityCell {
@@ -185,13 +192,20 @@ pub struct Ledger {
     environments: DashMap<EnvironmentId, Slot>,
     /// Serialises admin commands; never taken by the hot path.
     admin: Mutex<()>,
-    /// Invariant: equals the number of open holds across all environments.
+    /// Invariant: equals the number of open holds across all environments (outside a restore).
     open_total: AtomicU64,
     expiries: ExpiryQueue,
+    sink: Arc<dyn EventSink>,
 }
 
 impl Ledger {
+    /// A ledger that keeps its events nowhere.
     pub fn new(limits: Limits) -> Self {
+        Self::with_sink(limits, Arc::new(Discard))
+    }
+
+    /// A ledger that hands every applied event to `sink`.
+    pub fn with_sink(limits: Limits, sink: Arc<dyn EventSink>) -> Self {
         Self {
             limits,
             tenants: DashMap::new(),
@@ -199,6 +213,7 @@ impl Ledger {
             admin: Mutex::new(()),
             open_total: AtomicU64::new(0),
             expiries: ExpiryQueue::new(),
+            sink,
         }
     }
 
@@ -210,7 +225,7 @@ impl Ledger {
     pub fn apply(&self, command: &Command, now: u64) -> Result<Outcome, LedgerError> {
         match command {
             Command::PurchaseCapacity { tenant, amount_milli, idempotency_key } => {
-                self.purchase(tenant, *amount_milli, idempotency_key.as_ref()).map(Outcome::Tenant)
+                self.purchase(tenant, *amount_milli, idempotency_key.as_ref(), now).map(Outcome::Tenant)
             }
             Command::AllocateCapacity { tenant, environment, amount_milli, draw_from_tenant_pool } => {
                 self.allocate(tenant, environment, *amount_milli, *draw_from_tenant_pool, now).map(Outcome::Balance)
@@ -219,7 +234,7 @@ impl Ledger {
                 self.set_pay_as_you_go(environment, *enabled, *budget_milli, now).map(Outcome::Balance)
             }
             Command::LinkEnvironment { app_environment, environment } => {
-                self.link(app_environment, environment.as_ref()).map(Outcome::Linked)
+                self.link(app_environment, environment.as_ref(), now).map(Outcome::Linked)
             }
             Command::Reserve { environment, agent, amount_milli, idempotency_key, expires_at_ms } => {
                 let hold = Hold {
@@ -229,7 +244,7 @@ impl Ledger {
                     expires_at_ms: *expires_at_ms,
                     idempotency_key: idempotency_key.clone(),
                 };
-                self.reserve(environment, hold, now).map(Outcome::Reserved)
+                self.reserve(environment, &hold, now).map(Outcome::Reserved)
             }
             Command::Commit { reservation, actual_milli } => {
                 self.commit(reservation, *actual_milli, now).map(Outcome::Committed)
@@ -299,8 +314,8 @@ impl Ledger {
         match slot {
             None => Err(LedgerError::UnknownEnvironment(id.clone())),
             Some(Slot::Capacity(cell)) => Ok(cell),
-            Some(Slot::App(None)) => Err(LedgerError::AppEnvironmentNotLinked(id.clone())),
-            Some(Slot::App(Some(target))) => {
+            Some(Slot::App { target: None, .. }) => Err(LedgerError::AppEnvironmentNotLinked(id.clone())),
+            Some(Slot::App { target: Some(target), .. }) => {
                 match self.environments.get(&target).map(|s| s.clone()) {
                     Some(Slot::Capacity(cell)) => Ok(cell),
                     // Links are made only to capacity environments, which never stop being one.
@@ -317,7 +332,7 @@ impl Ledger {
         match self.environments.get(id).map(|s| s.clone()) {
             None => Err(LedgerError::UnknownEnvironment(id.clone())),
             Some(Slot::Capacity(cell)) => Ok(cell),
-            Some(Slot::App(_)) => Err(LedgerError::NotACapacityEnvironment(id.clone())),
+            Some(Slot::App { .. }) => Err(LedgerError::NotACapacityEnvironment(id.clone())),
         }
     }
 
@@ -333,6 +348,7 @@ impl Ledger {
         tenant: &TenantId,
         amount: Milli,
         key: Option<&IdempotencyKey>,
+        now: u64,
     ) -> Result<TenantCapacity, LedgerError> {
         let _admin = self.admin.lock();
         let existing = self.tenants.get(tenant).map(|t| t.clone());
@@ -349,18 +365,13 @@ impl Ledger {
             }
             return Ok(tenant_capacity(tenant, &books));
         }
-        books.purchased = books
+        books
             .purchased
             .checked_add(amount)
             .ok_or(LedgerError::CounterOverflow { what: "the tenant's purchased capacity" })?;
-        if let Some(key) = key {
-            books.purchase_keys.insert(key.clone(), amount);
-            books.purchase_key_order.push_back(key.clone());
-            while books.purchase_key_order.len() > self.limits.max_purchase_keys_per_tenant {
-                let oldest = books.purchase_key_order.pop_front().expect("longer than the limit");
-                books.purchase_keys.remove(&oldest);
-            }
-        }
+        let event = Event::Purchased { tenant: tenant.clone(), amount_milli: amount, idempotency_key: key.cloned() };
+        self.evolve_tenant(&mut books, &event);
+        books.applied_seq = self.sink.record(now, &event);
         let summary = tenant_capacity(tenant, &books);
         drop(books);
         if existing.is_none() {
@@ -381,13 +392,8 @@ impl Ledger {
         let tenant_cell =
             self.tenants.get(tenant).map(|t| t.clone()).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
         let (cell, is_new) = match self.environments.get(environment).map(|s| s.clone()) {
-            None => {
-                let books = Mutex::new(Environment::new(tenant.clone()));
-                (Arc::new(CapacityCell { id: environment.clone(), tenant: tenant_cell, books }), true)
-            }
-            Some(Slot::App(_)) => {
-                return Err(LedgerError::NotACapacityEnvironment(environment.clone()));
-            }
+            None => (new_cell(environment, tenant, tenant_cell), true),
+            Some(Slot::App { .. }) => return Err(LedgerError::NotACapacityEnvironment(environment.clone())),
             Some(Slot::Capacity(cell)) => (cell, false),
         };
         let mut books = Books::lock_with_tenant(&cell);
@@ -420,10 +426,13 @@ impl Ledger {
                 purchased_milli: pool.purchased,
             });
         }
-        let allocated_after = allocated_after.expect("checked by fits");
-        books.tenant.as_deref_mut().expect("locked with tenant").allocated = allocated_after;
-        books.env.allocated = amount;
-        books.env.draw_from_tenant_pool = draw_from_pool;
+        let event = Event::Allocated {
+            tenant: tenant.clone(),
+            environment: environment.clone(),
+            amount_milli: amount,
+            draw_from_tenant_pool: draw_from_pool,
+        };
+        self.record(&mut books, &event, now);
         let balance = books.balance(now);
         drop(books);
         if is_new {
@@ -442,37 +451,41 @@ impl Ledger {
         let _admin = self.admin.lock();
         let cell = self.named_capacity_cell(environment)?;
         let mut books = Books::lock(&cell);
-        books.env.payg_enabled = enabled;
-        books.env.payg_budget = budget;
+        let event = Event::PayAsYouGoSet { environment: environment.clone(), enabled, budget_milli: budget };
+        self.record(&mut books, &event, now);
         Ok(books.balance(now))
     }
 
-    fn link(&self, app: &EnvironmentId, target: Option<&EnvironmentId>) -> Result<Link, LedgerError> {
+    fn link(&self, app: &EnvironmentId, target: Option<&EnvironmentId>, now: u64) -> Result<Link, LedgerError> {
         let _admin = self.admin.lock();
         let app_slot = self.environments.get(app).map(|s| s.clone());
         if let Some(Slot::Capacity(_)) = app_slot {
             return Err(LedgerError::AlreadyACapacityEnvironment(app.clone()));
         }
-        let Some(target) = target else {
-            if app_slot.is_none() {
-                return Err(LedgerError::UnknownEnvironment(app.clone()));
+        let target = match target {
+            None if app_slot.is_none() => return Err(LedgerError::UnknownEnvironment(app.clone())),
+            None => None,
+            Some(target) => {
+                let cell = self.named_capacity_cell(target)?;
+                let tenant = cell.books.lock().tenant.clone();
+                Some((target.clone(), tenant))
             }
-            self.environments.insert(app.clone(), Slot::App(None));
-            return Ok(Link { app_environment: app.clone(), target: None });
         };
-        let cell = self.named_capacity_cell(target)?;
-        let tenant = cell.books.lock().tenant.clone();
-        self.environments.insert(app.clone(), Slot::App(Some(target.clone())));
-        Ok(Link { app_environment: app.clone(), target: Some((target.clone(), tenant)) })
+        let event =
+            Event::Linked { app_environment: app.clone(), environment: target.as_ref().map(|(e, _)| e.clone()) };
+        let applied_seq = self.sink.record(now, &event);
+        self.environments
+            .insert(app.clone(), Slot::App { target: target.as_ref().map(|(e, _)| e.clone()), applied_seq });
+        Ok(Link { app_environment: app.clone(), target })
     }
 
-    fn reserve(&self, environment: &EnvironmentId, mut hold: Hold, now: u64) -> Result<Grant, LedgerError> {
+    fn reserve(&self, environment: &EnvironmentId, request: &Hold, now: u64) -> Result<Grant, LedgerError> {
         let cell = self.capacity_cell(environment)?;
         let mut books = Books::lock(&cell);
-        if let Some(key) = &hold.idempotency_key
+        if let Some(key) = &request.idempotency_key
             && let Some(&seq) = books.env.idempotency.get(key)
         {
-            return replay_grant(&books, seq, &hold, now);
+            return replay_grant(&books, seq, request, now);
         }
         if books.env.open.len() as u64 >= self.limits.max_open_reservations_per_environment {
             return Err(LedgerError::TooManyOpenReservations {
@@ -480,8 +493,8 @@ impl Ledger {
                 limit: self.limits.max_open_reservations_per_environment,
             });
         }
-        let amount = hold.amount;
-        hold.draws = Draws::plan(amount, books.available()).map_err(|available| LedgerError::QuotaDepleted {
+        let amount = request.amount;
+        let draws = Draws::plan(amount, books.available()).map_err(|available| LedgerError::QuotaDepleted {
             environment: cell.id.clone(),
             requested_milli: amount,
             available_milli: available,
@@ -497,48 +510,35 @@ impl Ledger {
             self.open_total.fetch_sub(1, Ordering::Relaxed);
             return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
         }
-        let Books { env, tenant, .. } = &mut books;
-        env.hold(tenant.as_deref_mut(), hold.draws);
-        let seq = env.next_seq;
-        env.next_seq += 1;
-        if let Some(key) = &hold.idempotency_key {
-            env.idempotency.insert(key.clone(), seq);
-        }
-        let reservation = ReservationId { environment: cell.id.clone(), seq };
-        self.expiries.push(hold.expires_at_ms, reservation.clone());
-        let grant = Grant {
+        let reservation = ReservationId { environment: cell.id.clone(), seq: books.env.next_seq };
+        let event = Event::Reserved {
+            reservation: reservation.clone(),
+            agent: request.agent.clone(),
+            amount_milli: amount,
+            draws,
+            expires_at_ms: request.expires_at_ms,
+            idempotency_key: request.idempotency_key.clone(),
+        };
+        self.record(&mut books, &event, now);
+        Ok(Grant {
             reservation,
             amount_milli: amount,
-            draws: hold.draws,
-            expires_at_ms: hold.expires_at_ms,
+            draws,
+            expires_at_ms: request.expires_at_ms,
             balance: books.balance(now),
             replayed: false,
-        };
-        books.env.open.insert(seq, hold);
-        Ok(grant)
+        })
     }
 
     fn commit(&self, reservation: &ReservationId, actual: Milli, now: u64) -> Result<Settled<Settlement>, LedgerError> {
         let cell = self.reservation_cell(reservation)?;
         let mut books = Books::lock(&cell);
-        self.expire_if_due(&mut books, reservation.seq, now);
+        self.expire_if_due(&mut books, reservation, now);
         let seq = reservation.seq;
-        let Books { env, tenant, .. } = &mut books;
-        let settlement = if let Some(draws) = env.open.get(&seq).map(|hold| hold.draws) {
-            let settlement = env.settle(tenant.as_deref_mut(), draws, actual, false)?;
-            let hold = env.open.remove(&seq).expect("present above");
-            self.open_total.fetch_sub(1, Ordering::Relaxed);
-            let resolved = Resolved { hold, resolution: Resolution::Committed { actual, settlement } };
-            env.remember(
-                seq,
-                resolved,
-                now,
-                self.limits.resolved_retention_ms,
-                self.limits.max_resolved_per_environment,
-            );
-            settlement
+        let settlement = if let Some(hold) = books.env.open.get(&seq) {
+            books.env.settlement(books.tenant.as_deref(), hold.draws, actual, false)?
         } else {
-            match env.resolved.get(&seq).map(|r| r.resolution) {
+            match books.env.resolved.get(&seq).map(|r| r.resolution) {
                 None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
                 Some(Resolution::Committed { actual: first, settlement }) => {
                     if first != actual {
@@ -549,56 +549,35 @@ impl Ledger {
                     }
                     return Ok(Settled { result: settlement, balance: books.balance(now), replayed: true });
                 }
-                Some(Resolution::Released { .. }) => {
-                    return Err(LedgerError::AlreadyReleased(reservation.clone()));
-                }
+                Some(Resolution::Released { .. }) => return Err(LedgerError::AlreadyReleased(reservation.clone())),
                 Some(Resolution::Expired) => {
-                    let settlement = env.settle(tenant.as_deref_mut(), Draws::default(), actual, true)?;
-                    let record = env.resolved.get_mut(&seq).expect("present above");
-                    record.resolution = Resolution::Committed { actual, settlement };
-                    settlement
+                    books.env.settlement(books.tenant.as_deref(), Draws::default(), actual, true)?
                 }
             }
         };
+        let event = Event::Committed { reservation: reservation.clone(), actual_milli: actual, settlement };
+        self.record(&mut books, &event, now);
         Ok(Settled { result: settlement, balance: books.balance(now), replayed: false })
     }
 
     fn release(&self, reservation: &ReservationId, now: u64) -> Result<Settled<Milli>, LedgerError> {
         let cell = self.reservation_cell(reservation)?;
         let mut books = Books::lock(&cell);
-        self.expire_if_due(&mut books, reservation.seq, now);
+        self.expire_if_due(&mut books, reservation, now);
         let seq = reservation.seq;
-        let Books { env, tenant, .. } = &mut books;
-        let released = if let Some(hold) = env.open.remove(&seq) {
-            self.open_total.fetch_sub(1, Ordering::Relaxed);
-            env.unhold(tenant.as_deref_mut(), hold.draws);
-            let released = hold.amount;
-            let resolved = Resolved { hold, resolution: Resolution::Released { released } };
-            env.remember(
-                seq,
-                resolved,
-                now,
-                self.limits.resolved_retention_ms,
-                self.limits.max_resolved_per_environment,
-            );
-            released
-        } else {
-            let record =
-                env.resolved.get_mut(&seq).ok_or_else(|| LedgerError::UnknownReservation(reservation.to_string()))?;
-            match record.resolution {
-                Resolution::Released { released } => {
+        let released = match books.env.open.get(&seq) {
+            Some(hold) => hold.amount,
+            None => match books.env.resolved.get(&seq).map(|r| r.resolution) {
+                None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
+                Some(Resolution::Released { released }) => {
                     return Ok(Settled { result: released, balance: books.balance(now), replayed: true });
                 }
-                Resolution::Committed { .. } => {
-                    return Err(LedgerError::ReleaseAfterCommit(reservation.clone()));
-                }
+                Some(Resolution::Committed { .. }) => return Err(LedgerError::ReleaseAfterCommit(reservation.clone())),
                 // Expiry already returned the hold; the release only settles the reservation.
-                Resolution::Expired => {
-                    record.resolution = Resolution::Released { released: 0 };
-                    0
-                }
-            }
+                Some(Resolution::Expired) => 0,
+            },
         };
+        self.record(&mut books, &Event::Released { reservation: reservation.clone() }, now);
         Ok(Settled { result: released, balance: books.balance(now), replayed: false })
     }
 
@@ -607,27 +586,125 @@ impl Ledger {
             return Ok(None);
         };
         let mut books = Books::lock(&cell);
-        Ok(self.expire_if_due(&mut books, reservation.seq, now))
+        Ok(self.expire_if_due(&mut books, reservation, now))
     }
 
-    /// Releases the hold `seq` if it is open and its expiry has come; returns what was released.
-    fn expire_if_due(&self, books: &mut Books<'_>, seq: u64, now: u64) -> Option<Milli> {
-        let Books { env, tenant, .. } = books;
-        if env.open.get(&seq)?.expires_at_ms > now {
+    /// Releases the hold if it is open and its expiry has come; returns what was released.
+    fn expire_if_due(&self, books: &mut Books<'_>, reservation: &ReservationId, now: u64) -> Option<Milli> {
+        let hold = books.env.open.get(&reservation.seq)?;
+        if hold.expires_at_ms > now {
             return None;
         }
-        let hold = env.open.remove(&seq).expect("present above");
-        self.open_total.fetch_sub(1, Ordering::Relaxed);
-        env.unhold(tenant.as_deref_mut(), hold.draws);
         let released = hold.amount;
-        env.remember(
-            seq,
-            Resolved { hold, resolution: Resolution::Expired },
-            now,
-            self.limits.resolved_retention_ms,
-            self.limits.max_resolved_per_environment,
-        );
+        self.record(books, &Event::Expired { reservation: reservation.clone() }, now);
         Some(released)
+    }
+
+    /// Applies a decided event to one environment's books and hands it to the sink, under the same locks.
+    fn record(&self, books: &mut Books<'_>, event: &Event, now: u64) {
+        self.evolve(books, event, now).expect("a decided event applies");
+        books.env.applied_seq = self.sink.record(now, event);
+    }
+
+    /// Applies a tenant-level event.
+    fn evolve_tenant(&self, tenant: &mut Tenant, event: &Event) {
+        let Event::Purchased { amount_milli, idempotency_key, .. } = event else {
+            unreachable!("only purchases apply to a tenant alone")
+        };
+        tenant.purchased += amount_milli;
+        if let Some(key) = idempotency_key {
+            tenant.purchase_keys.insert(key.clone(), *amount_milli);
+            tenant.purchase_key_order.push_back(key.clone());
+            while tenant.purchase_key_order.len() > self.limits.max_purchase_keys_per_tenant {
+                let oldest = tenant.purchase_key_order.pop_front().expect("longer than the limit");
+                tenant.purchase_keys.remove(&oldest);
+            }
+        }
+    }
+
+    /// Applies an environment-level event to its books. Fails only for an event that does not fit the
+    /// books, which a live decision never produces and a replay reports as corruption.
+    fn evolve(&self, books: &mut Books<'_>, event: &Event, now: u64) -> Result<(), String> {
+        let Books { env, tenant, .. } = books;
+        let (retention, max_resolved) = (self.limits.resolved_retention_ms, self.limits.max_resolved_per_environment);
+        match event {
+            Event::Allocated { amount_milli, draw_from_tenant_pool, .. } => {
+                let tenant = tenant.as_deref_mut().ok_or("an allocation needs the tenant locked")?;
+                tenant.allocated = tenant.allocated - env.allocated + amount_milli;
+                env.allocated = *amount_milli;
+                env.draw_from_tenant_pool = *draw_from_tenant_pool;
+            }
+            Event::PayAsYouGoSet { enabled, budget_milli, .. } => {
+                env.payg_enabled = *enabled;
+                env.payg_budget = *budget_milli;
+            }
+            Event::Reserved { reservation, agent, amount_milli, draws, expires_at_ms, idempotency_key } => {
+                let seq = reservation.seq;
+                if seq < env.next_seq || env.open.contains_key(&seq) {
+                    return Err(format!("reservation {reservation} is not new"));
+                }
+                env.hold(tenant.as_deref_mut(), *draws);
+                env.next_seq = seq + 1;
+                if let Some(key) = idempotency_key {
+                    env.idempotency.insert(key.clone(), seq);
+                }
+                let hold = Hold {
+                    agent: agent.clone(),
+                    amount: *amount_milli,
+                    draws: *draws,
+                    expires_at_ms: *expires_at_ms,
+                    idempotency_key: idempotency_key.clone(),
+                };
+                env.open.insert(seq, hold);
+                self.expiries.push(*expires_at_ms, reservation.clone());
+            }
+            Event::Committed { reservation, actual_milli, settlement } => {
+                let resolution = Resolution::Committed { actual: *actual_milli, settlement: *settlement };
+                if let Some(hold) = env.open.remove(&reservation.seq) {
+                    self.open_total.fetch_sub(1, Ordering::Relaxed);
+                    env.settle(tenant.as_deref_mut(), hold.draws, settlement).map_err(|e| e.to_string())?;
+                    env.remember(reservation.seq, Resolved { hold, resolution }, now, retention, max_resolved);
+                } else {
+                    let record = env.resolved.get_mut(&reservation.seq).filter(|r| r.resolution == Resolution::Expired);
+                    let record =
+                        record.ok_or_else(|| format!("reservation {reservation} is neither open nor expired"))?;
+                    record.resolution = resolution;
+                    env.settle(tenant.as_deref_mut(), Draws::default(), settlement).map_err(|e| e.to_string())?;
+                }
+            }
+            Event::Released { reservation } => {
+                if let Some(hold) = env.open.remove(&reservation.seq) {
+                    self.open_total.fetch_sub(1, Ordering::Relaxed);
+                    env.unhold(tenant.as_deref_mut(), hold.draws);
+                    let resolution = Resolution::Released { released: hold.amount };
+                    env.remember(reservation.seq, Resolved { hold, resolution }, now, retention, max_resolved);
+                } else {
+                    let record = env.resolved.get_mut(&reservation.seq).filter(|r| r.resolution == Resolution::Expired);
+                    let record =
+                        record.ok_or_else(|| format!("reservation {reservation} is neither open nor expired"))?;
+                    record.resolution = Resolution::Released { released: 0 };
+                }
+            }
+            Event::Expired { reservation } => {
+                let hold = env
+                    .open
+                    .remove(&reservation.seq)
+                    .ok_or_else(|| format!("reservation {reservation} is not open"))?;
+                self.open_total.fetch_sub(1, Ordering::Relaxed);
+                env.unhold(tenant.as_deref_mut(), hold.draws);
+                env.remember(
+                    reservation.seq,
+                    Resolved { hold, resolution: Resolution::Expired },
+                    now,
+                    retention,
+                    max_resolved,
+                );
+            }
+            Event::Purchased { .. } | Event::Linked { .. } => {
+                unreachable!("tenant and link events do not apply to an environment's books")
+            }
+        }
+        Ok(())
     }
 
     /// Checks every invariant across the whole ledger; for tests and assertions, not the hot path.
@@ -679,6 +756,11 @@ impl Ledger {
         }
         Ok(())
     }
+}
+
+fn new_cell(environment: &EnvironmentId, tenant: &TenantId, tenant_cell: Arc<Mutex<Tenant>>) -> Arc<CapacityCell> {
+    let books = Mutex::new(Environment::new(tenant.clone()));
+    Arc::new(CapacityCell { id: environment.clone(), tenant: tenant_cell, books })
 }
 
 fn tenant_capacity(id: &TenantId, tenant: &Tenant) -> TenantCapacity {

@@ -1,0 +1,69 @@
+//! Events: what applying a command did, with every decision already made (which sources a hold draws
+//! on, what a commit charged). The ledger changes state only by applying events, live right after a
+//! command is decided and at recovery from the log, so replay re-decides nothing and reaches the same
+//! state whatever else it has already restored.
+
+use serde::{Deserialize, Serialize};
+
+use super::{AgentId, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, Settlement, TenantId};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    Purchased {
+        tenant: TenantId,
+        amount_milli: Milli,
+        idempotency_key: Option<IdempotencyKey>,
+    },
+    /// Creates the environment under the tenant if it is new.
+    Allocated {
+        tenant: TenantId,
+        environment: EnvironmentId,
+        amount_milli: Milli,
+        draw_from_tenant_pool: bool,
+    },
+    PayAsYouGoSet {
+        environment: EnvironmentId,
+        enabled: bool,
+        budget_milli: Milli,
+    },
+    Linked {
+        app_environment: EnvironmentId,
+        environment: Option<EnvironmentId>,
+    },
+    Reserved {
+        reservation: ReservationId,
+        agent: AgentId,
+        amount_milli: Milli,
+        draws: Draws,
+        expires_at_ms: u64,
+        idempotency_key: Option<IdempotencyKey>,
+    },
+    /// Also applies to a hold that expired before the commit (`settlement.late`).
+    Committed {
+        reservation: ReservationId,
+        actual_milli: Milli,
+        settlement: Settlement,
+    },
+    Released {
+        reservation: ReservationId,
+    },
+    Expired {
+        reservation: ReservationId,
+    },
+}
+
+/// Where applied events go: called once per event, in the order events are applied to any one
+/// environment or tenant, while their locks are held. Returns the event's sequence number.
+pub trait EventSink: Send + Sync + 'static {
+    fn record(&self, now: u64, event: &Event) -> u64;
+}
+
+/// Keeps nothing: for a ledger that lives in memory only.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Discard;
+
+impl EventSink for Discard {
+    fn record(&self, _now: u64, _event: &Event) -> u64 {
+        0
+    }
+}
