@@ -8,6 +8,10 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::{
+    durability::{
+        journal::Durability,
+        store::{DEFAULT_MAX_SEGMENT_BYTES, StorageConfig},
+    },
     grpc::Policy,
     ledger::{
         self, Command, EnvironmentId, Ledger, MILLI_PER_MESSAGE, TenantId,
@@ -16,6 +20,9 @@ use crate::{
 };
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_DATA_DIR: &str = "quotad-data";
+pub const DEFAULT_FSYNC_INTERVAL: &str = "10ms";
+pub const DEFAULT_SNAPSHOT_INTERVAL: &str = "30s";
 pub const DEFAULT_PACK_SIZE_MESSAGES: u64 = 25_000;
 pub const DEFAULT_TTL_SECONDS: u32 = 60;
 pub const DEFAULT_MAX_TTL_SECONDS: u32 = 3_600;
@@ -50,10 +57,22 @@ pub struct Cli {
     /// Address to serve gRPC on.
     #[arg(long, env = "QUOTAD_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Directory for durable state. State is kept in memory only in this version; the directory is
-    /// created if missing.
-    #[arg(long, env = "QUOTAD_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// Directory for the write-ahead log and snapshots; created if missing, locked while quotad runs.
+    #[arg(long, env = "QUOTAD_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// When an answer is sent: `write` after the change is written to the OS (survives a killed
+    /// process), `fsync` after it is on disk (survives power loss), `none` without a log (snapshots only).
+    #[arg(long, env = "QUOTAD_DURABILITY", value_enum, default_value_t = Durability::Write)]
+    pub durability: Durability,
+    /// How often the log is synced to disk in `write` mode (e.g. `10ms`).
+    #[arg(long, env = "QUOTAD_FSYNC_INTERVAL", default_value = DEFAULT_FSYNC_INTERVAL, value_parser = humantime::parse_duration)]
+    pub fsync_interval: Duration,
+    /// How often a snapshot is written (e.g. `30s`); one is also written at shutdown.
+    #[arg(long, env = "QUOTAD_SNAPSHOT_INTERVAL", default_value = DEFAULT_SNAPSHOT_INTERVAL, value_parser = humantime::parse_duration)]
+    pub snapshot_interval: Duration,
+    /// Start from an older snapshot when the newest one is unreadable (its log must still be there).
+    #[arg(long, env = "QUOTAD_RECOVER_FROM_OLDER_SNAPSHOT")]
+    pub recover_from_older_snapshot: bool,
     /// TOML file with pack size, rate card, limits and bootstrap tenants.
     #[arg(long, env = "QUOTAD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -144,15 +163,14 @@ pub enum ConfigError {
     RateCard(#[from] ledger::pricing::RateCardError),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
-    #[error("cannot create data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
 }
 
 /// Everything the server needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub data_dir: Option<PathBuf>,
+    /// `None` keeps state in memory only (for embedding and tests).
+    pub storage: Option<StorageConfig>,
     pub log_format: LogFormat,
     pub policy: Policy,
     pub limits: ledger::Limits,
@@ -182,7 +200,28 @@ impl Config {
         };
         let mut config = Self::from_settings(cli.listen, settings)?;
         config.log_format = cli.log_format;
-        config.data_dir = cli.data_dir;
+        if cli.fsync_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "--fsync-interval",
+                value: "0".into(),
+                reason: "must be positive".into(),
+            });
+        }
+        if cli.snapshot_interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "--snapshot-interval",
+                value: humantime::format_duration(cli.snapshot_interval).to_string(),
+                reason: "must be at least 1s".into(),
+            });
+        }
+        config.storage = Some(StorageConfig {
+            dir: cli.data_dir,
+            durability: cli.durability,
+            fsync_interval: cli.fsync_interval,
+            snapshot_interval: cli.snapshot_interval,
+            recover_from_older_snapshot: cli.recover_from_older_snapshot,
+            max_segment_bytes: DEFAULT_MAX_SEGMENT_BYTES,
+        });
         Ok(config)
     }
 
@@ -279,7 +318,7 @@ impl Config {
         }
         Ok(Self {
             listen,
-            data_dir: None,
+            storage: None,
             log_format: LogFormat::Text,
             policy,
             limits,
@@ -287,14 +326,6 @@ impl Config {
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds),
             bootstrap,
         })
-    }
-
-    /// Creates the data directory if one is configured.
-    pub fn prepare_data_dir(&self) -> Result<(), ConfigError> {
-        if let Some(path) = &self.data_dir {
-            std::fs::create_dir_all(path).map_err(|source| ConfigError::DataDir { path: path.clone(), source })?;
-        }
-        Ok(())
     }
 }
 

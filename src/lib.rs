@@ -1,6 +1,7 @@
 //! quotad: the quota authority that agent runtimes call before and after each AI call.
 //!
 //! - [`ledger`]: the accounting core; rules only, no I/O, no async, time passed in.
+//! - [`durability`]: the write-ahead log and snapshot formats, and the log writer with group commit.
 //! - [`grpc`]: the `quota.v1` services; decoding, validation and the one mapping of errors to statuses.
 //! - [`config`]: command-line flags, environment overrides and the TOML config file.
 //! - [`server`]: startup, health, reflection, the expiry sweeper and graceful shutdown.
@@ -9,6 +10,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod durability;
 pub mod grpc;
 pub mod ledger;
 pub mod server;

@@ -16,7 +16,7 @@ const EXIT_CONFIG: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let config = match Config::load(cli).and_then(|config| config.prepare_data_dir().map(|()| config)) {
+    let config = match Config::load(cli) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("quotad: invalid configuration: {error}");
@@ -39,9 +39,8 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "listening");
-    if let Some(dir) = &config.data_dir {
-        tracing::warn!(data_dir = %dir.display(), "state is kept in memory only; it is lost when quotad stops");
+    if let Some(storage) = &config.storage {
+        tracing::info!(data_dir = %storage.dir.display(), durability = ?storage.durability, "state is kept on disk");
     }
     quotad::server::run(listener, config, Arc::new(SystemClock), shutdown).await?;
     Ok(())

@@ -11,6 +11,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     clock::Clock,
     config::Config,
+    durability::store::{Store, StoreError},
     grpc::{AdminService, Context, QuotaService},
     ledger::{Command, Ledger},
     proto::{self, quota_admin_server::QuotaAdminServer, quota_server::QuotaServer},
@@ -27,6 +28,10 @@ const HEALTH_SERVICES: [&str; 3] = ["", "quota.v1.Quota", "quota.v1.QuotaAdmin"]
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
     #[error("bootstrap command failed: {0}")]
     Bootstrap(#[from] crate::ledger::LedgerError),
     #[error("reflection service: {0}")]
@@ -43,15 +48,27 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let ledger = Ledger::new(config.limits);
-    let now = clock.now_ms();
-    for command in &config.bootstrap {
-        ledger.apply(command, now)?;
-    }
-    if !config.bootstrap.is_empty() {
+    let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
+    let (ledger, store, fresh) = match config.storage.clone() {
+        None => (Ledger::new(config.limits), None, true),
+        Some(storage) => {
+            let limits = config.limits;
+            let opened = tokio::task::spawn_blocking(move || Store::open(storage, limits))
+                .await
+                .expect("recovery does not panic")?;
+            (opened.ledger, Some(opened.store), opened.fresh)
+        }
+    };
+    if fresh && !config.bootstrap.is_empty() {
+        let now = clock.now_ms();
+        for command in &config.bootstrap {
+            ledger.apply(command, now)?;
+        }
         tracing::info!(commands = config.bootstrap.len(), "bootstrap applied");
     }
-    let context = Arc::new(Context { ledger, clock, policy: config.policy.clone() });
+    let context = Arc::new(Context { ledger, clock, policy: config.policy.clone(), store });
+    // Expire what ran out while the server was down before the first request is served.
+    expire_due(&context).await;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -64,13 +81,18 @@ pub async fn run(
 
     let background = CancellationToken::new();
     let sweeper = tokio::spawn(sweep_expiries(context.clone(), background.clone()));
+    let snapshotter = tokio::spawn(take_snapshots(context.clone(), background.clone()));
+    let log_health = tokio::spawn(follow_log_health(context.clone(), health.clone(), background.clone()));
     let _stop_background = background.clone().drop_guard();
 
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel();
     let signal = {
         let health = health.clone();
+        let background = background.clone();
         async move {
             shutdown.await;
+            // Background tasks stop first, so nothing turns health back to SERVING during the drain.
+            background.cancel();
             set_health(&health, ServingStatus::NotServing).await;
             tracing::info!("draining in-flight calls");
             let _ = draining_tx.send(());
@@ -85,7 +107,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
 
     set_health(&health, ServingStatus::Serving).await;
-    tracing::info!("serving");
+    tracing::info!(address = %local_addr, "listening");
     let grace = config.shutdown_grace;
     tokio::select! {
         result = serve => result?,
@@ -98,7 +120,21 @@ pub async fn run(
         } => tracing::warn!(grace_seconds = grace.as_secs(), "calls still in flight after the grace period; closing"),
     }
     background.cancel();
-    let _ = sweeper.await;
+    let _ = tokio::join!(sweeper, snapshotter, log_health);
+    if let Some(store) = context.store.clone() {
+        // The last snapshot makes the next start fast; the log alone would also recover everything.
+        let ledger_owner = context.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let snapshot = store.snapshot(&ledger_owner.ledger);
+            store.close();
+            snapshot
+        })
+        .await
+        .expect("the final snapshot does not panic");
+        if let Err(error) = result {
+            tracing::error!(%error, "the shutdown snapshot failed; the log still holds every change");
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -123,21 +159,62 @@ async fn sweep_expiries(context: Arc<Context>, stop: CancellationToken) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
+            _ = tick.tick() => expire_due(&context).await,
+        }
+    }
+}
+
+/// Expires every hold that is due now, in chunks that yield to the runtime in between.
+async fn expire_due(context: &Context) {
+    loop {
+        let now = context.clock.now_ms();
+        let due = context.ledger.due_expiries(now, EXPIRY_CHUNK);
+        let done = due.len() < EXPIRY_CHUNK;
+        for reservation in due {
+            if let Err(error) = context.ledger.apply(&Command::Expire { reservation }, now) {
+                tracing::error!(%error, "expiry failed");
+            }
+        }
+        if done {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Writes a snapshot every snapshot interval, off the async runtime.
+async fn take_snapshots(context: Arc<Context>, stop: CancellationToken) {
+    let Some(store) = context.store.clone() else { return };
+    let mut tick = tokio::time::interval(store.snapshot_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        loop {
-            let now = context.clock.now_ms();
-            let due = context.ledger.due_expiries(now, EXPIRY_CHUNK);
-            let done = due.len() < EXPIRY_CHUNK;
-            for reservation in due {
-                if let Err(error) = context.ledger.apply(&Command::Expire { reservation }, now) {
-                    tracing::error!(%error, "expiry failed");
-                }
-            }
-            if done {
-                break;
-            }
-            tokio::task::yield_now().await;
+        let (store, context) = (store.clone(), context.clone());
+        match tokio::task::spawn_blocking(move || store.snapshot(&context.ledger)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(%error, "snapshot failed; the log keeps every change meanwhile"),
+            Err(error) => tracing::error!(%error, "snapshot task failed"),
         }
+    }
+}
+
+/// Turns health NOT_SERVING while the log cannot be written, and SERVING again once it can.
+async fn follow_log_health(context: Arc<Context>, health: HealthReporter, stop: CancellationToken) {
+    let Some(store) = context.store.clone() else { return };
+    let mut healthy = store.journal().health();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = healthy.changed() => if changed.is_err() { return },
+        }
+        let ok = *healthy.borrow_and_update();
+        if stop.is_cancelled() {
+            return;
+        }
+        set_health(&health, if ok { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
     }
 }

@@ -124,10 +124,17 @@ struct Daemon {
 /// `listening` line is logged whatever the caller's environment says.
 fn quotad_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_quotad"));
-    for var in ["QUOTAD_LISTEN", "QUOTAD_DATA_DIR", "QUOTAD_CONFIG", "QUOTAD_LOG_FORMAT"] {
+    for var in ["QUOTAD_LISTEN", "QUOTAD_DATA_DIR", "QUOTAD_CONFIG", "QUOTAD_LOG_FORMAT", "QUOTAD_DURABILITY"] {
         command.env_remove(var);
     }
+    // A data directory of its own, kept under the target directory for a look after a failure.
+    let data_dir = tempfile::Builder::new()
+        .prefix("lifecycle-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("a temporary data directory")
+        .keep();
     command
+        .env("QUOTAD_DATA_DIR", data_dir)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

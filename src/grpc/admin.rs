@@ -21,8 +21,8 @@ impl AdminService {
     }
 
     /// Applies an admin command that yields a balance.
-    fn balance_of(&self, command: &Command) -> Result<Response<proto::Balance>, Status> {
-        let Outcome::Balance(balance) = self.context.execute(command)? else {
+    async fn balance_of(&self, command: &Command) -> Result<Response<proto::Balance>, Status> {
+        let Outcome::Balance(balance) = self.context.execute(command).await? else {
             unreachable!("this admin command yields a balance")
         };
         Ok(Response::new(convert::balance(balance)))
@@ -53,7 +53,7 @@ impl QuotaAdmin for AdminService {
             amount_milli: self.context.policy.purchase_milli(request.packs)?,
             idempotency_key: convert::idempotency_key("idempotency_key", &request.idempotency_key)?,
         };
-        let Outcome::Tenant(capacity) = self.context.execute(&command)? else {
+        let Outcome::Tenant(capacity) = self.context.execute(&command).await? else {
             unreachable!("a purchase yields the tenant's capacity")
         };
         tracing::info!(purchased_milli = capacity.purchased_milli, "capacity purchased");
@@ -72,7 +72,7 @@ impl QuotaAdmin for AdminService {
             amount_milli: convert::allocation_milli(request.messages)?,
             draw_from_tenant_pool: request.draw_from_tenant_pool,
         };
-        let response = self.balance_of(&command)?;
+        let response = self.balance_of(&command).await?;
         tracing::info!(allocated_milli = response.get_ref().allocated_milli, "capacity allocated");
         Ok(response)
     }
@@ -88,7 +88,7 @@ impl QuotaAdmin for AdminService {
             enabled: request.enabled,
             budget_milli: self.context.policy.budget_milli(request.monthly_budget_messages)?,
         };
-        let response = self.balance_of(&command)?;
+        let response = self.balance_of(&command).await?;
         tracing::info!(
             enabled = request.enabled,
             budget_messages = request.monthly_budget_messages,
@@ -111,7 +111,7 @@ impl QuotaAdmin for AdminService {
             app_environment: convert::id("app_environment_id", &request.app_environment_id, EnvironmentId::new)?,
             environment: target,
         };
-        let Outcome::Linked(link) = self.context.execute(&command)? else { unreachable!("a link yields a link") };
+        let Outcome::Linked(link) = self.context.execute(&command).await? else { unreachable!("a link yields a link") };
         tracing::info!(linked = link.target.is_some(), "environment link set");
         let (environment_id, tenant_id) =
             link.target.map(|(env, tenant)| (env.to_string(), tenant.to_string())).unwrap_or_default();

@@ -13,6 +13,7 @@ pub use quota::QuotaService;
 
 use crate::{
     clock::Clock,
+    durability::store::Store,
     ledger::{Command, Ledger, Milli, Outcome, pricing::RateCard},
 };
 
@@ -29,17 +30,29 @@ pub struct Policy {
     pub max_budget_milli: Milli,
 }
 
-/// What every service shares: the ledger, the clock that stamps commands, and the policy.
+/// What every service shares: the ledger, the clock that stamps commands, the policy, and the store
+/// that makes changes durable (none when state is kept in memory only).
 pub struct Context {
     pub ledger: Ledger,
     pub clock: Arc<dyn Clock>,
     pub policy: Policy,
+    pub store: Option<Arc<Store>>,
 }
 
 impl Context {
-    /// Stamps a command with the current time and applies it.
-    fn execute(&self, command: &Command) -> Result<Outcome, tonic::Status> {
+    /// Stamps a command with the current time, applies it, and answers once the change (or, for a
+    /// retry, the change it repeats) is durable.
+    async fn execute(&self, command: &Command) -> Result<Outcome, tonic::Status> {
+        if let Some(store) = &self.store
+            && !store.journal().is_healthy()
+        {
+            return Err(status::log_unavailable());
+        }
         let now = self.clock.now_ms();
-        Ok(self.ledger.apply(command, now)?)
+        let outcome = self.ledger.apply(command, now)?;
+        if let Some(store) = &self.store {
+            store.wait_durable().await.map_err(|_| status::log_unavailable())?;
+        }
+        Ok(outcome)
     }
 }

@@ -69,7 +69,7 @@ impl Quota for QuotaService {
             idempotency_key,
             expires_at_ms: now.saturating_add(ttl_ms),
         };
-        let outcome = self.context.ledger.apply(&command, now).inspect_err(|_| {
+        let outcome = self.context.execute(&command).await.inspect_err(|_| {
             span.record("decision", "refused");
         })?;
         let Outcome::Reserved(grant) = outcome else { unreachable!("a reserve yields a grant") };
@@ -89,7 +89,7 @@ impl Quota for QuotaService {
         let reservation = convert::reservation_id(&request.reservation_id)?;
         let actual_milli = self.context.policy.amount(request.messages, &request.usage, Zero::Allowed)?;
         Span::current().record("reservation", request.reservation_id.as_str()).record("actual_milli", actual_milli);
-        let outcome = self.context.execute(&Command::Commit { reservation, actual_milli })?;
+        let outcome = self.context.execute(&Command::Commit { reservation, actual_milli }).await?;
         let Outcome::Committed(settled) = outcome else { unreachable!("a commit yields a settlement") };
         let settlement = settled.result;
         Ok(Response::new(proto::CommitResponse {
@@ -110,7 +110,7 @@ impl Quota for QuotaService {
         let request = request.into_inner();
         let reservation = convert::reservation_id(&request.reservation_id)?;
         Span::current().record("reservation", request.reservation_id.as_str());
-        let outcome = self.context.execute(&Command::Release { reservation })?;
+        let outcome = self.context.execute(&Command::Release { reservation }).await?;
         let Outcome::Released(settled) = outcome else { unreachable!("a release yields a settlement") };
         Ok(Response::new(proto::ReleaseResponse {
             released_milli: settled.result,

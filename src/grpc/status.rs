@@ -34,6 +34,18 @@ impl From<FieldError> for Status {
     }
 }
 
+/// The write-ahead log cannot be written: nothing new is granted until it can.
+pub fn log_unavailable() -> Status {
+    refusal(
+        Code::Unavailable,
+        "the write-ahead log cannot be written, so the change is not known to be durable; retry with the same \
+         idempotency key or reservation id"
+            .to_owned(),
+        "LOG_UNAVAILABLE",
+        HashMap::new(),
+    )
+}
+
 fn refusal(code: Code, message: String, reason: &str, metadata: HashMap<String, String>) -> Status {
     Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, DOMAIN, metadata))
 }

@@ -153,7 +153,17 @@ def server(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTAD_")}
     env["RUST_LOG"] = "info"
     proc = subprocess.Popen(
-        [str(binary), "--listen", "127.0.0.1:0", "--config", str(config), "--log-format", "text"],
+        [
+            str(binary),
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(tmp_path_factory.mktemp("data")),
+            "--log-format",
+            "text",
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -1,0 +1,6 @@
+//! Durability: the write-ahead log and snapshots that let quotad restart without losing an
+//! acknowledged change.
+
+pub mod format;
+pub mod journal;
+pub mod store;

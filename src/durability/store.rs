@@ -1,0 +1,259 @@
+//! The data directory: recovery at startup (newest valid snapshot, then the log after it), the event
+//! sink that feeds the write-ahead log, and snapshots that let old log segments go.
+
+use std::{
+    fs::File,
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
+
+use super::{
+    format::{self, DataDirListing, FormatError, SnapshotWriter},
+    journal::{Durability, Journal, Unavailable},
+};
+use crate::ledger::{Event, EventSink, Ledger, Limits, RestoreError, SnapshotItem};
+
+/// Log segments are rotated at this size.
+pub const DEFAULT_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+const LOCK_FILE: &str = "LOCK";
+
+/// Where and how state is kept.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub dir: PathBuf,
+    pub durability: Durability,
+    pub fsync_interval: Duration,
+    pub snapshot_interval: Duration,
+    pub recover_from_older_snapshot: bool,
+    pub max_segment_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data directory {}: {source}", dir.display())]
+    Io { dir: PathBuf, source: std::io::Error },
+    #[error("data directory {} is in use by another quotad process", .0.display())]
+    Locked(PathBuf),
+    #[error("{0} (start with --recover-from-older-snapshot to fall back to an older snapshot)")]
+    Format(#[from] FormatError),
+    #[error("{}: record {seq} cannot be decoded: {reason}", path.display())]
+    Decode { path: PathBuf, seq: u64, reason: String },
+    #[error(
+        "the log is missing events {from}..={to}: the newest usable snapshot covers up to {covered} and the \
+         log resumes at {resumes}; refusing to start from incomplete state"
+    )]
+    Gap { covered: u64, resumes: u64, from: u64, to: u64 },
+    #[error(
+        "{}: a record is cut short at byte offset {offset}, but later log segments follow; the log is \
+         damaged, not torn by a crash", path.display()
+    )]
+    TornBeforeEnd { path: PathBuf, offset: u64 },
+    #[error("recovery: {0}")]
+    Restore(#[from] RestoreError),
+}
+
+/// The log and snapshots of one data directory, locked for this process.
+pub struct Store {
+    dir: PathBuf,
+    journal: Arc<Journal>,
+    config: StorageConfig,
+    /// Held for the life of the process: a second quotad on the same directory refuses to start.
+    _lock: File,
+}
+
+/// Feeds applied events to the journal. Set once recovery has replayed the old log.
+#[derive(Default)]
+pub struct JournalSink {
+    journal: OnceLock<Arc<Journal>>,
+}
+
+impl EventSink for JournalSink {
+    fn record(&self, now: u64, event: &Event) -> u64 {
+        let payload = postcard::to_stdvec(&(now, event)).expect("events always encode");
+        self.journal.get().expect("events are recorded only after recovery").append(&payload)
+    }
+}
+
+/// What startup found in the data directory.
+pub struct Opened {
+    pub ledger: Ledger,
+    pub store: Arc<Store>,
+    /// The directory held no state: the caller may apply its bootstrap.
+    pub fresh: bool,
+}
+
+impl Store {
+    /// Locks the directory, restores the newest valid snapshot and replays the log after it.
+    pub fn open(config: StorageConfig, limits: Limits) -> Result<Opened, StoreError> {
+        let dir = config.dir.clone();
+        let io = |source| StoreError::Io { dir: dir.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let lock = File::options().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE)).map_err(io)?;
+        if lock.try_lock().is_err() {
+            return Err(StoreError::Locked(dir.clone()));
+        }
+        let listing = format::list_data_dir(&dir).map_err(io)?;
+        for stray in &listing.stray_tmp {
+            tracing::warn!(file = %stray.display(), "removing a file left unfinished by a crash");
+            std::fs::remove_file(stray).map_err(io)?;
+        }
+        let fresh = listing.snapshots.is_empty() && listing.segments.is_empty();
+        let started = Instant::now();
+        let sink = Arc::new(JournalSink::default());
+        let ledger = Ledger::with_sink(limits, sink.clone());
+        let covered = restore_snapshot(&ledger, &listing, config.recover_from_older_snapshot)?;
+        ledger.recompute_totals();
+        let (last_seq, replayed) = replay_log(&ledger, &listing, covered)?;
+        ledger.finish_restore()?;
+        if !fresh {
+            tracing::info!(
+                snapshot_seq = covered,
+                replayed,
+                last_seq,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "state recovered"
+            );
+        }
+        let journal =
+            Journal::open(&dir, config.durability, config.fsync_interval, last_seq + 1, config.max_segment_bytes)
+                .map_err(io)?;
+        sink.journal.set(journal.clone()).unwrap_or_else(|_| unreachable!("set once"));
+        let store = Arc::new(Store { dir: dir.clone(), journal, config, _lock: lock });
+        Ok(Opened { ledger, store, fresh })
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    pub fn snapshot_interval(&self) -> Duration {
+        self.config.snapshot_interval
+    }
+
+    /// Waits until every event applied so far is as durable as the mode promises.
+    pub async fn wait_durable(&self) -> Result<(), Unavailable> {
+        self.journal.wait_durable(self.journal.last_appended()).await
+    }
+
+    /// Writes a snapshot of `ledger`, then removes the older snapshot and the log it no longer needs.
+    /// Blocking: run it off the async runtime.
+    pub fn snapshot(&self, ledger: &Ledger) -> Result<PathBuf, StoreError> {
+        let io = |source| StoreError::Io { dir: self.dir.clone(), source };
+        let started = Instant::now();
+        // Every event up to `covered` was applied before its object is copied below, so the snapshot
+        // holds at least all of them; replay skips whatever else an object already holds.
+        self.journal.rotate();
+        let covered = self.journal.last_appended();
+        let mut writer = SnapshotWriter::create(&self.dir, covered).map_err(io)?;
+        let mut result = Ok(());
+        let mut items = 0u64;
+        ledger.export(|item| {
+            if result.is_ok() {
+                let bytes = postcard::to_stdvec(&item).expect("snapshot items always encode");
+                result = writer.append(&bytes);
+                items += 1;
+            }
+        });
+        result.map_err(io)?;
+        let path = writer.finish().map_err(io)?;
+        let removed = self.prune(covered).map_err(io)?;
+        tracing::info!(
+            covered_seq = covered,
+            items,
+            removed_files = removed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            file = %path.display(),
+            "snapshot written"
+        );
+        Ok(path)
+    }
+
+    /// Keeps the newest snapshot and the one before it (for `--recover-from-older-snapshot`), and the
+    /// log the older one needs.
+    fn prune(&self, newest: u64) -> std::io::Result<usize> {
+        let listing = format::list_data_dir(&self.dir)?;
+        let older: Vec<_> = listing.snapshots.iter().filter(|(seq, _)| *seq < newest).collect();
+        let keep_from = older.last().map_or(newest, |(seq, _)| *seq);
+        let mut removed = 0;
+        for (seq, path) in &listing.snapshots {
+            if *seq < keep_from {
+                std::fs::remove_file(path)?;
+                removed += 1;
+            }
+        }
+        format::sync_dir(&self.dir)?;
+        Ok(removed + self.journal.remove_segments_covered_by(keep_from)?)
+    }
+
+    /// Flushes and syncs the log. Called once, at shutdown, after the last request.
+    pub fn close(&self) {
+        self.journal.close();
+    }
+}
+
+/// Imports the newest snapshot that reads back whole; returns the sequence number it covers.
+fn restore_snapshot(ledger: &Ledger, listing: &DataDirListing, fall_back: bool) -> Result<u64, StoreError> {
+    for (covered, path) in listing.snapshots.iter().rev() {
+        let items = match format::read_snapshot(path) {
+            Ok((_, items)) => items,
+            Err(error) if fall_back => {
+                tracing::warn!(%error, "skipping an unreadable snapshot; trying an older one");
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        for (index, bytes) in items.iter().enumerate() {
+            let item: SnapshotItem = postcard::from_bytes(bytes).map_err(|e| StoreError::Decode {
+                path: path.clone(),
+                seq: index as u64,
+                reason: e.to_string(),
+            })?;
+            ledger.import(item)?;
+        }
+        return Ok(*covered);
+    }
+    Ok(0)
+}
+
+/// Replays every logged event after `covered`; returns the last sequence number and how many were
+/// replayed. A torn record at the very end of the log is cut off; anything else unreadable stops.
+fn replay_log(ledger: &Ledger, listing: &DataDirListing, covered: u64) -> Result<(u64, u64), StoreError> {
+    let mut last = covered;
+    let mut replayed = 0;
+    let segments = &listing.segments;
+    for (index, (_, path)) in segments.iter().enumerate() {
+        let segment = format::read_segment(path)?;
+        if let Some(offset) = segment.torn_tail {
+            if index + 1 != segments.len() {
+                return Err(StoreError::TornBeforeEnd { path: path.clone(), offset });
+            }
+            tracing::warn!(file = %path.display(), offset, "cutting off a record torn by a crash mid-write");
+            format::truncate_segment(path, segment.valid_len)
+                .map_err(|source| StoreError::Io { dir: path.clone(), source })?;
+        }
+        for (seq, payload) in &segment.records {
+            if *seq <= last {
+                continue;
+            }
+            if *seq != last + 1 {
+                return Err(StoreError::Gap { covered, resumes: *seq, from: last + 1, to: seq - 1 });
+            }
+            let (now, event): (u64, Event) = postcard::from_bytes(payload).map_err(|e| StoreError::Decode {
+                path: path.clone(),
+                seq: *seq,
+                reason: e.to_string(),
+            })?;
+            ledger.replay(*seq, now, &event)?;
+            last = *seq;
+            replayed += 1;
+        }
+    }
+    Ok((last, replayed))
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).field("durability", &self.config.durability).finish()
+    }
+}
