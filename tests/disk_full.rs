@@ -1,0 +1,160 @@
+//! A data directory on a disk that fills up: quotad refuses changes it cannot log, reports
+//! NOT_SERVING, and recovers by itself once there is room, without losing what it acknowledged.
+//! The disk is a small tmpfs mounted for the test, which needs root (as CI runs); elsewhere the test
+//! says so and passes without running.
+
+mod common;
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
+
+use common::*;
+use quotad::{
+    clock::ManualClock,
+    config::{Config, Settings},
+    durability::{journal::Durability, store::StorageConfig},
+};
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+/// A tmpfs of a given size, unmounted when dropped.
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(size_bytes: u64) -> Option<Self> {
+        let path = tempfile::Builder::new()
+            .prefix("disk-full-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("a mount point")
+            .keep();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_bytes}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .ok()?;
+        status.success().then_some(Self { path })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily, so that a test failing with the server still up leaves no mount behind either.
+        let _ = Command::new("umount").arg("--lazy").arg(&self.path).status();
+    }
+}
+
+/// Fills the file system holding `dir` until a write fails for lack of space.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).expect("create the filler");
+    let block = vec![0u8; 4096];
+    loop {
+        match file.write_all(&block).and_then(|()| file.sync_all()) {
+            Ok(()) => continue,
+            Err(error) if error.raw_os_error() == Some(28) => return path, // ENOSPC
+            Err(error) => panic!("filling the disk: {error}"),
+        }
+    }
+}
+
+fn config_on(dir: &Path) -> Config {
+    let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
+    config.storage = Some(StorageConfig {
+        dir: dir.to_owned(),
+        durability: Durability::Write,
+        fsync_interval: Duration::from_millis(10),
+        snapshot_interval: Duration::from_secs(3600),
+        recover_from_older_snapshot: false,
+        max_segment_bytes: 64 * 1024 * 1024,
+    });
+    config
+}
+
+async fn health(server: &TestServer) -> ServingStatus {
+    let request = HealthCheckRequest { service: "quota.v1.Quota".into() };
+    let response = server.health.clone().check(request).await.expect("health answers");
+    ServingStatus::try_from(response.into_inner().status).unwrap()
+}
+
+/// Polls health until it reports `wanted`, for at most [`WAIT_DEADLINE`] twice over (the log retries
+/// with a backoff of up to a second).
+async fn wait_for_health(server: &TestServer, wanted: ServingStatus) {
+    let waited = tokio::time::timeout(WAIT_DEADLINE * 2, async {
+        while health(server).await != wanted {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "health never became {wanted:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_changes_then_recovers_by_itself_losing_nothing() {
+    // Proves: with no space left, a change is answered UNAVAILABLE (LOG_UNAVAILABLE) and health turns
+    // NOT_SERVING; freeing space brings SERVING back without a restart; and after a restart the state
+    // holds every acknowledged hold, and the refused-after-apply one at most once.
+    let Some(disk) = Tmpfs::mount(2 * 1024 * 1024) else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let dir = disk.path.join("data");
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let server = spawn_server_with_config(config_on(&dir), clock.clone()).await;
+    server.bootstrap("acme", "acme-prod", 10_000).await;
+    let mut acknowledged = 0u64;
+    for _ in 0..3 {
+        server.reserve("acme-prod", 1).await;
+        acknowledged += 1;
+    }
+
+    let filler = fill(&disk.path);
+    let mut refused = None;
+    for attempt in 0..1_000 {
+        let mut request = reserve_request("acme-prod", 1);
+        request.idempotency_key = format!("during-full-{attempt}");
+        match server.try_reserve(request).await {
+            Ok(_) => acknowledged += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                error_info(&status, "LOG_UNAVAILABLE");
+                refused = Some(format!("during-full-{attempt}"));
+                break;
+            }
+        }
+    }
+    let refused_key = refused.expect("a full disk refuses a change within 1,000 small writes");
+    wait_for_health(&server, ServingStatus::NotServing).await;
+    let status = server.try_reserve(reserve_request("acme-prod", 1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "refused up front while the log cannot write");
+    assert!(server.try_balance("acme-prod").await.is_ok(), "reads are still answered");
+
+    std::fs::remove_file(filler).unwrap();
+    wait_for_health(&server, ServingStatus::Serving).await;
+    server.reserve("acme-prod", 1).await;
+    acknowledged += 1;
+    let before = server.balance("acme-prod").await;
+    server.shutdown().await.expect("a clean shutdown");
+
+    let server = spawn_server_with_config(config_on(&dir), clock).await;
+    let after = server.balance("acme-prod").await;
+    assert_eq!(after, before, "a restart restores exactly the state before it");
+    let held = after.reserved_milli / milli(1);
+    assert!(
+        held == acknowledged || held == acknowledged + 1,
+        "{held} holds after {acknowledged} acknowledged ones and one refused after it was applied"
+    );
+    // The refused request is safe to retry: it holds once, whether or not it had been applied.
+    let mut retry = reserve_request("acme-prod", 1);
+    retry.idempotency_key = refused_key;
+    server.try_reserve(retry).await.expect("the retry is granted");
+    let retried = server.balance("acme-prod").await.reserved_milli / milli(1);
+    assert_eq!(retried, acknowledged + 1);
+    server.shutdown().await.expect("a clean shutdown");
+}
