@@ -98,7 +98,6 @@ impl Store {
             tracing::warn!(file = %stray.display(), "removing a file left unfinished by a crash");
             std::fs::remove_file(stray).map_err(io)?;
         }
-        let fresh = listing.snapshots.is_empty() && listing.segments.is_empty();
         let started = Instant::now();
         let sink = Arc::new(JournalSink::default());
         let ledger = Ledger::with_sink(limits, sink.clone());
@@ -106,6 +105,8 @@ impl Store {
         ledger.recompute_totals();
         let (last_seq, replayed) = replay_log(&ledger, &listing, covered)?;
         ledger.finish_restore()?;
+        // Empty segments alone (a crash before anything was written) still count as a fresh start.
+        let fresh = covered == 0 && last_seq == 0;
         if !fresh {
             tracing::info!(
                 snapshot_seq = covered,
