@@ -49,6 +49,12 @@ pub enum StoreError {
          damaged, not torn by a crash", path.display()
     )]
     TornBeforeEnd { path: PathBuf, offset: u64 },
+    #[error(
+        "recovery reaches event {recovered}, but this directory's files show the state had reached event \
+         {reached_before}; refusing to start from older state (is a snapshot unreadable and the log it \
+         covered already removed?)"
+    )]
+    Incomplete { recovered: u64, reached_before: u64 },
     #[error("recovery: {0}")]
     Restore(#[from] RestoreError),
 }
@@ -104,6 +110,18 @@ impl Store {
         let covered = restore_snapshot(&ledger, &listing, config.recover_from_older_snapshot)?;
         ledger.recompute_totals();
         let (last_seq, replayed) = replay_log(&ledger, &listing, covered)?;
+        // Every snapshot file, readable or not, and every log segment's name says how far the state had
+        // got; recovering less than that would hand out capacity that was already spent.
+        let reached_before = listing
+            .snapshots
+            .iter()
+            .map(|(covered, _)| *covered)
+            .chain(listing.segments.iter().map(|(first_seq, _)| first_seq - 1))
+            .max()
+            .unwrap_or(0);
+        if last_seq < reached_before {
+            return Err(StoreError::Incomplete { recovered: last_seq, reached_before });
+        }
         ledger.finish_restore()?;
         // Empty segments alone (a crash before anything was written) still count as a fresh start.
         let fresh = covered == 0 && last_seq == 0;
