@@ -5,8 +5,16 @@
 //!
 //! ```text
 //! header  [magic "QUOTAWAL"][version u32][first_seq u64][crc32c u32 over the previous 20 bytes]
-//! record  [payload_len u32][crc32c u32 over (seq ++ payload)][seq u64][payload]
+//! record  [payload_len u32][seq u64][crc32c u32 over payload][crc32c u32 over the previous 16 bytes][payload]
 //! ```
+//!
+//! A record's header has a checksum of its own, so that its length is trusted before it is used: a
+//! damaged length is reported as damage, never taken for a record cut short by a crash. The end of a
+//! segment is a torn tail (a crash mid-write, cut off by recovery) when it is less than a record header,
+//! a record header that fails its checksum with only zeros from there on (blocks a power loss left
+//! zeroed), a valid header whose payload runs past the end of the file, or a valid header whose payload
+//! fails its checksum with only zeros after the record (the record at the end of the file included).
+//! Anything else that does not check out is corruption.
 //!
 //! A snapshot `snapshot-<covered_seq>.snap` is a header, framed items and a trailer:
 //!
@@ -30,11 +38,12 @@ pub const SEGMENT_MAGIC: [u8; 8] = *b"QUOTAWAL";
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"QUOTASNP";
 pub const SNAPSHOT_TRAILER_MAGIC: [u8; 8] = *b"QUOTAEND";
 /// The one version of both formats this build reads and writes; any other is refused, never guessed at.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Magic, version, sequence number and checksum; the same shape for segments and snapshots.
 pub const FILE_HEADER_LEN: usize = 8 + 4 + 8 + 4;
-pub const RECORD_HEADER_LEN: usize = 4 + 4 + 8;
+/// Payload length, sequence number, payload checksum and header checksum.
+pub const RECORD_HEADER_LEN: usize = 4 + 8 + 4 + 4;
 pub const ITEM_HEADER_LEN: usize = 4 + 4;
 pub const SNAPSHOT_TRAILER_LEN: usize = 8 + 4 + 8;
 
@@ -88,7 +97,9 @@ pub enum Corruption {
     NameMismatch { name: u64, header: u64 },
     #[error("record length {len} exceeds the limit of {max} bytes")]
     OversizedRecord { len: u64, max: usize },
-    #[error("record checksum mismatch with more data after it")]
+    #[error("record header checksum mismatch with nonzero data after it")]
+    RecordHeaderChecksum,
+    #[error("record payload checksum mismatch with more data after it")]
     RecordChecksum,
     #[error("record has sequence number {found} where {expected} was expected")]
     SequenceGap { expected: u64, found: u64 },
@@ -202,7 +213,7 @@ pub fn encode_record(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     seal_records(&mut out[start..]);
 }
 
-/// Appends a record whose checksum is left zero, so that the journal's hot path only copies bytes;
+/// Appends a record whose checksums are left zero, so that the journal's hot path only copies bytes;
 /// [`seal_records`] fills the checksums in later, off that path.
 ///
 /// # Panics
@@ -211,20 +222,24 @@ pub fn encode_record(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
 pub(crate) fn encode_record_unsealed(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     assert!(payload.len() <= MAX_RECORD_PAYLOAD, "log record of {} bytes over the limit", payload.len());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&[0; 8]);
     out.extend_from_slice(payload);
 }
 
-/// Computes the checksum of every record in `records`, which holds whole records only.
+/// Computes the checksums of every record in `records`, which holds whole records only: the payload's
+/// first, then the header's, which covers it.
 pub(crate) fn seal_records(records: &mut [u8]) {
     let mut at = 0;
     while at < records.len() {
-        let len = u32_at(records, at) as usize;
-        let end = at + RECORD_HEADER_LEN + len;
-        let crc = crc32c::crc32c(&records[at + 8..end]);
-        records[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
-        at = end;
+        let record = &mut records[at..];
+        let len = u32_at(record, 0) as usize;
+        let end = RECORD_HEADER_LEN + len;
+        let payload_crc = crc32c::crc32c(&record[RECORD_HEADER_LEN..end]);
+        record[12..16].copy_from_slice(&payload_crc.to_le_bytes());
+        let header_crc = crc32c::crc32c(&record[..16]);
+        record[16..20].copy_from_slice(&header_crc.to_le_bytes());
+        at += end;
     }
 }
 
@@ -244,8 +259,9 @@ pub struct Segment {
     pub torn_tail: Option<u64>,
 }
 
-/// Reads and checks a whole segment. An incomplete record at the end is reported as a torn tail;
-/// anything else that does not check out is an error naming the offset.
+/// Reads and checks a whole segment. An incomplete record at the end is reported as a torn tail (see
+/// the module documentation for exactly what counts as one); anything else that does not check out is
+/// an error naming the offset.
 pub fn read_segment(path: &Path) -> Result<Segment, FormatError> {
     let bytes = fs::read(path).map_err(io_error(path))?;
     let first_seq = decode_file_header(&bytes, SEGMENT_MAGIC).map_err(|(offset, kind)| corrupt(path, offset, kind))?;
@@ -263,33 +279,49 @@ fn parse_records(bytes: &[u8], first_seq: u64) -> Result<(Records, usize), (u64,
     let mut expected = first_seq;
     while at < bytes.len() {
         let rest = &bytes[at..];
-        if rest.len() < RECORD_HEADER_LEN {
+        // A record header cut short by a crash ends the file.
+        let Some(header) = rest.get(..RECORD_HEADER_LEN) else {
             return Ok((records, at));
+        };
+        if crc32c::crc32c(&header[..16]) != u32_at(header, 16) {
+            // Blocks that a power loss left zeroed may end the file; a damaged header followed by anything
+            // else may hide any number of records, so it is never cut off.
+            if is_zero(rest) {
+                return Ok((records, at));
+            }
+            return Err((at as u64, Corruption::RecordHeaderChecksum));
         }
-        let len = u32_at(rest, 0) as usize;
+        // From here on the length is what the writer wrote.
+        let len = u32_at(header, 0) as usize;
         if len > MAX_RECORD_PAYLOAD {
             return Err((at as u64, Corruption::OversizedRecord { len: len as u64, max: MAX_RECORD_PAYLOAD }));
         }
         let Some(record) = rest.get(..RECORD_HEADER_LEN + len) else {
+            // A crash mid-write: the header reached the file, the end of the payload did not.
             return Ok((records, at));
         };
-        if crc32c::crc32c(&record[8..]) != u32_at(record, 4) {
-            // A record cut short by a crash ends the file; so may blocks that a power loss left zeroed.
-            if record.len() == rest.len() || rest.iter().all(|&b| b == 0) {
+        let payload = &record[RECORD_HEADER_LEN..];
+        if crc32c::crc32c(payload) != u32_at(header, 12) {
+            // The last record whose payload never fully reached the disk, perhaps followed by zeroed blocks.
+            if is_zero(&rest[record.len()..]) {
                 return Ok((records, at));
             }
             return Err((at as u64, Corruption::RecordChecksum));
         }
-        let seq = u64_at(record, 8);
+        let seq = u64_at(header, 4);
         if seq != expected {
-            return Err((at as u64 + 8, Corruption::SequenceGap { expected, found: seq }));
+            return Err((at as u64 + 4, Corruption::SequenceGap { expected, found: seq }));
         }
-        records.push((seq, record[RECORD_HEADER_LEN..].to_vec()));
+        records.push((seq, payload.to_vec()));
         // A segment cannot hold 2^64 records; wrapping here would only ever follow a forged header.
         expected = expected.wrapping_add(1);
         at += record.len();
     }
     Ok((records, at))
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
 }
 
 /// Cuts a segment back to `valid_len` (after a torn tail) and makes the cut durable.
@@ -549,6 +581,12 @@ mod tests {
         writer.finish().unwrap()
     }
 
+    /// Recomputes the header checksum of the record at `at`, as if the writer had written what is there.
+    fn reseal_header(bytes: &mut [u8], at: usize) {
+        let crc = crc32c::crc32c(&bytes[at..at + 16]);
+        bytes[at + 16..at + 20].copy_from_slice(&crc.to_le_bytes());
+    }
+
     fn corruption(result: Result<impl fmt::Debug, FormatError>) -> (u64, Corruption) {
         let err = result.expect_err("corruption must be reported");
         let (offset, kind) = err.corruption().unwrap_or_else(|| panic!("not corruption: {err}"));
@@ -559,12 +597,12 @@ mod tests {
     fn a_record_is_laid_out_as_documented() {
         let mut out = Vec::new();
         encode_record(0x0102_0304_0506_0708, b"abc", &mut out);
+        assert_eq!(out.len(), RECORD_HEADER_LEN + 3);
         assert_eq!(&out[..4], &3u32.to_le_bytes());
-        let mut covered = 0x0102_0304_0506_0708u64.to_le_bytes().to_vec();
-        covered.extend_from_slice(b"abc");
-        assert_eq!(&out[4..8], &crc32c::crc32c(&covered).to_le_bytes());
-        assert_eq!(&out[8..16], &0x0102_0304_0506_0708u64.to_le_bytes());
-        assert_eq!(&out[16..], b"abc");
+        assert_eq!(&out[4..12], &0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(&out[12..16], &crc32c::crc32c(b"abc").to_le_bytes());
+        assert_eq!(&out[16..20], &crc32c::crc32c(&out[..16]).to_le_bytes());
+        assert_eq!(&out[20..], b"abc");
     }
 
     #[test]
@@ -666,16 +704,98 @@ mod tests {
     }
 
     #[test]
-    fn a_checksum_failure_before_the_tail_is_an_error_naming_file_and_offset() {
+    fn an_entirely_zeroed_last_record_left_by_a_power_loss_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let payloads = sample_payloads();
+        let (path, mut bytes, offsets) = write_segment(dir.path(), 1, &payloads);
+        let last = *offsets.last().unwrap();
+        bytes[last..].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        let segment = read_segment(&path).unwrap();
+        assert_eq!((segment.records, segment.torn_tail), (numbered(1, &payloads[..4]), Some(last as u64)));
+    }
+
+    #[test]
+    fn a_last_payload_cut_short_and_followed_by_zeroed_blocks_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let payloads = sample_payloads();
+        let (path, mut bytes, offsets) = write_segment(dir.path(), 1, &payloads);
+        // The block holding the header reached the disk; the one holding the end of the payload did not.
+        let last = *offsets.last().unwrap();
+        let end = bytes.len();
+        bytes[last + RECORD_HEADER_LEN + 2..].fill(0);
+        bytes.resize(end + 4096, 0);
+        fs::write(&path, &bytes).unwrap();
+        let segment = read_segment(&path).unwrap();
+        assert_eq!((segment.records, segment.torn_tail), (numbered(1, &payloads[..4]), Some(last as u64)));
+    }
+
+    #[test]
+    fn a_damaged_record_header_before_the_tail_is_an_error_naming_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, pristine, offsets) = write_segment(dir.path(), 1, &sample_payloads());
+        // Length, sequence number, payload checksum, header checksum.
+        for field in [0, 4, 12, 16] {
+            let mut bytes = pristine.clone();
+            bytes[offsets[1] + field] ^= 1;
+            fs::write(&path, &bytes).unwrap();
+            let err = read_segment(&path).unwrap_err();
+            assert_eq!(err.corruption(), Some((offsets[1] as u64, &Corruption::RecordHeaderChecksum)), "{field}");
+            let message = err.to_string();
+            assert!(message.starts_with(&path.display().to_string()), "{message}");
+            assert!(message.ends_with(&format!("at byte offset {}", offsets[1])), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_record_header_followed_by_zeros_only_is_an_error() {
+        // Zeros after a damaged header are not a torn tail when the header itself is not zero.
         let dir = tempfile::tempdir().unwrap();
         let (path, mut bytes, offsets) = write_segment(dir.path(), 1, &sample_payloads());
-        bytes[offsets[1] + 4] ^= 1;
+        let last = *offsets.last().unwrap();
+        bytes[last + RECORD_HEADER_LEN..].fill(0);
+        bytes[last] ^= 0x10;
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(corruption(read_segment(&path)), (last as u64, Corruption::RecordHeaderChecksum));
+    }
+
+    #[test]
+    fn a_payload_checksum_failure_before_the_tail_is_an_error_naming_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut bytes, offsets) = write_segment(dir.path(), 1, &sample_payloads());
+        bytes[offsets[3] + RECORD_HEADER_LEN + 100] ^= 1;
         fs::write(&path, &bytes).unwrap();
         let err = read_segment(&path).unwrap_err();
-        assert_eq!(err.corruption(), Some((offsets[1] as u64, &Corruption::RecordChecksum)));
+        assert_eq!(err.corruption(), Some((offsets[3] as u64, &Corruption::RecordChecksum)));
         let message = err.to_string();
         assert!(message.starts_with(&path.display().to_string()), "{message}");
-        assert!(message.ends_with(&format!("at byte offset {}", offsets[1])), "{message}");
+        assert!(message.ends_with(&format!("at byte offset {}", offsets[3])), "{message}");
+    }
+
+    /// A damaged length that points past the end of the file, but not past the largest record, must not
+    /// be taken for a record cut short by a crash: the records after it were acknowledged.
+    #[test]
+    fn a_damaged_length_pointing_past_the_end_of_the_file_is_an_error_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut bytes, offsets) = write_segment(dir.path(), 1, &sample_payloads());
+        bytes[offsets[1] + 2] ^= 0x01;
+        let claimed = u32_at(&bytes, offsets[1]) as usize;
+        assert!(offsets[1] + RECORD_HEADER_LEN + claimed > bytes.len() && claimed <= MAX_RECORD_PAYLOAD);
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(corruption(read_segment(&path)), (offsets[1] as u64, Corruption::RecordHeaderChecksum));
+    }
+
+    /// Once the header checks out its length is trusted: a payload running past the end of the file is a
+    /// crash mid-write.
+    #[test]
+    fn a_valid_header_whose_payload_runs_past_the_end_of_the_file_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let payloads = sample_payloads();
+        let (path, bytes, offsets) = write_segment(dir.path(), 1, &payloads);
+        let last = *offsets.last().unwrap();
+        fs::write(&path, &bytes[..last + RECORD_HEADER_LEN]).unwrap();
+        let segment = read_segment(&path).unwrap();
+        assert_eq!((segment.records, segment.torn_tail), (numbered(1, &payloads[..4]), Some(last as u64)));
     }
 
     #[test]
@@ -690,7 +810,7 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         assert_eq!(
             corruption(read_segment(&path)),
-            (second as u64 + 8, Corruption::SequenceGap { expected: 6, found: 7 })
+            (second as u64 + 4, Corruption::SequenceGap { expected: 6, found: 7 })
         );
     }
 
@@ -714,9 +834,11 @@ mod tests {
             let (path, _, _) = write_segment(dir.path(), 1, &payloads);
             assert_eq!(read_segment(&path).unwrap().records, numbered(1, &payloads));
         }
-        // One byte over: the length is refused as corruption even where it would be a torn tail.
+        // One byte over, in a header that checks out: the length is refused as corruption even where it
+        // would be a torn tail.
         let (path, mut bytes, offsets) = write_segment(dir.path(), 1, &[b"x".to_vec()]);
         bytes[offsets[0]..offsets[0] + 4].copy_from_slice(&(MAX_RECORD_PAYLOAD as u32 + 1).to_le_bytes());
+        reseal_header(&mut bytes, offsets[0]);
         fs::write(&path, &bytes).unwrap();
         assert_eq!(
             corruption(read_segment(&path)),
@@ -738,12 +860,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut bytes = Vec::new();
         encode_file_header(SEGMENT_MAGIC, 1, &mut bytes);
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32c::crc32c(&bytes[..20]);
-        bytes[20..24].copy_from_slice(&crc.to_le_bytes());
-        let path = dir.path().join(segment_file_name(1));
-        fs::write(&path, &bytes).unwrap();
-        assert_eq!(corruption(read_segment(&path)), (8, Corruption::UnknownVersion { found: 2 }));
+        for version in [1, FORMAT_VERSION + 1] {
+            bytes[8..12].copy_from_slice(&version.to_le_bytes());
+            let crc = crc32c::crc32c(&bytes[..20]);
+            bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+            let path = dir.path().join(segment_file_name(1));
+            fs::write(&path, &bytes).unwrap();
+            assert_eq!(corruption(read_segment(&path)), (8, Corruption::UnknownVersion { found: version }));
+        }
     }
 
     #[test]
@@ -767,7 +891,8 @@ mod tests {
     }
 
     /// Flipping any one bit of a segment is caught: as an error, or as a torn tail at the record that
-    /// holds the bit with every earlier record intact; never as different data.
+    /// holds the bit with every earlier record intact; never as different data. A flip anywhere in a
+    /// record with records after it, its length field above all, is an error naming that record.
     #[test]
     fn every_single_bit_flip_in_a_segment_is_detected() {
         let dir = tempfile::tempdir().unwrap();
@@ -782,9 +907,24 @@ mod tests {
     }
 
     fn check_flip_detected(result: Result<Segment, FormatError>, payloads: &[Vec<u8>], offsets: &[usize], byte: usize) {
-        let Ok(segment) = result else { return };
         let record = offsets.iter().rposition(|&start| start <= byte);
-        let record = record.unwrap_or_else(|| panic!("a flip in the header at byte {byte} was accepted"));
+        let segment = match (result, record) {
+            (Err(_), None) => return,
+            (Err(err), Some(record)) => {
+                let (offset, _) = err.corruption().unwrap_or_else(|| panic!("flip at byte {byte}: {err}"));
+                assert_eq!(offset, offsets[record] as u64, "flip at byte {byte}: {err}");
+                return;
+            }
+            (Ok(_), None) => panic!("a flip in the header at byte {byte} was accepted"),
+            (Ok(segment), Some(record)) => {
+                let last = record + 1 == offsets.len();
+                let in_length = byte < offsets[record] + 4;
+                assert!(last, "a flip at byte {byte} of record {record}, with records after it, was accepted");
+                assert!(!in_length, "a flip in the length field at byte {byte} was accepted");
+                segment
+            }
+        };
+        let record = record.expect("matched above");
         assert_eq!(segment.torn_tail, Some(offsets[record] as u64), "flip at byte {byte}");
         assert_eq!(segment.records, numbered(1, &payloads[..record]), "flip at byte {byte}");
     }
@@ -860,12 +1000,15 @@ mod tests {
     fn a_snapshot_of_an_unknown_version_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_snapshot(dir.path(), 7, &[b"one".to_vec()]);
-        let mut bytes = fs::read(&path).unwrap();
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32c::crc32c(&bytes[..20]);
-        bytes[20..24].copy_from_slice(&crc.to_le_bytes());
-        fs::write(&path, &bytes).unwrap();
-        assert_eq!(corruption(read_snapshot(&path)), (8, Corruption::UnknownVersion { found: 2 }));
+        let pristine = fs::read(&path).unwrap();
+        for version in [1, FORMAT_VERSION + 1] {
+            let mut bytes = pristine.clone();
+            bytes[8..12].copy_from_slice(&version.to_le_bytes());
+            let crc = crc32c::crc32c(&bytes[..20]);
+            bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+            fs::write(&path, &bytes).unwrap();
+            assert_eq!(corruption(read_snapshot(&path)), (8, Corruption::UnknownVersion { found: version }));
+        }
     }
 
     #[test]

@@ -1047,8 +1047,9 @@ mod tests {
     #[tokio::test]
     async fn segments_rotate_by_size_and_read_back_contiguously() {
         let dir = tempfile::tempdir().unwrap();
-        // A header and three 8-byte records fill 96 bytes; a fourth goes to a new segment.
-        let (journal, _) = open_test(dir.path(), Durability::Write, 100);
+        // A header and three records of 8-byte payloads fill a segment; a fourth goes to a new one.
+        let three = FILE_HEADER_LEN + 3 * (format::RECORD_HEADER_LEN + 8);
+        let (journal, _) = open_test(dir.path(), Durability::Write, three as u64);
         let mut expected = Vec::new();
         for i in 0..50 {
             let p = format!("rec {i:04}").into_bytes();
