@@ -60,6 +60,9 @@ const _: () = assert!(RETRY_INITIAL.as_nanos() <= RETRY_MAX.as_nanos());
 /// A batch buffer larger than this (a backlog built up while the disk failed) is freed after use
 /// rather than kept for the next batch.
 const MAX_RETAINED_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// How long records nobody waits for (expiries, a bootstrap) may sit in the buffer before the writer
+/// takes them on its own.
+const UNAWAITED_FLUSH_DELAY: Duration = Duration::from_millis(5);
 
 /// The knobs of the writer; tests shorten the retry delays.
 #[derive(Clone, Copy, Debug)]
@@ -82,7 +85,7 @@ pub struct Journal {
 
 struct Shared {
     pending: Mutex<Pending>,
-    /// Wakes the writer: records appended to an empty buffer, a rotation, close, a finished sync.
+    /// Wakes the writer: a waiter's kick, a rotation, close, a finished sync.
     wake: Condvar,
     progress: watch::Sender<Progress>,
     health: watch::Sender<bool>,
@@ -93,6 +96,10 @@ struct Shared {
 struct Pending {
     /// The sequence number the next append gets.
     next_seq: u64,
+    /// A waiter has woken the writer for what is in `buf`; cleared when the writer takes it.
+    kicked: bool,
+    /// A waiter will wake the writer once the requests that are ready now have appended theirs.
+    kick_scheduled: bool,
     /// Whole records, checksums not yet filled in, for the sequence numbers from the writer's
     /// `written_end` to `next_seq`.
     buf: Vec<u8>,
@@ -153,6 +160,8 @@ impl Journal {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
                 next_seq,
+                kicked: false,
+                kick_scheduled: false,
                 buf: Vec::new(),
                 rotations: Vec::new(),
                 closing_at: None,
@@ -186,15 +195,31 @@ impl Journal {
         if self.mode == Durability::None || pending.closing_at.is_some() {
             return seq;
         }
-        // The writer drains the whole buffer when it wakes, so only the first record of a batch has to
-        // wake it; the others ride along.
-        let was_empty = pending.buf.is_empty();
+        // The writer is not woken here but by the first waiter, once the runtime has run the other
+        // ready requests: waking it per record would, on a busy core, write one record per batch.
         format::encode_record_unsealed(seq, payload, &mut pending.buf);
-        drop(pending);
-        if was_empty {
-            self.shared.wake.notify_one();
-        }
         seq
+    }
+
+    /// Whether this waiter is the one to wake the writer: none is due to yet, and none is scheduled.
+    /// A record appended before this check is taken by the wake that is due or scheduled, if any.
+    fn lead_kick(&self) -> bool {
+        let mut pending = self.shared.pending.lock();
+        let lead = !pending.kicked && !pending.kick_scheduled;
+        pending.kick_scheduled |= lead;
+        lead
+    }
+
+    /// Wakes the writer for what the buffer holds.
+    fn kick(&self) {
+        let mut pending = self.shared.pending.lock();
+        pending.kick_scheduled = false;
+        if pending.kicked || pending.buf.is_empty() {
+            return;
+        }
+        pending.kicked = true;
+        drop(pending);
+        self.shared.wake.notify_one();
     }
 
     /// The sequence number of the last append, or one less than the first if nothing was appended.
@@ -210,6 +235,11 @@ impl Journal {
             return Ok(());
         }
         let mut progress = self.shared.progress.subscribe();
+        if progress.borrow().durable_end <= seq && self.lead_kick() {
+            // Let the requests that are ready now append theirs first, so that one write serves them all.
+            tokio::task::yield_now().await;
+            self.kick();
+        }
         let progress = *progress
             .wait_for(|p| p.durable_end > seq || p.failing || p.closed)
             .await
@@ -531,11 +561,12 @@ impl<S: Storage> Writer<S> {
     fn take_work(&mut self) -> Work {
         let mut pending = self.shared.pending.lock();
         loop {
-            let has_work = !pending.buf.is_empty() || !pending.rotations.is_empty();
+            let has_work = (pending.kicked && !pending.buf.is_empty()) || !pending.rotations.is_empty();
             if has_work || pending.closing_at.is_some() || pending.sync_done.is_some() {
                 break;
             }
-            match self.sync_due_at() {
+            let unawaited = (!pending.buf.is_empty()).then(|| Instant::now() + UNAWAITED_FLUSH_DELAY);
+            match [self.sync_due_at(), unawaited].into_iter().flatten().min() {
                 Some(at) => {
                     if self.shared.wake.wait_until(&mut pending, at).timed_out() {
                         break;
@@ -544,6 +575,7 @@ impl<S: Storage> Writer<S> {
                 None => self.shared.wake.wait(&mut pending),
             }
         }
+        pending.kicked = false;
         self.spare.clear();
         Work {
             records: std::mem::replace(&mut pending.buf, std::mem::take(&mut self.spare)),

@@ -1,0 +1,274 @@
+//! The load generator's flags, their defaults and limits, and their validation into a `Plan`.
+//!
+//! Every quantity is bounded, so a typo cannot turn a benchmark into an unbounded flood.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+pub const DEFAULT_CONCURRENCY: usize = 64;
+pub const DEFAULT_CONNECTIONS: usize = 4;
+pub const DEFAULT_DURATION: &str = "10s";
+pub const DEFAULT_WARMUP: &str = "1s";
+pub const DEFAULT_ENVIRONMENTS: usize = 64;
+pub const DEFAULT_AGENTS: usize = 64;
+pub const DEFAULT_TENANT: &str = "bench";
+pub const DEFAULT_ALLOCATION_MESSAGES: u64 = 1_000_000;
+pub const DEFAULT_TTL_SECONDS: u32 = 30;
+pub const DEFAULT_TIMEOUT: &str = "10s";
+
+pub const MAX_CONCURRENCY: usize = 10_000;
+pub const MAX_CONNECTIONS: usize = 1_024;
+pub const MAX_DURATION: Duration = Duration::from_secs(3_600);
+pub const MAX_WARMUP: Duration = Duration::from_secs(600);
+pub const MAX_REQUESTS: u64 = 1_000_000_000;
+/// Environment ids are `<tenant>-env-<index>`; ten million keeps them short and setup under an hour.
+pub const MAX_ENVIRONMENTS: usize = 10_000_000;
+pub const MAX_AGENTS: usize = 1_000_000;
+/// The longest tenant prefix that leaves room for `-env-<index>` within quotad's 128-byte ids.
+pub const MAX_TENANT_BYTES: usize = 100;
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+const _: () = assert!(DEFAULT_CONNECTIONS <= DEFAULT_CONCURRENCY);
+const _: () = assert!(DEFAULT_CONCURRENCY <= MAX_CONCURRENCY && DEFAULT_CONNECTIONS <= MAX_CONNECTIONS);
+const _: () = assert!(DEFAULT_ENVIRONMENTS <= MAX_ENVIRONMENTS && DEFAULT_AGENTS <= MAX_AGENTS);
+
+/// What one recorded operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum Scenario {
+    /// `CheckAndReserve` of 1 message; holds expire after `--ttl-seconds`.
+    #[value(name = "reserve")]
+    #[serde(rename = "reserve")]
+    Reserve,
+    /// `CheckAndReserve` of 1 message then `Commit` of 1 message: one operation, two calls.
+    #[value(name = "reserve+commit")]
+    #[serde(rename = "reserve+commit")]
+    ReserveCommit,
+    /// `CheckAndReserve` of 1 message then `Release`: one operation, two calls.
+    #[value(name = "reserve+release")]
+    #[serde(rename = "reserve+release")]
+    ReserveRelease,
+    /// `GetBalance`.
+    #[value(name = "balance")]
+    #[serde(rename = "balance")]
+    Balance,
+    /// `grpc.health.v1.Health/Check` on the same server: what the transport alone costs.
+    #[value(name = "health")]
+    #[serde(rename = "health")]
+    Health,
+}
+
+impl Scenario {
+    /// gRPC calls in one operation.
+    pub fn calls(self) -> u64 {
+        match self {
+            Self::ReserveCommit | Self::ReserveRelease => 2,
+            Self::Reserve | Self::Balance | Self::Health => 1,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserve => "reserve",
+            Self::ReserveCommit => "reserve+commit",
+            Self::ReserveRelease => "reserve+release",
+            Self::Balance => "balance",
+            Self::Health => "health",
+        }
+    }
+}
+
+/// quotad-bench: a load generator that knows the quota flow (reserve, commit, release).
+///
+/// It connects only to `--server`; run it against a quotad on this machine (loopback), never at a
+/// shared or production address.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// The quotad to load (`http://host:port`).
+    #[arg(long, default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// What one operation is.
+    #[arg(long, value_enum, default_value_t = Scenario::ReserveCommit)]
+    pub scenario: Scenario,
+    /// Operations in flight at once (one task each), 1 to 10,000.
+    #[arg(long, short = 'c', default_value_t = DEFAULT_CONCURRENCY)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the tasks are spread across (task i uses connection i mod K), 1 to 1,024.
+    #[arg(long, default_value_t = DEFAULT_CONNECTIONS)]
+    pub connections: usize,
+    /// How long to record after the warmup (e.g. `10s`), at most 1h. The default when `--requests`
+    /// is not given.
+    #[arg(long, short = 'z', value_parser = humantime::parse_duration, conflicts_with = "requests")]
+    pub duration: Option<Duration>,
+    /// Record exactly this many operations after the warmup instead of running for a duration.
+    #[arg(long, short = 'n')]
+    pub requests: Option<u64>,
+    /// Load before recording starts, not recorded (e.g. `1s`; `0s` for none), at most 10m.
+    #[arg(long, default_value = DEFAULT_WARMUP, value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Capacity environments the load is spread over (`<tenant>-env-<index>`).
+    #[arg(long, short = 'e', default_value_t = DEFAULT_ENVIRONMENTS)]
+    pub environments: usize,
+    /// Agent ids the load is spread over (`agent-<index>`).
+    #[arg(long, short = 'a', default_value_t = DEFAULT_AGENTS)]
+    pub agents: usize,
+    /// Tenant id, also the prefix of the environment ids.
+    #[arg(long, default_value = DEFAULT_TENANT)]
+    pub tenant: String,
+    /// Create the tenant and environments through `QuotaAdmin` before the load (the default).
+    #[arg(long, overrides_with = "no_setup")]
+    pub setup: bool,
+    /// Use the tenant and environments as they are on the server.
+    #[arg(long, overrides_with = "setup")]
+    pub no_setup: bool,
+    /// Only create this many environments (concurrently, `--concurrency` over `--connections`), report
+    /// how long it took, and exit without load. For building large states.
+    #[arg(long, value_name = "N", conflicts_with_all = ["no_setup", "duration", "requests"])]
+    pub setup_environments: Option<usize>,
+    /// Prepaid allocation of each environment at setup, in messages; pay-as-you-go with no budget cap
+    /// backs it, so reservations never run dry.
+    #[arg(long, default_value_t = DEFAULT_ALLOCATION_MESSAGES)]
+    pub allocation_messages: u64,
+    /// `ttl_seconds` of each reservation: short, so holds the scenario leaves open expire soon.
+    #[arg(long, default_value_t = DEFAULT_TTL_SECONDS)]
+    pub ttl_seconds: u32,
+    /// Deadline of each call; a call past it counts as DEADLINE_EXCEEDED (at most 60s).
+    #[arg(long, default_value = DEFAULT_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// When recording stops.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    Duration(Duration),
+    Requests(u64),
+}
+
+/// Validated arguments.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub server: String,
+    pub scenario: Scenario,
+    pub concurrency: usize,
+    pub connections: usize,
+    pub limit: Limit,
+    pub warmup: Duration,
+    pub environments: usize,
+    pub agents: usize,
+    pub tenant: String,
+    pub setup: bool,
+    /// `Some(n)`: create `n` environments and exit.
+    pub setup_only: Option<usize>,
+    pub allocation_messages: u64,
+    pub ttl_seconds: u32,
+    pub timeout: Duration,
+    pub json: Option<PathBuf>,
+}
+
+impl Args {
+    pub fn into_plan(self) -> Result<Plan, String> {
+        let range = |name: &str, value: u128, min: u128, max: u128| {
+            if (min..=max).contains(&value) { Ok(()) } else { Err(format!("--{name} {value}: must be {min} to {max}")) }
+        };
+        range("concurrency", self.concurrency as u128, 1, MAX_CONCURRENCY as u128)?;
+        range("connections", self.connections as u128, 1, MAX_CONNECTIONS as u128)?;
+        range("environments", self.environments as u128, 1, MAX_ENVIRONMENTS as u128)?;
+        range("agents", self.agents as u128, 1, MAX_AGENTS as u128)?;
+        if let Some(n) = self.setup_environments {
+            range("setup-environments", n as u128, 1, MAX_ENVIRONMENTS as u128)?;
+        }
+        let limit = match (self.duration, self.requests) {
+            (_, Some(n)) => {
+                range("requests", u128::from(n), 1, u128::from(MAX_REQUESTS))?;
+                Limit::Requests(n)
+            }
+            (Some(d), None) => Limit::Duration(d),
+            (None, None) => Limit::Duration(humantime::parse_duration(DEFAULT_DURATION).expect("valid default")),
+        };
+        if let Limit::Duration(d) = limit {
+            range("duration (ms)", d.as_millis(), 1, MAX_DURATION.as_millis())?;
+        }
+        range("warmup (ms)", self.warmup.as_millis(), 0, MAX_WARMUP.as_millis())?;
+        range("timeout (ms)", self.timeout.as_millis(), 1, MAX_TIMEOUT.as_millis())?;
+        range("tenant (bytes)", self.tenant.len() as u128, 1, MAX_TENANT_BYTES as u128)?;
+        range("allocation-messages", u128::from(self.allocation_messages), 0, u128::from(u64::MAX / 1_000))?;
+        if !self.server.starts_with("http://") && !self.server.starts_with("https://") {
+            return Err(format!("--server {}: must start with http:// (or https://)", self.server));
+        }
+        Ok(Plan {
+            server: self.server,
+            scenario: self.scenario,
+            concurrency: self.concurrency,
+            connections: self.connections.min(self.concurrency),
+            limit,
+            warmup: self.warmup,
+            environments: self.environments,
+            agents: self.agents,
+            tenant: self.tenant,
+            setup: !self.no_setup,
+            setup_only: self.setup_environments,
+            allocation_messages: self.allocation_messages,
+            ttl_seconds: self.ttl_seconds,
+            timeout: self.timeout,
+            json: self.json,
+        })
+    }
+}
+
+/// The id of environment `index` of `tenant`; zero-padded so ids sort in creation order.
+pub fn environment_id(tenant: &str, index: usize) -> String {
+    format!("{tenant}-env-{index:07}")
+}
+
+pub fn agent_id(index: usize) -> String {
+    format!("agent-{index:06}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Result<Plan, String> {
+        let args = Args::try_parse_from(std::iter::once("quotad-bench").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        args.into_plan()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let plan = plan(&[]).unwrap();
+        assert!(plan.setup);
+        assert_eq!(plan.scenario, Scenario::ReserveCommit);
+        assert!(matches!(plan.limit, Limit::Duration(d) if d == Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn limits_are_enforced_at_the_edges() {
+        assert!(plan(&["--concurrency", "10000"]).is_ok());
+        assert!(plan(&["--concurrency", "10001"]).is_err());
+        assert!(plan(&["--concurrency", "0"]).is_err());
+        assert!(plan(&["--duration", "1h"]).is_ok());
+        assert!(plan(&["--duration", "61m"]).is_err());
+        assert!(plan(&["--requests", "0"]).is_err());
+        assert!(plan(&["--duration", "1s", "--requests", "5"]).is_err());
+        assert!(plan(&["--server", "127.0.0.1:50051"]).is_err());
+    }
+
+    #[test]
+    fn no_setup_and_scenario_names_parse() {
+        let plan = plan(&["--no-setup", "--scenario", "reserve+release"]).unwrap();
+        assert!(!plan.setup);
+        assert_eq!(plan.scenario, Scenario::ReserveRelease);
+    }
+
+    #[test]
+    fn ids_fit_quotad_limits() {
+        let tenant = "t".repeat(MAX_TENANT_BYTES);
+        assert!(environment_id(&tenant, MAX_ENVIRONMENTS - 1).len() <= 128);
+    }
+}
