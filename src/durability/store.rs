@@ -74,10 +74,21 @@ pub struct JournalSink {
     journal: OnceLock<Arc<Journal>>,
 }
 
+thread_local! {
+    /// Reused for every event a thread encodes: the hot path allocates nothing for its log record.
+    static ENCODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl EventSink for JournalSink {
     fn record(&self, now: u64, event: &Event) -> u64 {
-        let payload = postcard::to_stdvec(&(now, event)).expect("events always encode");
-        self.journal.get().expect("events are recorded only after recovery").append(&payload)
+        let journal = self.journal.get().expect("events are recorded only after recovery");
+        ENCODED.with_borrow_mut(|buffer| {
+            buffer.clear();
+            let encoded = postcard::to_extend(&(now, event), std::mem::take(buffer)).expect("events always encode");
+            let seq = journal.append(&encoded);
+            *buffer = encoded;
+            seq
+        })
     }
 }
 

@@ -206,21 +206,6 @@ impl Ledger {
         }
         self.verify().map_err(RestoreError::Invariant)
     }
-
-    /// The largest sequence number any object of this ledger has applied.
-    pub fn applied_seq(&self) -> u64 {
-        let tenants = self.tenants.iter().map(|t| t.value().lock().applied_seq).max().unwrap_or(0);
-        let slots = self
-            .environments
-            .iter()
-            .map(|s| match s.value() {
-                Slot::Capacity(cell) => cell.books.lock().applied_seq,
-                Slot::App { applied_seq, .. } => *applied_seq,
-            })
-            .max()
-            .unwrap_or(0);
-        tenants.max(slots)
-    }
 }
 
 #[cfg(test)]
