@@ -64,6 +64,8 @@ pub struct Store {
     dir: PathBuf,
     journal: Arc<Journal>,
     config: StorageConfig,
+    /// One snapshot at a time: two of the same sequence number would share a temporary file.
+    snapshotting: parking_lot::Mutex<()>,
     /// Held for the life of the process: a second quotad on the same directory refuses to start.
     _lock: File,
 }
@@ -149,7 +151,8 @@ impl Store {
             Journal::open(&dir, config.durability, config.fsync_interval, last_seq + 1, config.max_segment_bytes)
                 .map_err(io)?;
         sink.journal.set(journal.clone()).unwrap_or_else(|_| unreachable!("set once"));
-        let store = Arc::new(Store { dir: dir.clone(), journal, config, _lock: lock });
+        let store =
+            Arc::new(Store { dir: dir.clone(), journal, config, snapshotting: Default::default(), _lock: lock });
         Ok(Opened { ledger, store, fresh })
     }
 
@@ -170,6 +173,7 @@ impl Store {
     /// Blocking: run it off the async runtime.
     pub fn snapshot(&self, ledger: &Ledger) -> Result<PathBuf, StoreError> {
         let io = |source| StoreError::Io { dir: self.dir.clone(), source };
+        let _one_at_a_time = self.snapshotting.lock();
         let started = Instant::now();
         // Every event up to `covered` was applied before its object is copied below, so the snapshot
         // holds at least all of them; replay skips whatever else an object already holds.
