@@ -49,23 +49,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
-    let (ledger, store, fresh) = match config.storage.clone() {
-        None => (Ledger::new(config.limits), None, true),
-        Some(storage) => {
-            let limits = config.limits;
-            let opened = tokio::task::spawn_blocking(move || Store::open(storage, limits))
-                .await
-                .expect("recovery does not panic")?;
-            (opened.ledger, Some(opened.store), opened.fresh)
-        }
-    };
-    if fresh && !config.bootstrap.is_empty() {
-        let now = clock.now_ms();
-        for command in &config.bootstrap {
-            ledger.apply(command, now)?;
-        }
-        tracing::info!(commands = config.bootstrap.len(), "bootstrap applied");
-    }
+    let (ledger, store) = open_ledger(&config, clock.as_ref()).await?;
     let context = Arc::new(Context { ledger, clock, policy: config.policy.clone(), store });
     // Expire what ran out while the server was down before the first request is served.
     expire_due(&context).await;
@@ -121,22 +105,48 @@ pub async fn run(
     }
     background.cancel();
     let _ = tokio::join!(sweeper, snapshotter, log_health);
-    if let Some(store) = context.store.clone() {
-        // The last snapshot makes the next start fast; the log alone would also recover everything.
-        let ledger_owner = context.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let snapshot = store.snapshot(&ledger_owner.ledger);
-            store.close();
-            snapshot
-        })
-        .await
-        .expect("the final snapshot does not panic");
-        if let Err(error) = result {
-            tracing::error!(%error, "the shutdown snapshot failed; the log still holds every change");
-        }
-    }
+    close_store(context).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The ledger recovered from the data directory (or a new one in memory), with the config's
+/// bootstrap applied if it starts empty.
+async fn open_ledger(config: &Config, clock: &dyn Clock) -> Result<(Ledger, Option<Arc<Store>>), ServeError> {
+    let (ledger, store, fresh) = match config.storage.clone() {
+        None => (Ledger::new(config.limits), None, true),
+        Some(storage) => {
+            let limits = config.limits;
+            let opened = tokio::task::spawn_blocking(move || Store::open(storage, limits))
+                .await
+                .expect("recovery does not panic")?;
+            (opened.ledger, Some(opened.store), opened.fresh)
+        }
+    };
+    if fresh && !config.bootstrap.is_empty() {
+        let now = clock.now_ms();
+        for command in &config.bootstrap {
+            ledger.apply(command, now)?;
+        }
+        tracing::info!(commands = config.bootstrap.len(), "bootstrap applied");
+    }
+    Ok((ledger, store))
+}
+
+/// Writes the last snapshot, which makes the next start fast (the log alone would also recover
+/// everything), then flushes and syncs the log.
+async fn close_store(context: Arc<Context>) {
+    let Some(store) = context.store.clone() else { return };
+    let result = tokio::task::spawn_blocking(move || {
+        let snapshot = store.snapshot(&context.ledger);
+        store.close();
+        snapshot
+    })
+    .await
+    .expect("the final snapshot does not panic");
+    if let Err(error) = result {
+        tracing::error!(%error, "the shutdown snapshot failed; the log still holds every change");
+    }
 }
 
 fn reflection() -> tonic_reflection::server::Builder<'static> {
