@@ -15,36 +15,31 @@ use quotad::ledger::{
     Milli, OpenReservationScope, Outcome, ReservationId, Source, TenantCapacity, TenantId, period,
 };
 
+mod ledger_steps;
+use ledger_steps::{
+    Actual, Allocation, Amount, Pick, Resolve, START_MS, Shape, Step, TENANTS, agent, command, kept, retried, setup,
+    tenant,
+};
+
 /// Per-source amounts in draw order: allocation, tenant pool, pay-as-you-go.
 type Split = [Milli; 3];
 const ALLOCATION: usize = 0;
 const POOL: usize = 1;
 const PAYG: usize = 2;
 
-const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
 /// e0..e2 become capacity environments when allocated; `app` is meant to be linked; `ghost` is
 /// never created, so commands naming it exercise the unknown-environment paths.
 const ENVS: [&str; 5] = ["e0", "e1", "e2", "app", "ghost"];
-const AGENTS: [&str; 3] = ["a0", "a1", "a2"];
-const KEYS: [&str; 3] = ["k0", "k1", "k2"];
-const START_MS: u64 = 1_700_000_000_000;
+const APP: usize = 3;
+const GHOST: usize = 4;
 
 /// Small open-hold caps so that sequences of 60 steps reach them and test the refusal at the cap.
 fn limits() -> Limits {
     Limits { max_open_reservations_per_environment: 4, max_open_reservations_total: 6, ..Limits::default() }
 }
 
-fn tenant(i: usize) -> TenantId {
-    TenantId::new(TENANTS[i]).unwrap()
-}
 fn env(i: usize) -> EnvironmentId {
     EnvironmentId::new(ENVS[i]).unwrap()
-}
-fn agent(i: usize) -> AgentId {
-    AgentId::new(AGENTS[i]).unwrap()
-}
-fn key(i: usize) -> IdempotencyKey {
-    IdempotencyKey::new(KEYS[i]).unwrap()
 }
 
 fn split_of(draws: Draws) -> Split {
@@ -618,188 +613,27 @@ impl Model {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Generated steps. They name things by index and are turned into commands against the current
-// state, so that shrinking keeps them meaningful.
-
-#[derive(Debug, Clone)]
-enum Pick {
-    /// The n-th most recent grant, so that retries of one reservation are common.
-    Recent(usize),
-    Any(Index),
-    /// A reservation id that was never issued, in a capacity environment or an app environment.
-    Unknown(bool),
-}
-
-#[derive(Debug, Clone)]
-enum Actual {
-    /// `quarters`/4 of the reserved amount: 0 to all of it.
-    Quarters(u64),
-    Above(Milli),
-    /// The amount of the first commit, if any: a faithful retry.
-    FirstAgain,
-    Any(Milli),
-}
-
-/// An allocation as drawn, or relative to a boundary it is refused beyond, so that N−1, N and N+1
-/// all occur: the allocation's use and holds, or the most the tenant's purchase leaves room for.
-#[derive(Debug, Clone)]
-enum Allocation {
-    Exactly(Milli),
-    NearUse(i64),
-    NearRoom(i64),
-}
-
-/// A reservation amount as drawn, or relative to what the environment has available.
-#[derive(Debug, Clone)]
-enum Amount {
-    Exactly(Milli),
-    NearAvailable(i64),
-    /// Leaves about a fifth of allocation plus budget available: where the balance turns `Low`.
-    NearLow(i64),
-}
-
-#[derive(Debug, Clone)]
-enum Step {
-    Purchase {
-        tenant: usize,
-        amount: Milli,
-        key: Option<usize>,
-    },
-    Allocate {
-        tenant: usize,
-        env: usize,
-        amount: Allocation,
-        pool: bool,
-    },
-    SetPayAsYouGo {
-        env: usize,
-        enabled: bool,
-        budget: Milli,
-    },
-    Link {
-        app: usize,
-        target: Option<usize>,
-    },
-    Reserve {
-        env: usize,
-        agent: usize,
-        amount: Amount,
-        key: Option<usize>,
-        ttl_ms: u64,
-    },
-    /// Sends an earlier purchase or reservation that carried an idempotency key again, as it was
-    /// or with its amount changed.
-    Retry {
-        pick: Index,
-        changed: bool,
-    },
-    Commit {
-        pick: Pick,
-        actual: Actual,
-    },
-    Release {
-        pick: Pick,
-    },
-    /// Advances the clock; with `sweep`, expires what is due as the server's sweeper would.
-    Advance {
-        ms: u64,
-        sweep: bool,
-    },
-}
-
-fn budget() -> impl Strategy<Value = Milli> {
-    prop_oneof![Just(0), 1..=12_000u64]
-}
-
-fn near() -> impl Strategy<Value = i64> {
-    prop_oneof![-1..=1i64, -3_000..=3_000i64]
-}
-
-fn allocation() -> impl Strategy<Value = Allocation> {
-    prop_oneof![
-        3 => (0..=25_000u64).prop_map(Allocation::Exactly),
-        1 => near().prop_map(Allocation::NearUse),
-        1 => near().prop_map(Allocation::NearRoom),
-    ]
-}
-
-fn reserve_amount() -> impl Strategy<Value = Amount> {
-    prop_oneof![
-        3 => (1..=8_000u64).prop_map(Amount::Exactly),
-        1 => near().prop_map(Amount::NearAvailable),
-        1 => (-1..=1i64).prop_map(Amount::NearLow),
-    ]
-}
-
-fn pick() -> impl Strategy<Value = Pick> {
-    prop_oneof![
-        6 => (0..3usize).prop_map(Pick::Recent),
-        3 => any::<Index>().prop_map(Pick::Any),
-        1 => any::<bool>().prop_map(Pick::Unknown),
-    ]
-}
-
-fn actual() -> impl Strategy<Value = Actual> {
-    prop_oneof![
-        4 => (0..=4u64).prop_map(Actual::Quarters),
-        2 => (1..=6_000u64).prop_map(Actual::Above),
-        3 => Just(Actual::FirstAgain),
-        1 => (0..=12_000u64).prop_map(Actual::Any),
-    ]
-}
+// Generated steps (their vocabulary is in `ledger_steps`), leaning as this suite needs.
 
 fn step() -> impl Strategy<Value = Step> {
-    prop_oneof![
-        1 => (0..3usize, 0..=20_000u64, proptest::option::of(0..3usize))
-            .prop_map(|(tenant, amount, key)| Step::Purchase { tenant, amount, key }),
-        2 => (0..3usize, 0..4usize, allocation(), any::<bool>())
-            .prop_map(|(tenant, env, amount, pool)| Step::Allocate { tenant, env, amount, pool }),
-        1 => (0..5usize, any::<bool>(), budget())
-            .prop_map(|(env, enabled, budget)| Step::SetPayAsYouGo { env, enabled, budget }),
-        1 => (prop_oneof![4 => Just(3usize), 1 => 0..3usize], proptest::option::of(0..5usize))
-            .prop_map(|(app, target)| Step::Link { app, target }),
-        7 => (prop_oneof![9 => 0..4usize, 1 => Just(4usize)], 0..3usize, reserve_amount(), proptest::option::of(0..3usize), 1..=300u64)
-            .prop_map(|(env, agent, amount, key, ttl_ms)| Step::Reserve { env, agent, amount, key, ttl_ms }),
-        2 => (any::<Index>(), any::<bool>()).prop_map(|(pick, changed)| Step::Retry { pick, changed }),
-        5 => (pick(), actual()).prop_map(|(pick, actual)| Step::Commit { pick, actual }),
-        3 => pick().prop_map(|pick| Step::Release { pick }),
-        3 => (0..=80u64, prop_oneof![3 => Just(true), 1 => Just(false)])
-            .prop_map(|(ms, sweep)| Step::Advance { ms, sweep }),
-    ]
-}
-
-/// Two tenants with capacity, e0 without the pool, e1 and e2 perhaps with it, pay-as-you-go perhaps
-/// on e1 and e2 (capped, or uncapped when the budget is 0), and `app` linked to e1.
-fn setup() -> impl Strategy<Value = Vec<Step>> {
-    (
-        20_000..=40_000u64,
-        10_000..=30_000u64,
-        [0..=10_000u64, 0..=10_000, 0..=10_000],
-        any::<bool>(),
-        [budget(), budget()],
-        [any::<bool>(), any::<bool>()],
-    )
-        .prop_map(|(p0, p1, alloc, pool2, budgets, payg)| {
-            vec![
-                Step::Purchase { tenant: 0, amount: p0, key: None },
-                Step::Purchase { tenant: 1, amount: p1, key: None },
-                Step::Allocate { tenant: 0, env: 0, amount: Allocation::Exactly(alloc[0]), pool: false },
-                Step::Allocate { tenant: 0, env: 1, amount: Allocation::Exactly(alloc[1]), pool: true },
-                Step::Allocate { tenant: 1, env: 2, amount: Allocation::Exactly(alloc[2]), pool: pool2 },
-                Step::SetPayAsYouGo { env: 1, enabled: payg[0], budget: budgets[0] },
-                Step::SetPayAsYouGo { env: 2, enabled: payg[1], budget: budgets[1] },
-                Step::Link { app: 3, target: Some(1) },
-            ]
-        })
+    ledger_steps::step(Shape {
+        admin: 1,
+        tenant: (0..3usize).boxed(),
+        allocation_env: (0..4usize).boxed(),
+        link_env: prop_oneof![4 => Just(APP), 1 => 0..3usize].boxed(),
+        reserve_env: prop_oneof![9 => 0..GHOST, 1 => Just(GHOST)].boxed(),
+        envs: ENVS.len(),
+        ttl_ms: 1..=300,
+        near_low: true,
+    })
 }
 
 fn steps() -> impl Strategy<Value = Vec<Step>> {
-    (setup(), proptest::collection::vec(step(), 1..=52)).prop_map(|(mut all, rest)| {
+    (setup(APP), proptest::collection::vec(step(), 1..=52)).prop_map(|(mut all, rest)| {
         all.extend(rest);
         all
     })
 }
-
 // ---------------------------------------------------------------------------------------------
 // The harness: applies each command to both sides and compares everything observable.
 
@@ -834,9 +668,19 @@ impl Harness {
             keyed: Vec::new(),
         }
     }
+}
+
+impl Resolve for Harness {
+    fn env(&self, i: usize) -> EnvironmentId {
+        env(i)
+    }
+
+    fn now(&self) -> u64 {
+        self.now
+    }
 
     fn reservation(&self, pick: &Pick) -> ReservationId {
-        let never_issued = |app| ReservationId { environment: env(if app { 3 } else { 0 }), seq: 1_000_000 };
+        let never_issued = |app| ReservationId { environment: env(if app { APP } else { 0 }), seq: 1_000_000 };
         match pick {
             _ if self.issued.is_empty() => never_issued(false),
             Pick::Recent(n) => self.issued[self.issued.len() - 1 - (*n).min(self.issued.len() - 1)].clone(),
@@ -888,41 +732,9 @@ impl Harness {
             Amount::NearLow(delta) => available.saturating_sub(low_mark).saturating_add_signed(*delta).max(1),
         }
     }
+}
 
-    fn command(&self, step: &Step) -> Command {
-        match step {
-            Step::Purchase { tenant: t, amount, key: k } => {
-                Command::PurchaseCapacity { tenant: tenant(*t), amount_milli: *amount, idempotency_key: k.map(key) }
-            }
-            Step::Allocate { tenant: t, env: e, amount, pool } => Command::AllocateCapacity {
-                tenant: tenant(*t),
-                environment: env(*e),
-                amount_milli: self.allocation(&tenant(*t), &env(*e), amount),
-                draw_from_tenant_pool: *pool,
-            },
-            Step::SetPayAsYouGo { env: e, enabled, budget } => {
-                Command::SetPayAsYouGo { environment: env(*e), enabled: *enabled, budget_milli: *budget }
-            }
-            Step::Link { app, target } => {
-                Command::LinkEnvironment { app_environment: env(*app), environment: target.map(env) }
-            }
-            Step::Reserve { env: e, agent: a, amount, key: k, ttl_ms } => Command::Reserve {
-                environment: env(*e),
-                agent: agent(*a),
-                amount_milli: self.reserve_amount(&env(*e), amount),
-                idempotency_key: k.map(key),
-                expires_at_ms: self.now + ttl_ms,
-            },
-            Step::Commit { pick, actual } => {
-                let reservation = self.reservation(pick);
-                let actual_milli = self.actual(&reservation, actual);
-                Command::Commit { reservation, actual_milli }
-            }
-            Step::Release { pick } => Command::Release { reservation: self.reservation(pick) },
-            Step::Retry { .. } | Step::Advance { .. } => unreachable!("not a command of its own"),
-        }
-    }
-
+impl Harness {
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             balances: ENVS.iter().map(|e| self.ledger.balance(&EnvironmentId::new(e).unwrap(), self.now)).collect(),
@@ -936,12 +748,8 @@ impl Harness {
             Step::Advance { ms, sweep } => (ms, sweep),
             Step::Retry { pick, changed } => return self.retry(pick, *changed),
             _ => {
-                let command = self.command(step);
-                match step {
-                    Step::Reserve { key: Some(_), ttl_ms, .. } => self.keyed.push((command.clone(), *ttl_ms)),
-                    Step::Purchase { key: Some(_), .. } => self.keyed.push((command.clone(), 0)),
-                    _ => {}
-                }
+                let command = command(self, step);
+                self.keyed.extend(kept(step, &command));
                 return self.apply(&command);
             }
         };
@@ -962,19 +770,10 @@ impl Harness {
     }
 
     fn retry(&mut self, pick: &Index, changed: bool) -> Result<(), TestCaseError> {
-        if self.keyed.is_empty() {
-            return self.check_state();
+        match retried(&self.keyed, pick, changed, self.now) {
+            Some(command) => self.apply(&command),
+            None => self.check_state(),
         }
-        let (mut command, ttl_ms) = pick.get(&self.keyed).clone();
-        match &mut command {
-            Command::Reserve { amount_milli, expires_at_ms, .. } => {
-                *expires_at_ms = self.now + ttl_ms;
-                *amount_milli += u64::from(changed);
-            }
-            Command::PurchaseCapacity { amount_milli, .. } => *amount_milli += u64::from(changed),
-            _ => unreachable!("only purchases and reservations are kept"),
-        }
-        self.apply(&command)
     }
 
     fn apply(&mut self, command: &Command) -> Result<(), TestCaseError> {

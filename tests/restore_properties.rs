@@ -6,8 +6,9 @@
 //! exactly as `A` does: the same further commands give the same outcomes, reservation ids, events and
 //! balances on both.
 //!
-//! The generator is adapted from `tests/ledger_properties.rs`; it reads the state it needs from `A`
-//! through the public API instead of from a model, because these tests compare two ledgers.
+//! The step generator is shared with `tests/ledger_properties.rs` (`tests/ledger_steps`); it reads
+//! the state it needs from `A` through the public API instead of from a model, because these tests
+//! compare two ledgers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{
@@ -16,13 +17,16 @@ use std::sync::{
 };
 
 use proptest::prelude::*;
-use proptest::sample::Index;
 use quotad::ledger::{
-    AgentId, Balance, Command, EnvironmentId, Event, EventSink, IdempotencyKey, Ledger, LedgerError, Limits, Milli,
-    Outcome, Quote, ReservationId, RestoreError, SnapshotItem, TenantCapacity, TenantId,
+    Balance, Command, EnvironmentId, Event, EventSink, Ledger, LedgerError, Limits, Milli, Outcome, Quote,
+    ReservationId, RestoreError, SnapshotItem, TenantCapacity, TenantId,
 };
 
-const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
+mod ledger_steps;
+use ledger_steps::{
+    Actual, Allocation, Amount, Pick, Resolve, START_MS, Shape, Step, TENANTS, command, kept, retried, setup,
+};
+
 /// e0..e2 are allocated by the setup; e3 may become a capacity environment (or an app environment)
 /// later, so objects are created while a snapshot is being taken; `app` is linked by the setup, `app2`
 /// is not; `ghost` is never created.
@@ -30,9 +34,6 @@ const ENVS: [&str; 7] = ["e0", "e1", "e2", "e3", "app", "app2", "ghost"];
 const APP: usize = 4;
 const APP2: usize = 5;
 const GHOST: usize = 6;
-const AGENTS: [&str; 3] = ["a0", "a1", "a2"];
-const KEYS: [&str; 3] = ["k0", "k1", "k2"];
-const START_MS: u64 = 1_700_000_000_000;
 
 /// Small caps, a short retention and few remembered purchase keys, so that short sequences reach
 /// every limit and forgetting is part of what recovery must reproduce.
@@ -46,17 +47,8 @@ fn limits() -> Limits {
     }
 }
 
-fn tenant(i: usize) -> TenantId {
-    TenantId::new(TENANTS[i]).unwrap()
-}
 fn env(i: usize) -> EnvironmentId {
     EnvironmentId::new(ENVS[i]).unwrap()
-}
-fn agent(i: usize) -> AgentId {
-    AgentId::new(AGENTS[i]).unwrap()
-}
-fn key(i: usize) -> IdempotencyKey {
-    IdempotencyKey::new(KEYS[i]).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -183,131 +175,8 @@ fn assert_same(a: &Ledger, b: &Ledger, now: u64) -> Result<(), TestCaseError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Generated steps. They name things by index and become commands against `A`'s current state, so
-// that shrinking keeps them meaningful.
-
-#[derive(Debug, Clone)]
-enum Pick {
-    /// The n-th most recent grant, so that retries of one reservation are common.
-    Recent(usize),
-    Any(Index),
-    /// A reservation id that was never issued, in a capacity environment or an app environment.
-    Unknown(bool),
-}
-
-#[derive(Debug, Clone)]
-enum Actual {
-    /// `quarters`/4 of the reserved amount: 0 to all of it.
-    Quarters(u64),
-    Above(Milli),
-    /// The amount of the first commit, if any: a faithful retry.
-    FirstAgain,
-    Any(Milli),
-}
-
-/// An allocation as drawn, or relative to the allocation's use or the tenant's room.
-#[derive(Debug, Clone)]
-enum Allocation {
-    Exactly(Milli),
-    NearUse(i64),
-    NearRoom(i64),
-}
-
-/// A reservation amount as drawn, or relative to what the environment has available.
-#[derive(Debug, Clone)]
-enum Amount {
-    Exactly(Milli),
-    NearAvailable(i64),
-}
-
-#[derive(Debug, Clone)]
-enum Step {
-    Purchase {
-        tenant: usize,
-        amount: Milli,
-        key: Option<usize>,
-    },
-    Allocate {
-        tenant: usize,
-        env: usize,
-        amount: Allocation,
-        pool: bool,
-    },
-    SetPayAsYouGo {
-        env: usize,
-        enabled: bool,
-        budget: Milli,
-    },
-    /// Links (or with `None` unlinks) an environment, usually an app environment.
-    Link {
-        app: usize,
-        target: Option<usize>,
-    },
-    Reserve {
-        env: usize,
-        agent: usize,
-        amount: Amount,
-        key: Option<usize>,
-        ttl_ms: u64,
-    },
-    /// Sends an earlier keyed purchase or reservation again, as it was or with its amount changed.
-    Retry {
-        pick: Index,
-        changed: bool,
-    },
-    Commit {
-        pick: Pick,
-        actual: Actual,
-    },
-    Release {
-        pick: Pick,
-    },
-    /// Advances the clock; with `sweep`, expires what is due as the server's sweeper would.
-    Advance {
-        ms: u64,
-        sweep: bool,
-    },
-}
-
-fn budget() -> impl Strategy<Value = Milli> {
-    prop_oneof![Just(0), 1..=12_000u64]
-}
-
-fn near() -> impl Strategy<Value = i64> {
-    prop_oneof![-1..=1i64, -3_000..=3_000i64]
-}
-
-fn allocation() -> impl Strategy<Value = Allocation> {
-    prop_oneof![
-        3 => (0..=25_000u64).prop_map(Allocation::Exactly),
-        1 => near().prop_map(Allocation::NearUse),
-        1 => near().prop_map(Allocation::NearRoom),
-    ]
-}
-
-fn reserve_amount() -> impl Strategy<Value = Amount> {
-    prop_oneof![
-        3 => (1..=8_000u64).prop_map(Amount::Exactly),
-        1 => near().prop_map(Amount::NearAvailable),
-    ]
-}
-
-fn pick() -> impl Strategy<Value = Pick> {
-    prop_oneof![
-        6 => (0..3usize).prop_map(Pick::Recent),
-        3 => any::<Index>().prop_map(Pick::Any),
-        1 => any::<bool>().prop_map(Pick::Unknown),
-    ]
-}
-
-fn actual() -> impl Strategy<Value = Actual> {
-    prop_oneof![
-        4 => (0..=4u64).prop_map(Actual::Quarters),
-        2 => (1..=6_000u64).prop_map(Actual::Above),
-        3 => Just(Actual::FirstAgain),
-        1 => (0..=12_000u64).prop_map(Actual::Any),
-    ]
-}
+// Generated steps (their vocabulary is in `ledger_steps`). They become commands against `A`'s
+// current state.
 
 /// How steps lean: `admin` weighs admin commands against the hot path, and `fresh` weighs the objects
 /// the setup does not create (tenant t2, environments e3 and `app2`) against those it does.
@@ -338,50 +207,16 @@ fn link_env_index(lean: Lean) -> impl Strategy<Value = usize> {
 }
 
 fn step(lean: Lean) -> impl Strategy<Value = Step> {
-    let Lean { admin, .. } = lean;
-    prop_oneof![
-        admin => (tenant_index(lean), 0..=20_000u64, proptest::option::of(0..3usize))
-            .prop_map(|(tenant, amount, key)| Step::Purchase { tenant, amount, key }),
-        2 * admin => (tenant_index(lean), allocation_env_index(lean), allocation(), any::<bool>())
-            .prop_map(|(tenant, env, amount, pool)| Step::Allocate { tenant, env, amount, pool }),
-        admin => (0..ENVS.len(), any::<bool>(), budget())
-            .prop_map(|(env, enabled, budget)| Step::SetPayAsYouGo { env, enabled, budget }),
-        admin => (link_env_index(lean), proptest::option::of(0..ENVS.len()))
-            .prop_map(|(app, target)| Step::Link { app, target }),
-        7 => (prop_oneof![19 => 0..GHOST, 1 => Just(GHOST)], 0..3usize, reserve_amount(),
-              proptest::option::of(0..3usize), 1..=200u64)
-            .prop_map(|(env, agent, amount, key, ttl_ms)| Step::Reserve { env, agent, amount, key, ttl_ms }),
-        2 => (any::<Index>(), any::<bool>()).prop_map(|(pick, changed)| Step::Retry { pick, changed }),
-        5 => (pick(), actual()).prop_map(|(pick, actual)| Step::Commit { pick, actual }),
-        3 => pick().prop_map(|pick| Step::Release { pick }),
-        3 => (0..=80u64, prop_oneof![3 => Just(true), 1 => Just(false)])
-            .prop_map(|(ms, sweep)| Step::Advance { ms, sweep }),
-    ]
-}
-
-/// Two tenants with capacity, e0 without the pool, e1 and e2 perhaps with it, pay-as-you-go perhaps
-/// on e1 and e2 (capped, or uncapped when the budget is 0), and `app` linked to e1.
-fn setup() -> impl Strategy<Value = Vec<Step>> {
-    (
-        20_000..=40_000u64,
-        10_000..=30_000u64,
-        [0..=10_000u64, 0..=10_000, 0..=10_000],
-        any::<bool>(),
-        [budget(), budget()],
-        [any::<bool>(), any::<bool>()],
-    )
-        .prop_map(|(p0, p1, alloc, pool2, budgets, payg)| {
-            vec![
-                Step::Purchase { tenant: 0, amount: p0, key: None },
-                Step::Purchase { tenant: 1, amount: p1, key: None },
-                Step::Allocate { tenant: 0, env: 0, amount: Allocation::Exactly(alloc[0]), pool: false },
-                Step::Allocate { tenant: 0, env: 1, amount: Allocation::Exactly(alloc[1]), pool: true },
-                Step::Allocate { tenant: 1, env: 2, amount: Allocation::Exactly(alloc[2]), pool: pool2 },
-                Step::SetPayAsYouGo { env: 1, enabled: payg[0], budget: budgets[0] },
-                Step::SetPayAsYouGo { env: 2, enabled: payg[1], budget: budgets[1] },
-                Step::Link { app: APP, target: Some(1) },
-            ]
-        })
+    ledger_steps::step(Shape {
+        admin: lean.admin,
+        tenant: tenant_index(lean).boxed(),
+        allocation_env: allocation_env_index(lean).boxed(),
+        link_env: link_env_index(lean).boxed(),
+        reserve_env: prop_oneof![19 => 0..GHOST, 1 => Just(GHOST)].boxed(),
+        envs: ENVS.len(),
+        ttl_ms: 1..=200,
+        near_low: false,
+    })
 }
 
 /// Phase 1 runs before the snapshot; `during` are batches run between the items of a mixed-instant
@@ -398,7 +233,7 @@ struct Scenario {
 fn scenario() -> impl Strategy<Value = Scenario> {
     use proptest::collection::vec;
     (
-        setup(),
+        setup(APP),
         vec(step(ORDINARY), 0..=40),
         vec(vec(step(BUSY), 0..=5), 0..=10),
         vec(step(ORDINARY), 0..=25),
@@ -478,57 +313,8 @@ impl Driver {
             Amount::Exactly(x) => *x,
             Amount::NearAvailable(_) if available > 1_000_000 => 1_000,
             Amount::NearAvailable(delta) => available.saturating_add_signed(*delta).max(1),
+            Amount::NearLow(delta) => unreachable!("this suite's steps draw no NearLow amounts, yet drew {delta}"),
         }
-    }
-
-    fn command(&self, a: &Ledger, step: &Step) -> Command {
-        match step {
-            Step::Purchase { tenant: t, amount, key: k } => {
-                Command::PurchaseCapacity { tenant: tenant(*t), amount_milli: *amount, idempotency_key: k.map(key) }
-            }
-            Step::Allocate { tenant: t, env: e, amount, pool } => Command::AllocateCapacity {
-                tenant: tenant(*t),
-                environment: env(*e),
-                amount_milli: self.allocation(a, &tenant(*t), &env(*e), amount),
-                draw_from_tenant_pool: *pool,
-            },
-            Step::SetPayAsYouGo { env: e, enabled, budget } => {
-                Command::SetPayAsYouGo { environment: env(*e), enabled: *enabled, budget_milli: *budget }
-            }
-            Step::Link { app, target } => {
-                Command::LinkEnvironment { app_environment: env(*app), environment: target.map(env) }
-            }
-            Step::Reserve { env: e, agent: g, amount, key: k, ttl_ms } => Command::Reserve {
-                environment: env(*e),
-                agent: agent(*g),
-                amount_milli: self.reserve_amount(a, &env(*e), amount),
-                idempotency_key: k.map(key),
-                expires_at_ms: self.now + ttl_ms,
-            },
-            Step::Commit { pick, actual } => {
-                let reservation = self.reservation(pick);
-                let actual_milli = self.actual(&reservation, actual);
-                Command::Commit { reservation, actual_milli }
-            }
-            Step::Release { pick } => Command::Release { reservation: self.reservation(pick) },
-            Step::Retry { .. } | Step::Advance { .. } => unreachable!("not a command of its own"),
-        }
-    }
-
-    fn retry(&self, pick: &Index, changed: bool) -> Option<Command> {
-        if self.keyed.is_empty() {
-            return None;
-        }
-        let (mut command, ttl_ms) = pick.get(&self.keyed).clone();
-        match &mut command {
-            Command::Reserve { amount_milli, expires_at_ms, .. } => {
-                *expires_at_ms = self.now + ttl_ms;
-                *amount_milli += u64::from(changed);
-            }
-            Command::PurchaseCapacity { amount_milli, .. } => *amount_milli += u64::from(changed),
-            _ => unreachable!("only purchases and reservations are kept"),
-        }
-        Some(command)
     }
 
     /// Runs one step on every ledger in `ledgers`, then checks they are consistent and alike.
@@ -541,17 +327,13 @@ impl Driver {
                 }
             }
             Step::Retry { pick, changed } => {
-                if let Some(command) = self.retry(pick, *changed) {
+                if let Some(command) = retried(&self.keyed, pick, *changed, self.now) {
                     self.apply(ledgers, &command)?;
                 }
             }
             _ => {
-                let command = self.command(ledgers[0], step);
-                match step {
-                    Step::Reserve { key: Some(_), ttl_ms, .. } => self.keyed.push((command.clone(), *ttl_ms)),
-                    Step::Purchase { key: Some(_), .. } => self.keyed.push((command.clone(), 0)),
-                    _ => {}
-                }
+                let command = command(&Against { driver: self, a: ledgers[0] }, step);
+                self.keyed.extend(kept(step, &command));
                 self.apply(ledgers, &command)?;
             }
         }
@@ -611,6 +393,38 @@ impl Driver {
             }
         }
         Ok(())
+    }
+}
+
+/// The driver's state read together with `A`'s: what a step's picks and relative amounts come to.
+struct Against<'a> {
+    driver: &'a Driver,
+    a: &'a Ledger,
+}
+
+impl Resolve for Against<'_> {
+    fn env(&self, i: usize) -> EnvironmentId {
+        env(i)
+    }
+
+    fn now(&self) -> u64 {
+        self.driver.now
+    }
+
+    fn reservation(&self, pick: &Pick) -> ReservationId {
+        self.driver.reservation(pick)
+    }
+
+    fn actual(&self, r: &ReservationId, actual: &Actual) -> Milli {
+        self.driver.actual(r, actual)
+    }
+
+    fn allocation(&self, t: &TenantId, e: &EnvironmentId, amount: &Allocation) -> Milli {
+        self.driver.allocation(self.a, t, e, amount)
+    }
+
+    fn reserve_amount(&self, e: &EnvironmentId, amount: &Amount) -> Milli {
+        self.driver.reserve_amount(self.a, e, amount)
     }
 }
 
