@@ -91,6 +91,8 @@ struct Shared {
     health: watch::Sender<bool>,
     /// The first sequence number of the segment being written, which is never removed.
     current_segment: AtomicU64,
+    /// The sequence number of the last append, readable without the pending lock.
+    last_appended: AtomicU64,
 }
 
 struct Pending {
@@ -171,6 +173,7 @@ impl Journal {
             progress: watch::Sender::new(Progress { durable_end: next_seq, failing: false, closed: false }),
             health: watch::Sender::new(true),
             current_segment: AtomicU64::new(next_seq),
+            last_appended: AtomicU64::new(next_seq - 1),
         });
         let writer = match mode {
             Durability::None => None,
@@ -192,6 +195,8 @@ impl Journal {
         let mut pending = self.shared.pending.lock();
         let seq = pending.next_seq;
         pending.next_seq += 1;
+        // Stored under the lock, so it only grows.
+        self.shared.last_appended.store(seq, Ordering::Release);
         if self.mode == Durability::None || pending.closing_at.is_some() {
             return seq;
         }
@@ -224,7 +229,7 @@ impl Journal {
 
     /// The sequence number of the last append, or one less than the first if nothing was appended.
     pub fn last_appended(&self) -> u64 {
-        self.shared.pending.lock().next_seq - 1
+        self.shared.last_appended.load(Ordering::Acquire)
     }
 
     /// Resolves once every record up to `seq` is durable (written to the OS in `Write` mode, on disk in
