@@ -258,11 +258,7 @@ impl Ledger {
     pub fn quote(&self, environment: &EnvironmentId, amount: Milli, now: u64) -> Result<Quote, LedgerError> {
         let cell = self.capacity_cell(environment)?;
         let books = Books::lock(&cell);
-        let draws = Draws::plan(amount, books.available()).map_err(|available| LedgerError::QuotaDepleted {
-            environment: cell.id.clone(),
-            requested_milli: amount,
-            available_milli: available,
-        })?;
+        let draws = plan_draws(&books, amount)?;
         Ok(Quote { draws, balance: books.balance(now) })
     }
 
@@ -270,21 +266,32 @@ impl Ledger {
     /// included and checked in the same order.
     pub fn dry_run(&self, environment: &EnvironmentId, amount: Milli, now: u64) -> Result<Quote, LedgerError> {
         let cell = self.capacity_cell(environment)?;
-        let open = cell.books.lock().open.len() as u64;
-        if open >= self.limits.max_open_reservations_per_environment {
+        let books = Books::lock(&cell);
+        let draws = self.plan_hold(&books, amount)?;
+        let max_total = self.limits.max_open_reservations_total;
+        if self.open_total.load(Ordering::Relaxed) >= max_total {
+            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
+        }
+        Ok(Quote { draws, balance: books.balance(now) })
+    }
+
+    /// The draws of a new hold of `amount`, or why the environment refuses it: its open-hold cap, too
+    /// little capacity, or holds that could no longer be counted. The server-wide cap is the caller's.
+    fn plan_hold(&self, books: &Books<'_>, amount: Milli) -> Result<Draws, LedgerError> {
+        let max_open = self.limits.max_open_reservations_per_environment;
+        if books.env.open.len() as u64 >= max_open {
             return Err(LedgerError::TooManyOpenReservations {
                 scope: OpenReservationScope::Environment,
-                limit: self.limits.max_open_reservations_per_environment,
+                limit: max_open,
             });
         }
-        let quote = self.quote(environment, amount, now)?;
-        if self.open_total.load(Ordering::Relaxed) >= self.limits.max_open_reservations_total {
-            return Err(LedgerError::TooManyOpenReservations {
-                scope: OpenReservationScope::Server,
-                limit: self.limits.max_open_reservations_total,
-            });
+        let draws = plan_draws(books, amount)?;
+        // Uncapped pay-as-you-go offers `Milli::MAX` however much is already held, so the plan alone
+        // does not keep the holds countable.
+        if books.env.held.total().checked_add(amount).is_none() {
+            return Err(LedgerError::CounterOverflow { what: "the environment's holds" });
         }
-        Ok(quote)
+        Ok(draws)
     }
 
     pub fn balance(&self, environment: &EnvironmentId, now: u64) -> Result<Balance, LedgerError> {
@@ -487,23 +494,8 @@ impl Ledger {
         {
             return replay_grant(&books, seq, request, now);
         }
-        if books.env.open.len() as u64 >= self.limits.max_open_reservations_per_environment {
-            return Err(LedgerError::TooManyOpenReservations {
-                scope: OpenReservationScope::Environment,
-                limit: self.limits.max_open_reservations_per_environment,
-            });
-        }
         let amount = request.amount;
-        let draws = Draws::plan(amount, books.available()).map_err(|available| LedgerError::QuotaDepleted {
-            environment: cell.id.clone(),
-            requested_milli: amount,
-            available_milli: available,
-        })?;
-        // Uncapped pay-as-you-go offers `Milli::MAX` however much is already held, so the plan alone
-        // does not keep the holds countable.
-        if books.env.held.total().checked_add(amount).is_none() {
-            return Err(LedgerError::CounterOverflow { what: "the environment's holds" });
-        }
+        let draws = self.plan_hold(&books, amount)?;
         // The server-wide count is taken last, so that every refusal above leaves it untouched.
         let max_total = self.limits.max_open_reservations_total;
         if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
@@ -761,6 +753,15 @@ impl Ledger {
 fn new_cell(environment: &EnvironmentId, tenant: &TenantId, tenant_cell: Arc<Mutex<Tenant>>) -> Arc<CapacityCell> {
     let books = Mutex::new(Environment::new(tenant.clone()));
     Arc::new(CapacityCell { id: environment.clone(), tenant: tenant_cell, books })
+}
+
+/// Takes `amount` from what the environment has available, in draw order, or refuses it whole.
+fn plan_draws(books: &Books<'_>, amount: Milli) -> Result<Draws, LedgerError> {
+    Draws::plan(amount, books.available()).map_err(|available| LedgerError::QuotaDepleted {
+        environment: books.cell.id.clone(),
+        requested_milli: amount,
+        available_milli: available,
+    })
 }
 
 fn tenant_capacity(id: &TenantId, tenant: &Tenant) -> TenantCapacity {
