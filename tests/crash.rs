@@ -18,7 +18,7 @@ use std::{
     net::SocketAddr,
     os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
-    process::{ExitStatus, Stdio},
+    process::ExitStatus,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -26,7 +26,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use common::{connect, milli};
+use common::{connect, milli, quotad_binary};
 use quotad::proto::{
     Balance, CheckAndReserveRequest, CheckAndReserveResponse, CommitRequest, Draw, GetBalanceRequest, GetTenantRequest,
     PurchaseCapacityRequest, ReleaseRequest, Source, TenantCapacity, quota_admin_client::QuotaAdminClient,
@@ -171,30 +171,13 @@ impl DataDir {
 
     /// `quotad` on this directory with the crash scenario's config.
     fn quotad(&self, durability: &str, extra: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_quotad"));
-        for var in [
-            "QUOTAD_LISTEN",
-            "QUOTAD_DATA_DIR",
-            "QUOTAD_DURABILITY",
-            "QUOTAD_FSYNC_INTERVAL",
-            "QUOTAD_SNAPSHOT_INTERVAL",
-            "QUOTAD_RECOVER_FROM_OLDER_SNAPSHOT",
-            "QUOTAD_CONFIG",
-            "QUOTAD_LOG_FORMAT",
-        ] {
-            command.env_remove(var);
-        }
+        let mut command = quotad_binary();
         command
             .args(["--listen", "127.0.0.1:0", "--durability", durability, "--data-dir"])
             .arg(self.data())
             .arg("--config")
             .arg(self.config())
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .args(extra);
         command
     }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::{net::SocketAddr, path::PathBuf, process::Stdio};
+use std::{net::SocketAddr, path::PathBuf};
 
 use common::*;
 use quotad::config::Settings;
@@ -120,26 +120,15 @@ struct Daemon {
     stderr: JoinHandle<Vec<String>>,
 }
 
-/// `quotad` with a clean environment for its own variables and `RUST_LOG=info`, so that the
-/// `listening` line is logged whatever the caller's environment says.
+/// `quotad` on a data directory of its own, kept under the target directory for a look after a failure.
 fn quotad_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_quotad"));
-    for var in ["QUOTAD_LISTEN", "QUOTAD_DATA_DIR", "QUOTAD_CONFIG", "QUOTAD_LOG_FORMAT", "QUOTAD_DURABILITY"] {
-        command.env_remove(var);
-    }
-    // A data directory of its own, kept under the target directory for a look after a failure.
     let data_dir = tempfile::Builder::new()
         .prefix("lifecycle-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("a temporary data directory")
         .keep();
-    command
-        .env("QUOTAD_DATA_DIR", data_dir)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut command = quotad_binary();
+    command.env("QUOTAD_DATA_DIR", data_dir);
     command
 }
 

@@ -86,6 +86,26 @@ pub async fn spawn_server_with_config(config: Config, clock: Arc<ManualClock>) -
     }
 }
 
+/// The real `quotad` binary with none of the caller's `QUOTAD_*` variables, so the flags a test
+/// passes are its whole configuration; `RUST_LOG=info` so that the `listening` line is logged; stderr
+/// piped; killed if the test drops it.
+pub fn quotad_binary() -> tokio::process::Command {
+    use std::process::Stdio;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_quotad"));
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("QUOTAD_") {
+            command.env_remove(var);
+        }
+    }
+    command
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
 /// A new HTTP/2 connection to `addr`.
 pub async fn connect(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect to the test server")
