@@ -405,6 +405,32 @@ mod tests {
         assert!(err.contains("per"), "{err}");
     }
 
+    /// Parses flags as the binary does; `QUOTAD_*` variables in the test's environment would apply too.
+    fn load(args: &[&str]) -> Result<Config, ConfigError> {
+        let cli = Cli::try_parse_from(["quotad"].iter().chain(args)).expect("flags parse");
+        Config::load(cli)
+    }
+
+    #[test]
+    fn storage_flags_have_defaults_and_limits() {
+        let storage = load(&[]).unwrap().storage.expect("a data directory by default");
+        assert_eq!(storage.dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(storage.durability, Durability::Write);
+        assert_eq!(storage.fsync_interval, Duration::from_millis(10));
+        assert_eq!(storage.snapshot_interval, Duration::from_secs(30));
+        assert!(!storage.recover_from_older_snapshot);
+
+        assert!(load(&["--fsync-interval", "1ms"]).is_ok());
+        let err = load(&["--fsync-interval", "0s"]).unwrap_err().to_string();
+        assert!(err.contains("--fsync-interval"), "{err}");
+        assert!(load(&["--snapshot-interval", "1s"]).is_ok());
+        let err = load(&["--snapshot-interval", "999ms"]).unwrap_err().to_string();
+        assert!(err.contains("--snapshot-interval") && err.contains("at least 1s"), "{err}");
+        let storage = load(&["--durability", "fsync", "--recover-from-older-snapshot"]).unwrap().storage.unwrap();
+        assert_eq!(storage.durability, Durability::Fsync);
+        assert!(storage.recover_from_older_snapshot);
+    }
+
     #[test]
     fn a_bootstrap_that_over_allocates_is_refused() {
         let err =
