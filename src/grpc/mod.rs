@@ -40,15 +40,19 @@ pub struct Context {
 }
 
 impl Context {
-    /// Stamps a command with the current time, applies it, and answers once the change (or, for a
-    /// retry, the change it repeats) is durable.
+    /// Stamps a command with the current time and applies it; see [`Context::execute_at`].
     async fn execute(&self, command: &Command) -> Result<Outcome, tonic::Status> {
+        self.execute_at(command, self.clock.now_ms()).await
+    }
+
+    /// Applies a command at `now`, and answers once the change (or, for a retry, the change it
+    /// repeats) is durable.
+    async fn execute_at(&self, command: &Command, now: u64) -> Result<Outcome, tonic::Status> {
         if let Some(store) = &self.store
             && !store.journal().is_healthy()
         {
             return Err(status::log_unavailable());
         }
-        let now = self.clock.now_ms();
         let outcome = self.ledger.apply(command, now)?;
         if let Some(store) = &self.store {
             store.wait_durable().await.map_err(|_| status::log_unavailable())?;

@@ -69,7 +69,8 @@ impl Quota for QuotaService {
             idempotency_key,
             expires_at_ms: now.saturating_add(ttl_ms),
         };
-        let outcome = self.context.execute(&command).await.inspect_err(|_| {
+        // The same instant stamps the command and starts its hold's lifetime.
+        let outcome = self.context.execute_at(&command, now).await.inspect_err(|_| {
             span.record("decision", "refused");
         })?;
         let Outcome::Reserved(grant) = outcome else { unreachable!("a reserve yields a grant") };
