@@ -217,10 +217,6 @@ impl Ledger {
         }
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     /// Applies one state change at time `now`. A refused command changes nothing.
     pub fn apply(&self, command: &Command, now: u64) -> Result<Outcome, LedgerError> {
         match command {

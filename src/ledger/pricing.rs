@@ -83,10 +83,6 @@ impl RateCard {
         Ok(Self { rates })
     }
 
-    pub fn scenarios(&self) -> impl Iterator<Item = (&str, Rate)> {
-        self.rates.iter().map(|(name, rate)| (name.as_str(), *rate))
-    }
-
     /// The exact price of a list of (scenario, quantity) items. A fractional milli is rounded up, so
     /// usage is never under-billed.
     pub fn price<'a>(&self, items: impl IntoIterator<Item = (&'a str, u64)>) -> Result<Milli, PricingError> {
