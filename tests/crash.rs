@@ -1045,7 +1045,8 @@ async fn some_ops(clients: &Clients, shared: &Shared, rng: &mut Rng, name: &str,
 fn records(segment: &[u8]) -> Vec<(usize, usize)> {
     let mut records = Vec::new();
     let mut at = 24;
-    while at + 20 <= segment.len() {
+    // Zeros after the records are the unused end of a segment's preallocated space.
+    while at + 20 <= segment.len() && segment[at..at + 20].iter().any(|&b| b != 0) {
         let len = u32::from_le_bytes(segment[at..at + 4].try_into().unwrap()) as usize;
         if at + 20 + len > segment.len() {
             break;
@@ -1062,9 +1063,13 @@ fn flip_bits(path: &Path, offset: usize, mask: u8) {
     std::fs::write(path, bytes).unwrap();
 }
 
-fn append(path: &Path, tail: &[u8]) {
-    use std::io::Write;
-    std::fs::OpenOptions::new().append(true).open(path).unwrap().write_all(tail).unwrap();
+/// Writes `tail` right after the last whole record of a segment, as a write torn by a crash would leave
+/// it, and returns where the records end.
+fn write_after_records(path: &Path, tail: &[u8]) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let end = records(&std::fs::read(path).unwrap()).last().map_or(24, |(at, len)| at + 20 + len) as u64;
+    std::fs::OpenOptions::new().write(true).open(path).unwrap().write_all_at(tail, end).unwrap();
+    end
 }
 
 /// Every file of the data directory with its contents, to show that a refused start changed nothing.
@@ -1126,8 +1131,7 @@ async fn a_torn_log_tail_is_cut_off_with_a_warning_and_nothing_acknowledged_is_l
         let before = clients.state().await;
         daemon.kill().await;
         let newest = dir.segments().pop().expect("a log segment");
-        let len = std::fs::metadata(&newest).unwrap().len();
-        append(&newest, &tail);
+        let len = write_after_records(&newest, &tail);
 
         (daemon, clients) = restart_and_check(&dir, "write", NEVER, &shared, false, what).await;
         let log = daemon.log();

@@ -64,7 +64,17 @@ fn fill(dir: &Path) -> PathBuf {
     }
 }
 
-fn config_on(dir: &Path) -> Config {
+fn newest_segment_len(dir: &Path) -> u64 {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.file_name().unwrap().to_str().unwrap().starts_with("wal-"))
+        .collect();
+    segments.sort();
+    std::fs::metadata(segments.last().expect("a log segment")).unwrap().len()
+}
+
+fn config_on(dir: &Path, max_segment_bytes: u64) -> Config {
     let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
     config.storage = Some(StorageConfig {
         dir: dir.to_owned(),
@@ -72,7 +82,7 @@ fn config_on(dir: &Path) -> Config {
         fsync_interval: Duration::from_millis(10),
         snapshot_interval: Duration::from_secs(3600),
         recover_from_older_snapshot: false,
-        max_segment_bytes: 64 * 1024 * 1024,
+        max_segment_bytes,
     });
     config
 }
@@ -99,24 +109,39 @@ async fn wait_for_health(server: &TestServer, wanted: ServingStatus) {
 async fn a_full_disk_refuses_changes_then_recovers_by_itself_losing_nothing() {
     // Proves: with no space left, a change is answered UNAVAILABLE (LOG_UNAVAILABLE) and health turns
     // NOT_SERVING; freeing space brings SERVING back without a restart; and after a restart the state
-    // holds every acknowledged hold, and the refused-after-apply one at most once.
-    let Some(disk) = Tmpfs::mount(2 * 1024 * 1024) else {
+    // holds every acknowledged hold, and the refused-after-apply one at most once. Segments larger than
+    // the disk cannot be preallocated, so every record is written with `pwrite`, which fails.
+    full_disk_scenario(64 * 1024 * 1024).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_refused_once_the_preallocated_segment_is_used_up() {
+    // Proves the same with small segments: the log goes on writing into the space it reserved, and
+    // refuses once it needs a new segment that the disk cannot hold.
+    full_disk_scenario(32 * 1024).await;
+}
+
+async fn full_disk_scenario(max_segment_bytes: u64) {
+    const DISK_BYTES: u64 = 2 * 1024 * 1024;
+    let Some(disk) = Tmpfs::mount(DISK_BYTES) else {
         eprintln!("skipped: mounting a tmpfs needs root");
         return;
     };
     let dir = disk.path.join("data");
     let clock = Arc::new(ManualClock::new(START_MS));
-    let server = spawn_server_with_config(config_on(&dir), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(&dir, max_segment_bytes), clock.clone()).await;
     server.bootstrap("acme", "acme-prod", 10_000).await;
     let mut acknowledged = 0u64;
     for _ in 0..3 {
         server.reserve("acme-prod", 1).await;
         acknowledged += 1;
     }
+    let segment_len = newest_segment_len(&dir);
+    assert_eq!(segment_len == max_segment_bytes, max_segment_bytes < DISK_BYTES, "preallocated: {segment_len} bytes");
 
     let filler = fill(&disk.path);
     let mut refused = None;
-    for attempt in 0..1_000 {
+    for attempt in 0..5_000 {
         let mut request = reserve_request("acme-prod", 1);
         request.idempotency_key = format!("during-full-{attempt}");
         match server.try_reserve(request).await {
@@ -129,7 +154,7 @@ async fn a_full_disk_refuses_changes_then_recovers_by_itself_losing_nothing() {
             }
         }
     }
-    let refused_key = refused.expect("a full disk refuses a change within 1,000 small writes");
+    let refused_key = refused.expect("a full disk refuses a change within 5,000 small writes");
     wait_for_health(&server, ServingStatus::NotServing).await;
     let status = server.try_reserve(reserve_request("acme-prod", 1)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "refused up front while the log cannot write");
@@ -142,7 +167,7 @@ async fn a_full_disk_refuses_changes_then_recovers_by_itself_losing_nothing() {
     let before = server.balance("acme-prod").await;
     server.shutdown().await.expect("a clean shutdown");
 
-    let server = spawn_server_with_config(config_on(&dir), clock).await;
+    let server = spawn_server_with_config(config_on(&dir, max_segment_bytes), clock).await;
     let after = server.balance("acme-prod").await;
     assert_eq!(after, before, "a restart restores exactly the state before it");
     let held = after.reserved_milli / milli(1);

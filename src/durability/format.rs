@@ -11,10 +11,12 @@
 //! A record's header has a checksum of its own, so that its length is trusted before it is used: a
 //! damaged length is reported as damage, never taken for a record cut short by a crash. The end of a
 //! segment is a torn tail (a crash mid-write, cut off by recovery) when it is less than a record header,
-//! a record header that fails its checksum with only zeros from there on (blocks a power loss left
-//! zeroed), a valid header whose payload runs past the end of the file, or a valid header whose payload
-//! fails its checksum with only zeros after the record (the record at the end of the file included).
-//! Anything else that does not check out is corruption.
+//! a record header that fails its checksum and ends in zeros with only zeros after it (the writer copies
+//! front to back, so a header cut short ends in the zeros of unused space), a valid header whose payload runs
+//! past the end of the file, or a valid header whose payload fails its checksum with only zeros after
+//! the record (the record at the end of the file included). Zeros are what the writer's preallocated,
+//! not yet used space holds, or blocks a power loss left zeroed. Anything else that does not check out
+//! is corruption.
 //!
 //! A snapshot `snapshot-<covered_seq>.snap` is a header, framed items and a trailer:
 //!
@@ -257,6 +259,9 @@ pub struct Segment {
     /// Where an incomplete last record starts, if the file ends in one (a crash mid-write); equals
     /// `valid_len`. The caller truncates the file there.
     pub torn_tail: Option<u64>,
+    /// Everything after `valid_len` is zeros: space the writer reserved and had not used yet (or blocks
+    /// a power loss left zeroed), rather than a record cut short.
+    pub tail_is_zero: bool,
 }
 
 /// Reads and checks a whole segment. An incomplete record at the end is reported as a torn tail (see
@@ -268,7 +273,8 @@ pub fn read_segment(path: &Path) -> Result<Segment, FormatError> {
     check_name(path, SEGMENT_PREFIX, SEGMENT_SUFFIX, first_seq)?;
     let (records, end) = parse_records(&bytes, first_seq).map_err(|(offset, kind)| corrupt(path, offset, kind))?;
     let torn_tail = (end < bytes.len()).then_some(end as u64);
-    Ok(Segment { first_seq, records, valid_len: end as u64, torn_tail })
+    let tail_is_zero = is_zero(&bytes[end..]);
+    Ok(Segment { first_seq, records, valid_len: end as u64, torn_tail, tail_is_zero })
 }
 
 /// Parses records from after the header to the end of the file, or to the start of a torn record.
@@ -284,9 +290,11 @@ fn parse_records(bytes: &[u8], first_seq: u64) -> Result<(Records, usize), (u64,
             return Ok((records, at));
         };
         if crc32c::crc32c(&header[..16]) != u32_at(header, 16) {
-            // Blocks that a power loss left zeroed may end the file; a damaged header followed by anything
+            // A header that a crash cut short in space the writer had reserved (its end still zero), or
+            // blocks that a power loss left zeroed, may end the file; a damaged header followed by anything
             // else may hide any number of records, so it is never cut off.
-            if is_zero(rest) {
+            let written = header.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
+            if written < RECORD_HEADER_LEN && is_zero(&rest[RECORD_HEADER_LEN..]) {
                 return Ok((records, at));
             }
             return Err((at as u64, Corruption::RecordHeaderChecksum));
@@ -635,7 +643,13 @@ mod tests {
         let segment = read_segment(&path).unwrap();
         assert_eq!(
             segment,
-            Segment { first_seq: 10, records: numbered(10, &payloads), valid_len: bytes.len() as u64, torn_tail: None }
+            Segment {
+                first_seq: 10,
+                records: numbered(10, &payloads),
+                valid_len: bytes.len() as u64,
+                torn_tail: None,
+                tail_is_zero: true
+            }
         );
     }
 
@@ -700,6 +714,7 @@ mod tests {
         bytes.resize(end + 4096, 0);
         fs::write(&path, &bytes).unwrap();
         let segment = read_segment(&path).unwrap();
+        assert!(segment.tail_is_zero);
         assert_eq!((segment.records, segment.torn_tail), (numbered(1, &payloads), Some(end as u64)));
     }
 
@@ -757,6 +772,25 @@ mod tests {
         bytes[last] ^= 0x10;
         fs::write(&path, &bytes).unwrap();
         assert_eq!(corruption(read_segment(&path)), (last as u64, Corruption::RecordHeaderChecksum));
+    }
+
+    #[test]
+    fn a_header_cut_short_in_preallocated_space_is_a_torn_tail() {
+        // The writer copies front to back into zeroed, preallocated space: a crash leaves a prefix of the
+        // last record's header with zeros after it.
+        let dir = tempfile::tempdir().unwrap();
+        let payloads = sample_payloads();
+        let (path, pristine, offsets) = write_segment(dir.path(), 1, &payloads);
+        let last = *offsets.last().unwrap();
+        for cut in 0..RECORD_HEADER_LEN {
+            let mut bytes = pristine.clone();
+            bytes[last + cut..].fill(0);
+            bytes.resize(pristine.len() + 4096, 0);
+            fs::write(&path, &bytes).unwrap();
+            let segment = read_segment(&path).unwrap();
+            let expected = (numbered(1, &payloads[..4]), Some(last as u64), cut == 0);
+            assert_eq!((segment.records, segment.torn_tail, segment.tail_is_zero), expected, "cut at {cut}");
+        }
     }
 
     #[test]

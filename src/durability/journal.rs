@@ -1,10 +1,16 @@
 //! The write-ahead log writer. Request handlers append records while they hold in-memory locks, so an
-//! append only copies bytes into a buffer under a short mutex; one writer thread takes the whole buffer
-//! at a time and writes it with one call (group commit), and handlers then wait, without any lock, until
-//! their record is durable in the sense of the configured [`Durability`].
+//! append only copies bytes into a buffer under a short mutex; whatever the buffer holds is then written
+//! at once (group commit), and handlers wait, without any lock, until their record is durable in the
+//! sense of the configured [`Durability`].
 //!
-//! Threads: the writer thread owns the segment files. In `write` mode a second thread runs the
-//! background `fdatasync`, so that a slow disk sync never holds up the writes that answers wait for.
+//! Segment files are allocated up front and mapped into memory, so writing a batch is a copy into the
+//! page cache: as safe against a killed process as `write(2)`, without a system call.
+//!
+//! Threads: a writer thread rotates segments, retries after failures, writes records nobody waits for
+//! and, in `fsync` mode, writes and syncs every batch. In `write` mode a waiter writes the buffer itself,
+//! on its own thread, as soon as it waits (a copy into memory costs less than waking another thread or
+//! gathering a larger batch), and a second thread runs the background `fdatasync`, so that a slow disk
+//! sync never holds up answers.
 //!
 //! Sequence numbers start at 1 and are assigned in append order without gaps; records go to segment
 //! files `wal-<first seq>.log` in the data directory (see [`format`]).
@@ -79,8 +85,24 @@ pub struct Journal {
     shared: Arc<Shared>,
     mode: Durability,
     dir: PathBuf,
+    /// In `Write` mode, the writer's state, for a waiter to write a batch on its own thread.
+    inline: Option<Arc<dyn InlineWrite>>,
     /// Taken by the first `close`; held while joining so that a second `close` waits for the first.
     writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Writing the pending records on the caller's thread, which `Journal` needs without knowing the
+/// writer's storage type.
+trait InlineWrite: Send + Sync {
+    /// Writes what is pending, unless the writer thread is needed for it (a rotation, a failing disk,
+    /// closing) or busy. Returns `false` if the caller must wake the writer thread instead.
+    fn write_pending(&self, leader: bool) -> bool;
+}
+
+impl<S: Storage> InlineWrite for Mutex<Writer<S>> {
+    fn write_pending(&self, leader: bool) -> bool {
+        self.try_lock().is_some_and(|mut writer| writer.write_inline(leader))
+    }
 }
 
 struct Shared {
@@ -113,6 +135,8 @@ struct Pending {
     closing_at: Option<u64>,
     /// The answer of the background sync thread, for the writer.
     sync_done: Option<SyncDone>,
+    /// An inline write left records to sync while the writer thread had no sync due: it must look again.
+    sync_wanted: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,7 +167,8 @@ impl Journal {
             retry_max: RETRY_MAX,
             close_give_up_after: CLOSE_GIVE_UP_AFTER,
         };
-        Self::open_with(DirStorage { dir: dir.to_owned() }, dir, mode, settings, next_seq)
+        let storage = DirStorage { dir: dir.to_owned(), preallocate_bytes: max_segment_bytes };
+        Self::open_with(storage, dir, mode, settings, next_seq)
     }
 
     fn open_with<S: Storage>(
@@ -168,6 +193,7 @@ impl Journal {
                 rotations: Vec::new(),
                 closing_at: None,
                 sync_done: None,
+                sync_wanted: false,
             }),
             wake: Condvar::new(),
             progress: watch::Sender::new(Progress { durable_end: next_seq, failing: false, closed: false }),
@@ -175,15 +201,20 @@ impl Journal {
             current_segment: AtomicU64::new(next_seq),
             last_appended: AtomicU64::new(next_seq - 1),
         });
-        let writer = match mode {
-            Durability::None => None,
+        let (inline, writer) = match mode {
+            Durability::None => (None, None),
             Durability::Write | Durability::Fsync => {
                 let file = storage.create_segment(next_seq)?;
                 let writer = Writer::new(Arc::clone(&shared), storage, dir, mode, settings, file, next_seq)?;
-                Some(thread::Builder::new().name("quotad-wal".into()).spawn(move || writer.run())?)
+                let writer = Arc::new(Mutex::new(writer));
+                let inline = (mode == Durability::Write).then(|| Arc::clone(&writer) as Arc<dyn InlineWrite>);
+                let for_thread = Arc::clone(&shared);
+                let thread =
+                    thread::Builder::new().name("quotad-wal".into()).spawn(move || run(&writer, for_thread))?;
+                (inline, Some(thread))
             }
         };
-        Ok(Arc::new(Journal { shared, mode, dir: dir.to_owned(), writer: Mutex::new(writer) }))
+        Ok(Arc::new(Journal { shared, mode, dir: dir.to_owned(), inline, writer: Mutex::new(writer) }))
     }
 
     /// Numbers `payload` and queues it for the writer; never touches the disk or waits for it.
@@ -239,11 +270,20 @@ impl Journal {
         if self.mode == Durability::None {
             return Ok(());
         }
+        if let Some(inline) = &self.inline
+            && self.shared.progress.borrow().durable_end <= seq
+            && inline.write_pending(false)
+            && self.shared.progress.borrow().durable_end > seq
+        {
+            return Ok(());
+        }
         let mut progress = self.shared.progress.subscribe();
         if progress.borrow().durable_end <= seq && self.lead_kick() {
             // Let the requests that are ready now append theirs first, so that one write serves them all.
             tokio::task::yield_now().await;
-            self.kick();
+            if !self.inline.as_ref().is_some_and(|inline| inline.write_pending(true)) {
+                self.kick();
+            }
         }
         let progress = *progress
             .wait_for(|p| p.durable_end > seq || p.failing || p.closed)
@@ -361,18 +401,23 @@ trait Storage: Send + 'static {
 /// The operations the writer needs on a segment file; shared with the sync thread.
 trait SegmentFile: Send + Sync + 'static {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Cuts off what a failed write may have left after `len`.
     fn set_len(&self, len: u64) -> io::Result<()>;
     fn sync_data(&self) -> io::Result<()>;
+    /// The segment is complete at `len` bytes: drops the space reserved beyond it, durably.
+    fn finish(&self, len: u64) -> io::Result<()>;
 }
 
 struct DirStorage {
     dir: PathBuf,
+    /// Space reserved for each new segment, so that appends are copies into memory.
+    preallocate_bytes: u64,
 }
 
 impl Storage for DirStorage {
-    type File = fs::File;
+    type File = MappedSegment;
 
-    fn create_segment(&mut self, first_seq: u64) -> io::Result<fs::File> {
+    fn create_segment(&mut self, first_seq: u64) -> io::Result<MappedSegment> {
         let name = format::segment_file_name(first_seq);
         let path = self.dir.join(&name);
         // A segment with only a header (a previous run that appended nothing) may be replaced; one with
@@ -391,21 +436,109 @@ impl Storage for DirStorage {
         file.sync_all()?;
         fs::rename(&tmp, &path)?;
         format::sync_dir(&self.dir)?;
-        Ok(file)
+        MappedSegment::new(file, self.preallocate_bytes)
     }
 }
 
-impl SegmentFile for fs::File {
+/// A segment file whose first `map.len()` bytes are allocated on disk and mapped into memory, so that
+/// an append is a copy into the page cache rather than a system call: as durable against a killed
+/// process as a `write`, and synced by the same `fdatasync`. Writes past the mapping (a batch larger
+/// than a segment) go through `pwrite`. Where the file system cannot allocate the space up front (it
+/// is full, or does not support it), there is no mapping and every write is a `pwrite`.
+///
+/// Readers see the unused, zeroed end of the allocation as the end of the log; `finish` cuts it off.
+struct MappedSegment {
+    file: fs::File,
+    map: Option<memmap2::MmapRaw>,
+}
+
+impl MappedSegment {
+    fn new(file: fs::File, preallocate_bytes: u64) -> io::Result<Self> {
+        // Allocated, not sparse: a page of a mapping that the disk cannot back would be a SIGBUS.
+        if preallocate_bytes <= FILE_HEADER_LEN as u64
+            || rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, preallocate_bytes).is_err()
+        {
+            debug!(preallocate_bytes, "log segment not preallocated; appends are written with pwrite");
+            return Ok(Self { file, map: None });
+        }
+        let map = memmap2::MmapOptions::new().len(preallocate_bytes as usize).map_raw(&file)?;
+        Ok(Self { file, map: Some(map) })
+    }
+
+    fn mapped_len(&self) -> u64 {
+        self.map.as_ref().map_or(0, |map| map.len() as u64)
+    }
+}
+
+/// Copies `src` to `dst` front to back, each store after the one before it, so that a process killed
+/// mid-copy leaves a prefix of `src` in the page cache and zeros after it: what recovery reads as a
+/// torn tail. (`memcpy` may store the end first, which would leave bytes after a gap.)
+///
+/// # Safety
+/// `dst..dst + src.len()` must be valid for writes and not overlap `src`.
+unsafe fn copy_in_order(src: &[u8], dst: *mut u8) {
+    // Volatile stores are neither reordered nor merged by the compiler; the CPU retires them in order,
+    // so a kill at any instruction leaves exactly the stores before it.
+    let head = dst.align_offset(8).min(src.len());
+    let (bytes, rest) = src.split_at(head);
+    let mut at = 0;
+    for &byte in bytes {
+        // SAFETY: within `dst..dst + src.len()`, per the caller.
+        unsafe { dst.add(at).write_volatile(byte) };
+        at += 1;
+    }
+    let mut words = rest.chunks_exact(8);
+    for word in &mut words {
+        let word = u64::from_ne_bytes(word.try_into().expect("chunks of 8"));
+        // SAFETY: as above, and `dst + at` is 8-byte aligned after the head.
+        unsafe { dst.add(at).cast::<u64>().write_volatile(word) };
+        at += 8;
+    }
+    for &byte in words.remainder() {
+        // SAFETY: as above.
+        unsafe { dst.add(at).write_volatile(byte) };
+        at += 1;
+    }
+}
+
+impl SegmentFile for MappedSegment {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        FileExt::write_all_at(self, buf, offset)
+        let mapped = self.mapped_len();
+        let (in_map, rest) = buf.split_at(mapped.saturating_sub(offset).min(buf.len() as u64) as usize);
+        if let Some(map) = &self.map
+            && !in_map.is_empty()
+        {
+            // SAFETY: `offset..offset + in_map.len()` lies inside the mapping, and the file keeps the
+            // mapped length until `finish`, after which nothing is written. Only the writer writes to
+            // the mapping (under the journal's writer lock), and no reference to its bytes exists.
+            unsafe { copy_in_order(in_map, map.as_mut_ptr().add(offset as usize)) };
+        }
+        if rest.is_empty() {
+            return Ok(());
+        }
+        FileExt::write_all_at(&self.file, rest, offset + in_map.len() as u64)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        fs::File::set_len(self, len)
+        // The mapped part must stay in the file; what a failed write left there is zeroed instead.
+        let mapped = self.mapped_len();
+        if len < mapped {
+            let zeros = vec![0; (mapped - len) as usize];
+            self.write_all_at(&zeros, len)?;
+        }
+        self.file.set_len(len.max(mapped))
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        fs::File::sync_data(self)
+        self.file.sync_data()
+    }
+
+    fn finish(&self, len: u64) -> io::Result<()> {
+        if self.map.is_some() {
+            self.file.set_len(len)?;
+            self.file.sync_data()?;
+        }
+        Ok(())
     }
 }
 
@@ -523,63 +656,33 @@ impl<S: Storage> Writer<S> {
         })
     }
 
-    fn run(mut self) {
-        let _closed = MarkClosedOnExit(Arc::clone(&self.shared));
-        if self.serve().is_err() {
-            let closing_at = self.shared.pending.lock().closing_at.expect("the writer gives up only when closing");
-            let unwritten = closing_at - self.written_end;
-            error!(dir = %self.dir.display(), unwritten, "closing with records the write-ahead log could not write");
+    /// Takes everything pending and does it; returns `true` once the journal is closed.
+    fn step(&mut self) -> Result<bool, GaveUp> {
+        let mut work = self.take_work();
+        if let Some(done) = work.sync_done.take() {
+            self.on_sync_done(done);
         }
-        if let Some(syncer) = self.syncer.take() {
-            drop(syncer.jobs);
-            let _ = syncer.thread.join();
+        if self.resync {
+            self.retry("fdatasync", Self::try_sync)?;
+            self.recovered();
         }
+        if !work.records.is_empty() || !work.rotations.is_empty() {
+            self.write_batch(&mut work)?;
+        }
+        self.keep_spare(work.records);
+        if work.closing {
+            self.await_sync_in_flight();
+            self.retry("fdatasync", Self::try_sync)?;
+            self.retry("finish segment", |writer| writer.file.finish(writer.segment_len))?;
+            self.recovered();
+            return Ok(true);
+        }
+        self.request_sync_if_due();
+        Ok(false)
     }
 
-    fn serve(&mut self) -> Result<(), GaveUp> {
-        loop {
-            let mut work = self.take_work();
-            if let Some(done) = work.sync_done.take() {
-                self.on_sync_done(done);
-            }
-            if self.resync {
-                self.retry("fdatasync", Self::try_sync)?;
-                self.recovered();
-            }
-            if !work.records.is_empty() || !work.rotations.is_empty() {
-                self.write_batch(&mut work)?;
-            }
-            if work.records.capacity() <= MAX_RETAINED_BATCH_BYTES {
-                self.spare = work.records;
-            }
-            if work.closing {
-                self.await_sync_in_flight();
-                self.retry("fdatasync", Self::try_sync)?;
-                self.recovered();
-                return Ok(());
-            }
-            self.request_sync_if_due();
-        }
-    }
-
-    /// Waits for something to do and takes all of it.
     fn take_work(&mut self) -> Work {
         let mut pending = self.shared.pending.lock();
-        loop {
-            let has_work = (pending.kicked && !pending.buf.is_empty()) || !pending.rotations.is_empty();
-            if has_work || pending.closing_at.is_some() || pending.sync_done.is_some() {
-                break;
-            }
-            let unawaited = (!pending.buf.is_empty()).then(|| Instant::now() + UNAWAITED_FLUSH_DELAY);
-            match [self.sync_due_at(), unawaited].into_iter().flatten().min() {
-                Some(at) => {
-                    if self.shared.wake.wait_until(&mut pending, at).timed_out() {
-                        break;
-                    }
-                }
-                None => self.shared.wake.wait(&mut pending),
-            }
-        }
         pending.kicked = false;
         self.spare.clear();
         Work {
@@ -589,6 +692,69 @@ impl<S: Storage> Writer<S> {
             rotations: std::mem::take(&mut pending.rotations),
             closing: pending.closing_at.is_some(),
             sync_done: pending.sync_done.take(),
+        }
+    }
+
+    fn keep_spare(&mut self, records: Vec<u8>) {
+        if records.capacity() <= MAX_RETAINED_BATCH_BYTES {
+            self.spare = records;
+        }
+    }
+
+    /// Writes the pending records with one call on the caller's thread, for [`InlineWrite`]. Anything
+    /// that may block for long (a rotation, retries) is left to the writer thread: then, or when the
+    /// write fails, the records stay pending and this returns `false`.
+    fn write_inline(&mut self, leader: bool) -> bool {
+        let mut pending = self.shared.pending.lock();
+        let segment_full = self.segment_len > FILE_HEADER_LEN as u64
+            && self.segment_len + pending.buf.len() as u64 > self.settings.max_segment_bytes;
+        let needs_thread = self.failing || self.resync || segment_full || !pending.rotations.is_empty();
+        if needs_thread || pending.closing_at.is_some() {
+            return false;
+        }
+        if leader {
+            pending.kick_scheduled = false;
+        }
+        if pending.buf.is_empty() {
+            // Taken by the writer thread, which publishes it.
+            return true;
+        }
+        self.spare.clear();
+        let mut records = std::mem::replace(&mut pending.buf, std::mem::take(&mut self.spare));
+        let end_seq = pending.next_seq;
+        // The writer thread sleeps without a timer when nothing was left to sync and no sync is in flight.
+        let wake_for_sync = self.syncer.as_ref().is_some_and(|s| !s.in_flight && self.segment_len <= s.requested_len);
+        pending.sync_wanted |= wake_for_sync;
+        drop(pending);
+
+        format::seal_records(&mut records);
+        match self.try_write(&records) {
+            Ok(()) => {
+                self.segment_len += records.len() as u64;
+                self.unsynced.extend_from_slice(&records);
+                self.written_end = end_seq;
+                self.publish();
+                self.keep_spare(records);
+                if wake_for_sync {
+                    self.shared.wake.notify_one();
+                }
+                true
+            }
+            Err(e) => {
+                self.failed("write", &e);
+                // Back in front of what was appended meanwhile, for the writer thread to retry.
+                let mut pending = self.shared.pending.lock();
+                let moved = records.len();
+                records.extend_from_slice(&pending.buf);
+                pending.buf = records;
+                for (_, offset) in &mut pending.rotations {
+                    *offset += moved;
+                }
+                pending.kicked = true;
+                drop(pending);
+                self.shared.wake.notify_one();
+                true
+            }
         }
     }
 
@@ -675,6 +841,7 @@ impl<S: Storage> Writer<S> {
         }
         self.await_sync_in_flight();
         self.retry("fdatasync", Self::try_sync)?;
+        self.retry("finish segment", |writer| writer.file.finish(writer.segment_len))?;
         let file = self.retry("create segment", |writer| writer.storage.create_segment(first_seq))?;
         self.file = Arc::new(file);
         self.segment = first_seq;
@@ -807,6 +974,54 @@ impl<S: Storage> Writer<S> {
     }
 }
 
+/// The writer thread.
+fn run<S: Storage>(writer: &Mutex<Writer<S>>, shared: Arc<Shared>) {
+    let _closed = MarkClosedOnExit(Arc::clone(&shared));
+    let served = serve(writer, &shared);
+    let mut writer = writer.lock();
+    if served.is_err() {
+        let closing_at = shared.pending.lock().closing_at.expect("the writer gives up only when closing");
+        let unwritten = closing_at - writer.written_end;
+        error!(dir = %writer.dir.display(), unwritten, "closing with records the write-ahead log could not write");
+    }
+    if let Some(syncer) = writer.syncer.take() {
+        drop(syncer.jobs);
+        let _ = syncer.thread.join();
+    }
+}
+
+fn serve<S: Storage>(writer: &Mutex<Writer<S>>, shared: &Shared) -> Result<(), GaveUp> {
+    loop {
+        // Waits without the writer's lock, so that waiters can write inline meanwhile.
+        let sync_due_at = writer.lock().sync_due_at();
+        wait_for_work(shared, sync_due_at);
+        if writer.lock().step()? {
+            return Ok(());
+        }
+    }
+}
+
+/// Waits until there is something for the writer thread to do, or until `sync_due_at`.
+fn wait_for_work(shared: &Shared, sync_due_at: Option<Instant>) {
+    let mut pending = shared.pending.lock();
+    loop {
+        let has_work = (pending.kicked && !pending.buf.is_empty()) || !pending.rotations.is_empty();
+        if has_work || pending.closing_at.is_some() || pending.sync_done.is_some() || pending.sync_wanted {
+            break;
+        }
+        let unawaited = (!pending.buf.is_empty()).then(|| Instant::now() + UNAWAITED_FLUSH_DELAY);
+        match [sync_due_at, unawaited].into_iter().flatten().min() {
+            Some(at) => {
+                if shared.wake.wait_until(&mut pending, at).timed_out() {
+                    break;
+                }
+            }
+            None => shared.wake.wait(&mut pending),
+        }
+    }
+    pending.sync_wanted = false;
+}
+
 fn run_syncer(jobs: mpsc::Receiver<SyncJob>, shared: &Shared) {
     for job in jobs {
         let result = job.file.sync_data();
@@ -891,7 +1106,7 @@ mod tests {
     }
 
     struct TestFile {
-        file: fs::File,
+        file: MappedSegment,
         faults: Arc<Faults>,
     }
 
@@ -909,11 +1124,11 @@ mod tests {
             if self.faults.fail_writes.load(Ordering::SeqCst) {
                 self.faults.injected.fetch_add(1, Ordering::SeqCst);
                 // A full disk often takes part of a write before refusing the rest.
-                FileExt::write_all_at(&self.file, &buf[..buf.len() / 2], offset)?;
+                self.file.write_all_at(&buf[..buf.len() / 2], offset)?;
                 return Err(io::Error::new(io::ErrorKind::StorageFull, "injected: no space left on device"));
             }
             self.faults.writes.fetch_add(1, Ordering::SeqCst);
-            FileExt::write_all_at(&self.file, buf, offset)
+            self.file.write_all_at(buf, offset)
         }
 
         fn set_len(&self, len: u64) -> io::Result<()> {
@@ -927,6 +1142,10 @@ mod tests {
                 return Err(io::Error::other("injected: fdatasync failed"));
             }
             self.file.sync_data()
+        }
+
+        fn finish(&self, len: u64) -> io::Result<()> {
+            self.file.finish(len)
         }
     }
 
@@ -942,19 +1161,22 @@ mod tests {
 
     fn open_test(dir: &Path, mode: Durability, max_segment_bytes: u64) -> (Arc<Journal>, Arc<Faults>) {
         let faults = Arc::new(Faults::default());
-        let storage = TestStorage { inner: DirStorage { dir: dir.to_owned() }, faults: Arc::clone(&faults) };
+        let inner = DirStorage { dir: dir.to_owned(), preallocate_bytes: max_segment_bytes };
+        let storage = TestStorage { inner, faults: Arc::clone(&faults) };
         let journal = Journal::open_with(storage, dir, mode, test_settings(max_segment_bytes), 1).unwrap();
         (journal, faults)
     }
 
-    const LARGE: u64 = 1 << 30;
+    /// Larger than any test writes, so that segments rotate only when asked.
+    const LARGE: u64 = 4 << 20;
 
     /// Every record in the directory's segments, checking that they are clean and contiguous.
     fn read_all(dir: &Path) -> Vec<(u64, Vec<u8>)> {
         let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
         for (first_seq, path) in format::list_data_dir(dir).unwrap().segments {
             let segment = format::read_segment(&path).unwrap();
-            assert_eq!(segment.torn_tail, None, "{}", path.display());
+            // The segment being written ends in the unused part of its preallocated space.
+            assert!(segment.torn_tail.is_none() || segment.tail_is_zero, "{}", path.display());
             let expected_first = records.last().map_or(first_seq, |(seq, _)| seq + 1);
             assert_eq!(first_seq, expected_first, "segments must be contiguous");
             records.extend(segment.records);
@@ -1101,6 +1323,45 @@ mod tests {
             (1..=50).step_by(3).collect::<Vec<_>>()
         );
         assert_eq!(read_all(dir.path()), expected);
+    }
+
+    /// Segments are preallocated and written through a memory mapping; a finished segment (rotated away
+    /// from, or closed) is cut to its records.
+    #[tokio::test]
+    async fn segments_are_preallocated_and_cut_to_their_records_once_finished() {
+        const SEGMENT: u64 = 64 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let path = |seq| dir.path().join(format::segment_file_name(seq));
+        let len = |seq| fs::metadata(path(seq)).unwrap().len();
+        let (journal, _) = open_test(dir.path(), Durability::Write, SEGMENT);
+        journal.wait_durable(journal.append(b"in the first segment")).await.unwrap();
+        assert_eq!(len(1), SEGMENT, "the space is reserved up front");
+        let first = format::read_segment(&path(1)).unwrap();
+        assert_eq!(first.records, vec![(1, b"in the first segment".to_vec())]);
+        assert!(first.tail_is_zero);
+
+        let second = journal.rotate();
+        journal.wait_durable(journal.append(b"in the second")).await.unwrap();
+        assert_eq!(len(1), first.valid_len, "cut to its records once finished");
+        assert_eq!(len(second), SEGMENT);
+        journal.close();
+        assert_eq!(len(second), format::read_segment(&path(second)).unwrap().valid_len);
+        assert_eq!(read_all(dir.path()).len(), 2);
+    }
+
+    #[test]
+    fn copying_in_order_copies_every_byte_at_every_alignment() {
+        let src: Vec<u8> = (1..=40).collect();
+        for offset in 0..9 {
+            for len in 0..=src.len() {
+                let mut dst = vec![0u8; 64];
+                // SAFETY: `offset + len` <= 49 < 64, and `dst` does not overlap `src`.
+                unsafe { copy_in_order(&src[..len], dst.as_mut_ptr().add(offset)) };
+                let mut expected = vec![0u8; 64];
+                expected[offset..offset + len].copy_from_slice(&src[..len]);
+                assert_eq!(dst, expected, "offset {offset}, len {len}");
+            }
+        }
     }
 
     /// `rotate` cuts the log exactly at the sequence number it returns, even in the middle of a batch.

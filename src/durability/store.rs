@@ -262,7 +262,11 @@ fn replay_log(ledger: &Ledger, listing: &DataDirListing, covered: u64) -> Result
             if index + 1 != segments.len() {
                 return Err(StoreError::TornBeforeEnd { path: path.clone(), offset });
             }
-            tracing::warn!(file = %path.display(), offset, "cutting off a record torn by a crash mid-write");
+            if segment.tail_is_zero {
+                tracing::info!(file = %path.display(), offset, "cutting off the unused end of the last log segment");
+            } else {
+                tracing::warn!(file = %path.display(), offset, "cutting off a record torn by a crash mid-write");
+            }
             format::truncate_segment(path, segment.valid_len)
                 .map_err(|source| StoreError::Io { dir: path.clone(), source })?;
         }
