@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::{Context, convert};
+use super::{Context, alerts, billing, convert, holds, reports};
 use crate::{
     ledger::{Command, EnvironmentId, Outcome, TenantCapacity, TenantId},
     proto::{self, quota_admin_server::QuotaAdmin},
@@ -29,7 +29,7 @@ impl AdminService {
     }
 }
 
-fn tenant_capacity(capacity: TenantCapacity) -> proto::TenantCapacity {
+pub(super) fn tenant_capacity(capacity: TenantCapacity) -> proto::TenantCapacity {
     proto::TenantCapacity {
         tenant_id: capacity.tenant.to_string(),
         purchased_milli: capacity.purchased_milli,
@@ -37,6 +37,10 @@ fn tenant_capacity(capacity: TenantCapacity) -> proto::TenantCapacity {
         unallocated_milli: capacity.unallocated_milli(),
         tenant_pool_used_milli: capacity.pool_used_milli,
         tenant_pool_reserved_milli: capacity.pool_reserved_milli,
+        overage_grace_percent: 100,
+        time_zone: "UTC".into(),
+        period: String::new(),
+        grace_used_milli: 0,
     }
 }
 
@@ -129,5 +133,95 @@ impl QuotaAdmin for AdminService {
     ) -> Result<Response<proto::TenantCapacity>, Status> {
         let tenant = convert::id("tenant_id", &request.get_ref().tenant_id, TenantId::new)?;
         Ok(Response::new(tenant_capacity(self.context.ledger.tenant(&tenant)?)))
+    }
+
+    #[instrument(name = "SetTenantPolicy", skip_all, fields(tenant = ?request.get_ref().tenant_id))]
+    async fn set_tenant_policy(
+        &self,
+        request: Request<proto::SetTenantPolicyRequest>,
+    ) -> Result<Response<proto::TenantCapacity>, Status> {
+        billing::set_tenant_policy(&self.context, request.into_inner()).await.map(Response::new)
+    }
+
+    #[instrument(name = "SetEnvironmentAlerts", skip_all, fields(environment = ?request.get_ref().environment_id))]
+    async fn set_environment_alerts(
+        &self,
+        request: Request<proto::SetEnvironmentAlertsRequest>,
+    ) -> Result<Response<proto::Balance>, Status> {
+        billing::set_environment_alerts(&self.context, request.into_inner()).await.map(Response::new)
+    }
+
+    #[instrument(name = "SetAgentLimit", skip_all, fields(environment = ?request.get_ref().environment_id, agent = ?request.get_ref().agent_id))]
+    async fn set_agent_limit(
+        &self,
+        request: Request<proto::SetAgentLimitRequest>,
+    ) -> Result<Response<proto::AgentLimit>, Status> {
+        billing::set_agent_limit(&self.context, request.into_inner()).await.map(Response::new)
+    }
+
+    #[instrument(level = "debug", name = "ListAgentLimits", skip_all)]
+    async fn list_agent_limits(
+        &self,
+        request: Request<proto::ListAgentLimitsRequest>,
+    ) -> Result<Response<proto::ListAgentLimitsResponse>, Status> {
+        billing::list_agent_limits(&self.context, request.into_inner()).map(Response::new)
+    }
+
+    #[instrument(level = "debug", name = "GetUsage", skip_all)]
+    async fn get_usage(
+        &self,
+        request: Request<proto::GetUsageRequest>,
+    ) -> Result<Response<proto::GetUsageResponse>, Status> {
+        reports::get_usage(&self.context, request.into_inner()).map(Response::new)
+    }
+
+    #[instrument(level = "debug", name = "GetRateCard", skip_all)]
+    async fn get_rate_card(
+        &self,
+        request: Request<proto::GetRateCardRequest>,
+    ) -> Result<Response<proto::RateCard>, Status> {
+        reports::get_rate_card(&self.context, request.into_inner()).map(Response::new)
+    }
+
+    #[instrument(name = "SetRateCard", skip_all)]
+    async fn set_rate_card(
+        &self,
+        request: Request<proto::SetRateCardRequest>,
+    ) -> Result<Response<proto::RateCard>, Status> {
+        reports::set_rate_card(&self.context, request.into_inner()).await.map(Response::new)
+    }
+
+    #[instrument(level = "debug", name = "ListReservations", skip_all)]
+    async fn list_reservations(
+        &self,
+        request: Request<proto::ListReservationsRequest>,
+    ) -> Result<Response<proto::ListReservationsResponse>, Status> {
+        holds::list_reservations(&self.context, request.into_inner()).map(Response::new)
+    }
+
+    #[instrument(name = "ReleaseAll", skip_all, fields(environment = ?request.get_ref().environment_id, agent = ?request.get_ref().agent_id))]
+    async fn release_all(
+        &self,
+        request: Request<proto::ReleaseAllRequest>,
+    ) -> Result<Response<proto::ReleaseAllResponse>, Status> {
+        holds::release_all(&self.context, request.into_inner()).await.map(Response::new)
+    }
+
+    #[instrument(level = "debug", name = "ListAlerts", skip_all)]
+    async fn list_alerts(
+        &self,
+        request: Request<proto::ListAlertsRequest>,
+    ) -> Result<Response<proto::ListAlertsResponse>, Status> {
+        alerts::list_alerts(&self.context, request.into_inner()).map(Response::new)
+    }
+
+    type WatchAlertsStream = alerts::AlertStream;
+
+    #[instrument(level = "debug", name = "WatchAlerts", skip_all)]
+    async fn watch_alerts(
+        &self,
+        request: Request<proto::WatchAlertsRequest>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        alerts::watch_alerts(&self.context, request.into_inner()).map(Response::new)
     }
 }

@@ -2,8 +2,12 @@
 //! validates requests into ledger commands, and turns outcomes and errors into responses and statuses.
 
 mod admin;
+mod alerts;
+mod billing;
 mod convert;
+mod holds;
 mod quota;
+mod reports;
 mod status;
 
 use std::sync::Arc;
