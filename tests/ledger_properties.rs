@@ -107,6 +107,7 @@ fn seen(outcome: Outcome) -> Seen {
         Outcome::Tenant(t) => Seen::Tenant(t),
         Outcome::Balance(b) => Seen::Balance(b),
         Outcome::Linked(l) => Seen::Linked(l),
+        Outcome::AgentLimit(_) => unreachable!("the steps do not set agent limits"),
         Outcome::Reserved(g) => Seen::Reserved {
             reservation: g.reservation,
             amount: g.amount_milli,
@@ -281,6 +282,7 @@ impl Model {
             available_milli: available,
             state,
             period: period::period_of(now),
+            low_percent: 20,
         }
     }
 
@@ -321,7 +323,7 @@ impl Model {
         }
     }
 
-    fn tenant(&self, id: &TenantId) -> Result<TenantCapacity, LedgerError> {
+    fn tenant(&self, id: &TenantId, now: u64) -> Result<TenantCapacity, LedgerError> {
         let t = self.tenants.get(id).ok_or_else(|| LedgerError::UnknownTenant(id.clone()))?;
         let (allocated, pool_used, pool_held) = self.tenant_sums(id);
         Ok(TenantCapacity {
@@ -330,6 +332,10 @@ impl Model {
             allocated_milli: allocated,
             pool_used_milli: pool_used,
             pool_reserved_milli: pool_held,
+            grace_percent: 100,
+            time_zone: "UTC".to_owned(),
+            period: period::period_of(now),
+            grace_used_milli: 0,
         })
     }
 
@@ -353,7 +359,7 @@ impl Model {
     fn apply(&mut self, command: &Command, now: u64) -> Result<Seen, LedgerError> {
         match command {
             Command::PurchaseCapacity { tenant, amount_milli, idempotency_key } => {
-                self.purchase(tenant, *amount_milli, idempotency_key.as_ref())
+                self.purchase(tenant, *amount_milli, idempotency_key.as_ref(), now)
             }
             Command::AllocateCapacity { tenant, environment, amount_milli, draw_from_tenant_pool } => {
                 self.allocate(tenant, environment, *amount_milli, *draw_from_tenant_pool, now)
@@ -373,6 +379,9 @@ impl Model {
             }
             Command::Commit { reservation, actual_milli } => self.commit(reservation, *actual_milli, now),
             Command::Release { reservation } => self.release(reservation, now),
+            Command::SetTenantPolicy { .. } | Command::SetAgentLimit { .. } => {
+                unreachable!("the steps do not set policies or agent limits")
+            }
             Command::Expire { reservation } => {
                 if !matches!(self.envs.get(&reservation.environment), Some(Slot::Capacity(_))) {
                     return Ok(Seen::Expired(None));
@@ -382,7 +391,13 @@ impl Model {
         }
     }
 
-    fn purchase(&mut self, id: &TenantId, amount: Milli, key: Option<&IdempotencyKey>) -> Result<Seen, LedgerError> {
+    fn purchase(
+        &mut self,
+        id: &TenantId,
+        amount: Milli,
+        key: Option<&IdempotencyKey>,
+        now: u64,
+    ) -> Result<Seen, LedgerError> {
         let t = self.tenants.entry(id.clone()).or_default();
         match key.map(|k| (k, t.purchase_keys.get(k).copied())) {
             Some((k, Some(first))) if first != amount => {
@@ -395,7 +410,7 @@ impl Model {
             }
             None => t.purchased += amount,
         }
-        Ok(Seen::Tenant(self.tenant(id)?))
+        Ok(Seen::Tenant(self.tenant(id, now)?))
     }
 
     fn allocate(
@@ -707,7 +722,7 @@ impl Resolve for Harness {
             Some(Slot::Capacity(e)) => (e.allocated, e.used[ALLOCATION] + e.held()[ALLOCATION]),
             _ => (0, 0),
         };
-        let room = match self.model.tenant(t) {
+        let room = match self.model.tenant(t, self.now) {
             Ok(t) => t.purchased_milli + current - t.allocated_milli - t.pool_used_milli - t.pool_reserved_milli,
             Err(_) => 0,
         };
@@ -738,7 +753,7 @@ impl Harness {
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             balances: ENVS.iter().map(|e| self.ledger.balance(&EnvironmentId::new(e).unwrap(), self.now)).collect(),
-            tenants: TENANTS.iter().map(|t| self.ledger.tenant(&TenantId::new(t).unwrap())).collect(),
+            tenants: TENANTS.iter().map(|t| self.ledger.tenant(&TenantId::new(t).unwrap(), self.now)).collect(),
             open: self.ledger.open_reservations(),
         }
     }
@@ -809,7 +824,7 @@ impl Harness {
             }
         }
         for id in TENANTS.map(|t| TenantId::new(t).unwrap()) {
-            prop_assert_eq!(self.ledger.tenant(&id), self.model.tenant(&id), "tenant {}", id);
+            prop_assert_eq!(self.ledger.tenant(&id, self.now), self.model.tenant(&id, self.now), "tenant {}", id);
         }
         prop_assert_eq!(self.ledger.open_reservations(), self.model.open_total());
 
@@ -827,7 +842,7 @@ impl Harness {
         }
         prop_assert_eq!(charged, self.committed_actual, "charges plus overage equal the use committed");
         for (id, (allocated, pool_used)) in per_tenant {
-            let t = self.ledger.tenant(&id).unwrap();
+            let t = self.ledger.tenant(&id, self.now).unwrap();
             prop_assert_eq!((t.allocated_milli, t.pool_used_milli), (allocated, pool_used), "tenant {} sums", id);
             let taken = t.allocated_milli + t.pool_used_milli + t.pool_reserved_milli;
             prop_assert!(

@@ -24,7 +24,7 @@ use quotad::ledger::{
 
 mod ledger_steps;
 use ledger_steps::{
-    Actual, Allocation, Amount, Pick, Resolve, START_MS, Shape, Step, TENANTS, command, kept, retried, setup,
+    Actual, Allocation, Amount, Pick, Resolve, START_MS, Shape, Step, TENANTS, agent, command, kept, retried, setup,
 };
 
 /// e0..e2 are allocated by the setup; e3 may become a capacity environment (or an app environment)
@@ -44,6 +44,7 @@ fn limits() -> Limits {
         resolved_retention_ms: 200,
         max_resolved_per_environment: 4,
         max_purchase_keys_per_tenant: 2,
+        max_agents_per_environment: 2,
     }
 }
 
@@ -159,8 +160,8 @@ fn observe(ledger: &Ledger, now: u64) -> Observed {
     Observed {
         balances: names.iter().map(|name| ledger.balance(name, now)).collect(),
         quotes,
-        dry_runs: names.iter().map(|name| ledger.dry_run(name, 1_000, now)).collect(),
-        tenants: TENANTS.iter().map(|t| ledger.tenant(&TenantId::new(t).unwrap())).collect(),
+        dry_runs: names.iter().map(|name| ledger.dry_run(name, &agent(0), 1_000, now)).collect(),
+        tenants: TENANTS.iter().map(|t| ledger.tenant(&TenantId::new(t).unwrap(), now)).collect(),
         open: ledger.open_reservations(),
     }
 }
@@ -293,7 +294,7 @@ impl Driver {
             }
             _ => (0, 0),
         };
-        let room = match a.tenant(t) {
+        let room = match a.tenant(t, self.now) {
             Ok(t) => (t.purchased_milli + current)
                 .saturating_sub(t.allocated_milli + t.pool_used_milli + t.pool_reserved_milli),
             Err(_) => 0,

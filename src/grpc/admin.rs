@@ -37,10 +37,10 @@ pub(super) fn tenant_capacity(capacity: TenantCapacity) -> proto::TenantCapacity
         unallocated_milli: capacity.unallocated_milli(),
         tenant_pool_used_milli: capacity.pool_used_milli,
         tenant_pool_reserved_milli: capacity.pool_reserved_milli,
-        overage_grace_percent: 100,
-        time_zone: "UTC".into(),
-        period: String::new(),
-        grace_used_milli: 0,
+        overage_grace_percent: capacity.grace_percent,
+        time_zone: capacity.time_zone,
+        period: capacity.period,
+        grace_used_milli: capacity.grace_used_milli,
     }
 }
 
@@ -132,7 +132,7 @@ impl QuotaAdmin for AdminService {
         request: Request<proto::GetTenantRequest>,
     ) -> Result<Response<proto::TenantCapacity>, Status> {
         let tenant = convert::id("tenant_id", &request.get_ref().tenant_id, TenantId::new)?;
-        Ok(Response::new(tenant_capacity(self.context.ledger.tenant(&tenant)?)))
+        Ok(Response::new(tenant_capacity(self.context.ledger.tenant(&tenant, self.context.clock.now_ms())?)))
     }
 
     #[instrument(name = "SetTenantPolicy", skip_all, fields(tenant = ?request.get_ref().tenant_id))]

@@ -158,7 +158,7 @@ pub fn balance(balance: Balance) -> proto::Balance {
         state: state as i32,
         period: balance.period,
         draw_from_tenant_pool: balance.draw_from_tenant_pool,
-        low_percent: 20,
+        low_percent: balance.low_percent,
     }
 }
 

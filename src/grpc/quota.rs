@@ -50,7 +50,7 @@ impl Quota for QuotaService {
 
         let now = self.context.clock.now_ms();
         if request.dry_run {
-            let quote = self.context.ledger.dry_run(&environment, amount_milli, now).inspect_err(|_| {
+            let quote = self.context.ledger.dry_run(&environment, &agent, amount_milli, now).inspect_err(|_| {
                 span.record("decision", "refused");
             })?;
             span.record("decision", "would_grant");

@@ -115,6 +115,51 @@ impl From<LedgerError> for Status {
             E::IdempotencyKeyReused { .. } => {
                 refusal(Code::FailedPrecondition, message, "IDEMPOTENCY_KEY_REUSED", none())
             }
+            E::GraceBelowUse { limit_milli, taken_milli, .. } => refusal(
+                Code::FailedPrecondition,
+                message,
+                "GRACE_BELOW_USE",
+                HashMap::from([
+                    ("limit_milli".to_owned(), limit_milli.to_string()),
+                    ("taken_milli".to_owned(), taken_milli.to_string()),
+                ]),
+            ),
+            E::AgentDisabled { environment, agent } => refusal(
+                Code::PermissionDenied,
+                message,
+                "AGENT_DISABLED",
+                HashMap::from([
+                    ("environment_id".to_owned(), environment.to_string()),
+                    ("agent_id".to_owned(), agent.to_string()),
+                ]),
+            ),
+            E::AgentLimitReached { environment, agent, limit_milli, used_milli, held_milli, requested_milli } => {
+                refusal(
+                    Code::ResourceExhausted,
+                    message,
+                    "AGENT_LIMIT_REACHED",
+                    HashMap::from([
+                        ("environment_id".to_owned(), environment.to_string()),
+                        ("agent_id".to_owned(), agent.to_string()),
+                        ("limit_milli".to_owned(), limit_milli.to_string()),
+                        ("used_milli".to_owned(), used_milli.to_string()),
+                        ("held_milli".to_owned(), held_milli.to_string()),
+                        ("requested_milli".to_owned(), requested_milli.to_string()),
+                    ]),
+                )
+            }
+            E::AgentLimitAboveAllocation { allocated_milli, .. } => refusal(
+                Code::FailedPrecondition,
+                message,
+                "AGENT_LIMIT_ABOVE_ALLOCATION",
+                HashMap::from([("allocated_milli".to_owned(), allocated_milli.to_string())]),
+            ),
+            E::TooManyAgents { limit, .. } => refusal(
+                Code::ResourceExhausted,
+                message,
+                "TOO_MANY_AGENTS",
+                HashMap::from([("limit".to_owned(), limit.to_string())]),
+            ),
             E::CounterOverflow { .. } => {
                 tracing::error!(error = %message, "counter overflow");
                 refusal(Code::OutOfRange, message, "COUNTER_OVERFLOW", none())

@@ -1,11 +1,14 @@
 //! The per-environment and per-tenant books, and the arithmetic that moves capacity between
 //! "available", "held" and "used". Everything here is plain data under the caller's locks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AgentId, IdempotencyKey, LedgerError, Milli, Settlement, TenantId};
+use super::{
+    AgentId, IdempotencyKey, LedgerError, Milli, Settlement, TenantId,
+    period::{self, Period},
+};
 
 /// Where capacity comes from. The declaration order is the draw order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -81,14 +84,22 @@ impl Draws {
 
 /// A tenant's prepaid capacity.
 ///
-/// Invariant: `allocated + pool_used + pool_held <= purchased`, where `allocated` is the sum of its
-/// environments' allocations and the pool counters are the sums of theirs.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+/// Invariants: `allocated <= purchased` and `allocated + pool_used + pool_held <= pool_limit()`, where
+/// `allocated` and `pool_held` are the sums over its environments, and `pool_used` the sum over its
+/// environments in the tenant's period (an environment not touched since an earlier period has used
+/// nothing in this one). The tenant's period is never earlier than any of its environments'.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tenant {
     pub purchased: Milli,
     pub allocated: Milli,
     pub pool_used: Milli,
     pub pool_held: Milli,
+    /// Environments drawing on the pool may take allocations plus pool use up to this percentage of
+    /// `purchased`; 100 = no grace.
+    pub grace_percent: u32,
+    /// IANA name; billing periods are its calendar months.
+    pub time_zone: String,
+    pub period: Period,
     /// Purchase idempotency keys with the amount they bought, oldest first in `purchase_key_order`.
     pub purchase_keys: HashMap<IdempotencyKey, Milli>,
     pub purchase_key_order: VecDeque<IdempotencyKey>,
@@ -96,9 +107,75 @@ pub struct Tenant {
     pub applied_seq: u64,
 }
 
+impl Default for Tenant {
+    fn default() -> Self {
+        Self {
+            purchased: 0,
+            allocated: 0,
+            pool_used: 0,
+            pool_held: 0,
+            grace_percent: 100,
+            time_zone: period::DEFAULT_TIME_ZONE.to_owned(),
+            period: Period::NONE,
+            purchase_keys: HashMap::new(),
+            purchase_key_order: VecDeque::new(),
+            applied_seq: 0,
+        }
+    }
+}
+
 impl Tenant {
+    /// What allocations plus pool use and holds may reach: the purchased capacity plus the grace.
+    pub fn pool_limit(&self) -> Milli {
+        let limit = u128::from(self.purchased) * u128::from(self.grace_percent) / 100;
+        Milli::try_from(limit).unwrap_or(Milli::MAX)
+    }
+
     pub fn pool_available(&self) -> Milli {
-        self.purchased.saturating_sub(self.allocated).saturating_sub(self.pool_used).saturating_sub(self.pool_held)
+        self.pool_limit().saturating_sub(self.allocated).saturating_sub(self.pool_used).saturating_sub(self.pool_held)
+    }
+
+    /// Pool use this period beyond the purchased capacity: drawn in grace, reported as overage.
+    pub fn grace_used(&self) -> Milli {
+        self.allocated.saturating_add(self.pool_used).saturating_sub(self.purchased)
+    }
+
+    /// Starts the period that contains `now` if the current one has ended: the pool's use starts again
+    /// at zero; allocations, holds and policy carry over. Returns whether a new period started.
+    pub fn roll_over(&mut self, now: u64) -> bool {
+        if now < self.period.end_ms {
+            return false;
+        }
+        self.period = period::period_at(now, &self.time_zone);
+        self.pool_used = 0;
+        true
+    }
+}
+
+/// An admin's limit on one agent's monthly use within an environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentLimit {
+    /// 0 = no cap.
+    pub limit_milli: Milli,
+    pub notify_percent: u32,
+    pub stop_when_exceeded: bool,
+    pub disabled: bool,
+}
+
+/// One agent's books within an environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentBook {
+    pub limit: Option<AgentLimit>,
+    /// Actual use committed this period (charged plus overage).
+    pub used: Milli,
+    /// Held by the agent's open reservations.
+    pub held: Milli,
+}
+
+impl AgentBook {
+    /// Nothing to remember: no limit, no use this period, nothing held.
+    fn is_idle(&self) -> bool {
+        self.limit.is_none() && self.used == 0 && self.held == 0
     }
 }
 
@@ -156,6 +233,10 @@ pub struct Environment {
     pub idempotency: HashMap<IdempotencyKey, u64>,
     /// Sequence number of the last logged event applied to these books.
     pub applied_seq: u64,
+    /// The period `used`, `overage` and the agents' use belong to.
+    pub period: Period,
+    /// Agents with a limit, use this period or open holds, at most the configured number.
+    pub agents: BTreeMap<AgentId, AgentBook>,
 }
 
 impl Environment {
@@ -175,7 +256,55 @@ impl Environment {
             resolved_order: VecDeque::new(),
             idempotency: HashMap::new(),
             applied_seq: 0,
+            period: Period::NONE,
+            agents: BTreeMap::new(),
         }
+    }
+
+    /// Starts the tenant's period if this environment's has ended (the tenant has rolled over first):
+    /// use, overage and the agents' use start again at zero; allocations, holds, pay-as-you-go settings
+    /// and agent limits carry over. Returns whether a new period started.
+    pub fn roll_over(&mut self, tenant: &Tenant, now: u64) -> bool {
+        if now < self.period.end_ms {
+            return false;
+        }
+        self.period = tenant.period;
+        self.used = Draws::default();
+        self.overage = 0;
+        for agent in self.agents.values_mut() {
+            agent.used = 0;
+        }
+        self.agents.retain(|_, agent| !agent.is_idle());
+        true
+    }
+
+    /// Counts a new hold against its agent, if the agent is tracked or there is room to track it.
+    pub fn agent_held(&mut self, agent: &AgentId, amount: Milli, max_agents: usize) {
+        if let Some(book) = self.agent_book(agent, max_agents) {
+            book.held = book.held.saturating_add(amount);
+        }
+    }
+
+    /// Takes a resolved hold off its agent and adds what the agent used.
+    pub fn agent_resolved(&mut self, agent: &AgentId, held: Milli, used: Milli, max_agents: usize) {
+        if let Some(book) = self.agents.get_mut(agent) {
+            book.held = book.held.saturating_sub(held);
+        }
+        if used > 0
+            && let Some(book) = self.agent_book(agent, max_agents)
+        {
+            book.used = book.used.saturating_add(used);
+        }
+        if self.agents.get(agent).is_some_and(AgentBook::is_idle) {
+            self.agents.remove(agent);
+        }
+    }
+
+    fn agent_book(&mut self, agent: &AgentId, max_agents: usize) -> Option<&mut AgentBook> {
+        if !self.agents.contains_key(agent) && self.agents.len() >= max_agents {
+            return None;
+        }
+        Some(self.agents.entry(agent.clone()).or_default())
     }
 
     /// Whether an operation on these books may touch the tenant pool.

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{AgentId, Balance, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId};
+use super::{AgentId, AgentLimit, Balance, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -29,6 +29,20 @@ pub enum Command {
         app_environment: EnvironmentId,
         /// `None` unlinks.
         environment: Option<EnvironmentId>,
+    },
+    SetTenantPolicy {
+        tenant: TenantId,
+        /// 100 = no grace.
+        grace_percent: u32,
+        /// A checked IANA name.
+        time_zone: String,
+    },
+    SetAgentLimit {
+        /// A capacity environment.
+        environment: EnvironmentId,
+        agent: AgentId,
+        /// `None` removes the agent's limit.
+        limit: Option<AgentLimit>,
     },
     Reserve {
         /// A capacity environment or a linked app environment.
@@ -56,6 +70,7 @@ pub enum Outcome {
     Tenant(TenantCapacity),
     Balance(Balance),
     Linked(Link),
+    AgentLimit(AgentLimitView),
     Reserved(Grant),
     Committed(Settled<Settlement>),
     Released(Settled<Milli>),
@@ -103,6 +118,23 @@ pub struct TenantCapacity {
     pub allocated_milli: Milli,
     pub pool_used_milli: Milli,
     pub pool_reserved_milli: Milli,
+    pub grace_percent: u32,
+    pub time_zone: String,
+    /// `YYYY-MM` in `time_zone`.
+    pub period: String,
+    pub grace_used_milli: Milli,
+}
+
+/// An agent's limit and use within an environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLimitView {
+    pub environment: EnvironmentId,
+    pub agent: AgentId,
+    /// `None`: no limit.
+    pub limit: Option<AgentLimit>,
+    pub used_milli: Milli,
+    pub held_milli: Milli,
+    pub period: String,
 }
 
 impl TenantCapacity {

@@ -1,7 +1,7 @@
 //! Every way a command can be refused. Each variant carries what a person needs to act on it; the
 //! transport maps each one to a status code in one place (`grpc::status`).
 
-use super::{EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId};
+use super::{AgentId, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId};
 
 /// Which open-reservation cap was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,4 +66,30 @@ pub enum LedgerError {
     IdempotencyKeyReused { key: IdempotencyKey, first: String },
     #[error("{what} would exceed the largest amount this server can count (2^64-1 milli)")]
     CounterOverflow { what: &'static str },
+    #[error(
+        "tenant {tenant} has {taken_milli} milli allocated, drawn or held from its pool this period, over the \
+         {limit_milli} milli that an overage grace of {grace_percent}% allows"
+    )]
+    GraceBelowUse { tenant: TenantId, grace_percent: u32, limit_milli: Milli, taken_milli: Milli },
+    #[error("agent {agent} is disabled in environment {environment}")]
+    AgentDisabled { environment: EnvironmentId, agent: AgentId },
+    #[error(
+        "agent {agent} has used {used_milli} milli and holds {held_milli} milli in environment {environment} \
+         this period; {requested_milli} milli more would pass its limit of {limit_milli} milli"
+    )]
+    AgentLimitReached {
+        environment: EnvironmentId,
+        agent: AgentId,
+        limit_milli: Milli,
+        used_milli: Milli,
+        held_milli: Milli,
+        requested_milli: Milli,
+    },
+    #[error(
+        "environment {environment} has no pay-as-you-go, so an agent limit cannot exceed its allocation of \
+         {allocated_milli} milli (asked for {limit_milli} milli)"
+    )]
+    AgentLimitAboveAllocation { environment: EnvironmentId, limit_milli: Milli, allocated_milli: Milli },
+    #[error("environment {environment} already tracks {limit} agents, its limit")]
+    TooManyAgents { environment: EnvironmentId, limit: usize },
 }

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{AgentId, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, Settlement, TenantId};
+use super::{AgentId, AgentLimit, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, Settlement, TenantId};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
@@ -29,6 +29,16 @@ pub enum Event {
     Linked {
         app_environment: EnvironmentId,
         environment: Option<EnvironmentId>,
+    },
+    TenantPolicySet {
+        tenant: TenantId,
+        grace_percent: u32,
+        time_zone: String,
+    },
+    AgentLimitSet {
+        environment: EnvironmentId,
+        agent: AgentId,
+        limit: Option<AgentLimit>,
     },
     Reserved {
         reservation: ReservationId,

@@ -19,16 +19,19 @@ pub mod period;
 pub mod pricing;
 mod restore;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use dashmap::DashMap;
 use parking_lot::{Mutex, MutexGuard};
 
-pub use account::{Draws, Source};
-pub use command::{Command, Grant, Link, Outcome, Settled, Settlement, TenantCapacity};
+pub use account::{AgentLimit, Draws, Source};
+pub use command::{AgentLimitView, Command, Grant, Link, Outcome, Settled, Settlement, TenantCapacity};
 pub use error::{LedgerError, OpenReservationScope};
 pub use event::{Discard, Event, EventSink};
 pub use ids::{
@@ -37,7 +40,7 @@ pub use ids::{
 };
 pub use restore::{RestoreError, SnapshotItem};
 
-use account::{Environment, Hold, Resolution, Resolved, Tenant};
+use account::{AgentBook, Environment, Hold, Resolution, Resolved, Tenant};
 use expiry::ExpiryQueue;
 
 /// Thousandths of a message: every amount in the core is exact in this unit.
@@ -50,6 +53,8 @@ pub const DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL: u64 = 4_000_000;
 pub const DEFAULT_RESOLVED_RETENTION_MS: u64 = 24 * 60 * 60 * 1_000;
 pub const DEFAULT_MAX_RESOLVED_PER_ENVIRONMENT: usize = 1_000_000;
 pub const DEFAULT_MAX_PURCHASE_KEYS_PER_TENANT: usize = 10_000;
+/// Agents whose use an environment tracks for agent limits; agents beyond are not tracked.
+pub const DEFAULT_MAX_AGENTS_PER_ENVIRONMENT: usize = 10_000;
 
 const _: () = assert!(DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT <= DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL);
 
@@ -60,6 +65,7 @@ pub struct Limits {
     pub resolved_retention_ms: u64,
     pub max_resolved_per_environment: usize,
     pub max_purchase_keys_per_tenant: usize,
+    pub max_agents_per_environment: usize,
 }
 
 impl Default for Limits {
@@ -70,6 +76,7 @@ impl Default for Limits {
             resolved_retention_ms: DEFAULT_RESOLVED_RETENTION_MS,
             max_resolved_per_environment: DEFAULT_MAX_RESOLVED_PER_ENVIRONMENT,
             max_purchase_keys_per_tenant: DEFAULT_MAX_PURCHASE_KEYS_PER_TENANT,
+            max_agents_per_environment: DEFAULT_MAX_AGENTS_PER_ENVIRONMENT,
         }
     }
 }
@@ -102,7 +109,12 @@ pub struct Balance {
     pub available_milli: Milli,
     pub state: BalanceState,
     pub period: String,
+    /// LOW is at or below this percentage of allocation plus budget.
+    pub low_percent: u32,
 }
+
+/// LOW is at or below this percentage of allocation plus pay-as-you-go budget, unless set otherwise.
+pub const DEFAULT_LOW_PERCENT: u32 = 20;
 
 /// What a dry run would hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,23 +147,38 @@ struct Books<'a> {
 }
 
 impl<'a> Books<'a> {
-    fn lock(cell: &'a CapacityCell) -> Self {
+    /// Locks the books as of `now`: the tenant too when the operation may touch the pool, or when a
+    /// new billing period starts, which happens for the tenant first.
+    fn lock(cell: &'a CapacityCell, now: u64) -> Self {
         let env = cell.books.lock();
-        let tenant = env.touches_pool().then(|| cell.tenant.lock());
-        Self { cell, env, tenant }
+        let tenant = (env.touches_pool() || now >= env.period.end_ms).then(|| cell.tenant.lock());
+        let mut books = Self { cell, env, tenant };
+        books.roll_over(now);
+        books
     }
 
-    fn lock_with_tenant(cell: &'a CapacityCell) -> Self {
+    fn lock_with_tenant(cell: &'a CapacityCell, now: u64) -> Self {
         let env = cell.books.lock();
         let tenant = Some(cell.tenant.lock());
-        Self { cell, env, tenant }
+        let mut books = Self { cell, env, tenant };
+        books.roll_over(now);
+        books
+    }
+
+    /// Starts the period that contains `now` for the tenant, then for the environment. Derived from time
+    /// alone, so replaying the log rolls over at the same events.
+    fn roll_over(&mut self, now: u64) {
+        if let Some(tenant) = self.tenant.as_deref_mut() {
+            tenant.roll_over(now);
+            self.env.roll_over(tenant, now);
+        }
     }
 
     fn available(&self) -> Draws {
         self.env.available(self.tenant.as_deref())
     }
 
-    fn balance(&self, now: u64) -> Balance {
+    fn balance(&self) -> Balance {
         let env = &*self.env;
         let available = self.available().saturating_total();
         Balance {
@@ -168,7 +195,8 @@ impl<'a> Books<'a> {
             overage_milli: env.overage,
             available_milli: available,
             state: balance_state(available, env),
-            period: period::period_of(now),
+            period: env.period.name(),
+            low_percent: DEFAULT_LOW_PERCENT,
         }
     }
 }
@@ -232,6 +260,12 @@ impl Ledger {
             Command::LinkEnvironment { app_environment, environment } => {
                 self.link(app_environment, environment.as_ref(), now).map(Outcome::Linked)
             }
+            Command::SetTenantPolicy { tenant, grace_percent, time_zone } => {
+                self.set_tenant_policy(tenant, *grace_percent, time_zone, now).map(Outcome::Tenant)
+            }
+            Command::SetAgentLimit { environment, agent, limit } => {
+                self.set_agent_limit(environment, agent, *limit, now).map(Outcome::AgentLimit)
+            }
             Command::Reserve { environment, agent, amount_milli, idempotency_key, expires_at_ms } => {
                 let hold = Hold {
                     agent: agent.clone(),
@@ -253,27 +287,39 @@ impl Ledger {
     /// Whether a reservation of `amount` would be granted now, and from which sources.
     pub fn quote(&self, environment: &EnvironmentId, amount: Milli, now: u64) -> Result<Quote, LedgerError> {
         let cell = self.capacity_cell(environment)?;
-        let books = Books::lock(&cell);
+        let books = Books::lock(&cell, now);
         let draws = plan_draws(&books, amount)?;
-        Ok(Quote { draws, balance: books.balance(now) })
+        Ok(Quote { draws, balance: books.balance() })
     }
 
     /// What a dry run answers: the quote, or the refusal `reserve` would give now, open-reservation caps
     /// included and checked in the same order.
-    pub fn dry_run(&self, environment: &EnvironmentId, amount: Milli, now: u64) -> Result<Quote, LedgerError> {
+    pub fn dry_run(
+        &self,
+        environment: &EnvironmentId,
+        agent: &AgentId,
+        amount: Milli,
+        now: u64,
+    ) -> Result<Quote, LedgerError> {
         let cell = self.capacity_cell(environment)?;
-        let books = Books::lock(&cell);
-        let draws = self.plan_hold(&books, amount)?;
+        let books = Books::lock(&cell, now);
+        let draws = self.plan_hold(&books, agent, amount)?;
         let max_total = self.limits.max_open_reservations_total;
         if self.open_total.load(Ordering::Relaxed) >= max_total {
             return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
         }
-        Ok(Quote { draws, balance: books.balance(now) })
+        Ok(Quote { draws, balance: books.balance() })
     }
 
-    /// The draws of a new hold of `amount`, or why the environment refuses it: its open-hold cap, too
-    /// little capacity, or holds that could no longer be counted. The server-wide cap is the caller's.
-    fn plan_hold(&self, books: &Books<'_>, amount: Milli) -> Result<Draws, LedgerError> {
+    /// The draws of a new hold of `amount` for `agent`, or why the environment refuses it: the agent is
+    /// disabled or at its limit, the open-hold cap, too little capacity, or holds that could no longer
+    /// be counted. The server-wide cap is the caller's.
+    fn plan_hold(&self, books: &Books<'_>, agent: &AgentId, amount: Milli) -> Result<Draws, LedgerError> {
+        if let Some(book) = books.env.agents.get(agent)
+            && let Some(limit) = book.limit
+        {
+            check_agent_limit(&books.cell.id, agent, book, limit, amount)?;
+        }
         let max_open = self.limits.max_open_reservations_per_environment;
         if books.env.open.len() as u64 >= max_open {
             return Err(LedgerError::TooManyOpenReservations {
@@ -292,14 +338,22 @@ impl Ledger {
 
     pub fn balance(&self, environment: &EnvironmentId, now: u64) -> Result<Balance, LedgerError> {
         let cell = self.capacity_cell(environment)?;
-        Ok(Books::lock(&cell).balance(now))
+        Ok(Books::lock(&cell, now).balance())
     }
 
-    pub fn tenant(&self, tenant: &TenantId) -> Result<TenantCapacity, LedgerError> {
+    pub fn tenant(&self, tenant: &TenantId, now: u64) -> Result<TenantCapacity, LedgerError> {
         let cell =
             self.tenants.get(tenant).map(|t| t.clone()).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
-        let summary = tenant_capacity(tenant, &cell.lock());
-        Ok(summary)
+        let mut books = cell.lock();
+        books.roll_over(now);
+        Ok(tenant_capacity(tenant, &books))
+    }
+
+    /// The agents of a capacity environment that have a limit, use this period or open holds.
+    pub fn agent_limits(&self, environment: &EnvironmentId, now: u64) -> Result<Vec<AgentLimitView>, LedgerError> {
+        let cell = self.named_capacity_cell(environment)?;
+        let books = Books::lock(&cell, now);
+        Ok(books.env.agents.iter().map(|(agent, book)| agent_limit_view(&books, agent, book)).collect())
     }
 
     /// Reservations whose expiry is at or before `now`, at most `max`, for the caller to `Expire`.
@@ -357,6 +411,7 @@ impl Ledger {
         let existing = self.tenants.get(tenant).map(|t| t.clone());
         let cell = existing.clone().unwrap_or_default();
         let mut books = cell.lock();
+        books.roll_over(now);
         if let Some(key) = key
             && let Some(&first) = books.purchase_keys.get(key)
         {
@@ -373,7 +428,7 @@ impl Ledger {
             .checked_add(amount)
             .ok_or(LedgerError::CounterOverflow { what: "the tenant's purchased capacity" })?;
         let event = Event::Purchased { tenant: tenant.clone(), amount_milli: amount, idempotency_key: key.cloned() };
-        self.evolve_tenant(&mut books, &event);
+        self.evolve_tenant(&mut books, &event, now);
         books.applied_seq = self.sink.record(now, &event);
         let summary = tenant_capacity(tenant, &books);
         drop(books);
@@ -399,7 +454,7 @@ impl Ledger {
             Some(Slot::App { .. }) => return Err(LedgerError::NotACapacityEnvironment(environment.clone())),
             Some(Slot::Capacity(cell)) => (cell, false),
         };
-        let mut books = Books::lock_with_tenant(&cell);
+        let mut books = Books::lock_with_tenant(&cell, now);
         if books.env.tenant != *tenant {
             return Err(LedgerError::EnvironmentOfAnotherTenant {
                 environment: environment.clone(),
@@ -418,7 +473,9 @@ impl Ledger {
         let pool = books.tenant.as_deref().expect("locked with tenant");
         let allocated_after = (pool.allocated - books.env.allocated).checked_add(amount);
         let pool_taken = pool.pool_used + pool.pool_held;
-        let fits = allocated_after.and_then(|a| a.checked_add(pool_taken)).is_some_and(|total| total <= pool.purchased);
+        // Allocations never reach into the grace; pool use and holds may, up to the grace limit.
+        let fits = allocated_after.is_some_and(|a| a <= pool.purchased)
+            && allocated_after.and_then(|a| a.checked_add(pool_taken)).is_some_and(|total| total <= pool.pool_limit());
         if !fits {
             return Err(LedgerError::OverAllocation {
                 tenant: tenant.clone(),
@@ -436,7 +493,7 @@ impl Ledger {
             draw_from_tenant_pool: draw_from_pool,
         };
         self.record(&mut books, &event, now);
-        let balance = books.balance(now);
+        let balance = books.balance();
         drop(books);
         if is_new {
             self.environments.insert(environment.clone(), Slot::Capacity(cell));
@@ -453,10 +510,10 @@ impl Ledger {
     ) -> Result<Balance, LedgerError> {
         let _admin = self.admin.lock();
         let cell = self.named_capacity_cell(environment)?;
-        let mut books = Books::lock(&cell);
+        let mut books = Books::lock(&cell, now);
         let event = Event::PayAsYouGoSet { environment: environment.clone(), enabled, budget_milli: budget };
         self.record(&mut books, &event, now);
-        Ok(books.balance(now))
+        Ok(books.balance())
     }
 
     fn link(&self, app: &EnvironmentId, target: Option<&EnvironmentId>, now: u64) -> Result<Link, LedgerError> {
@@ -482,16 +539,74 @@ impl Ledger {
         Ok(Link { app_environment: app.clone(), target })
     }
 
+    fn set_tenant_policy(
+        &self,
+        tenant: &TenantId,
+        grace_percent: u32,
+        time_zone: &str,
+        now: u64,
+    ) -> Result<TenantCapacity, LedgerError> {
+        let _admin = self.admin.lock();
+        let cell =
+            self.tenants.get(tenant).map(|t| t.clone()).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
+        let mut books = cell.lock();
+        books.roll_over(now);
+        let taken = books.allocated.saturating_add(books.pool_used).saturating_add(books.pool_held);
+        let limit_after = Tenant { grace_percent, ..Tenant::default() };
+        let limit_after = Tenant { purchased: books.purchased, ..limit_after }.pool_limit();
+        if taken > limit_after {
+            return Err(LedgerError::GraceBelowUse {
+                tenant: tenant.clone(),
+                grace_percent,
+                limit_milli: limit_after,
+                taken_milli: taken,
+            });
+        }
+        let event = Event::TenantPolicySet { tenant: tenant.clone(), grace_percent, time_zone: time_zone.to_owned() };
+        self.evolve_tenant(&mut books, &event, now);
+        books.applied_seq = self.sink.record(now, &event);
+        Ok(tenant_capacity(tenant, &books))
+    }
+
+    fn set_agent_limit(
+        &self,
+        environment: &EnvironmentId,
+        agent: &AgentId,
+        limit: Option<AgentLimit>,
+        now: u64,
+    ) -> Result<AgentLimitView, LedgerError> {
+        let _admin = self.admin.lock();
+        let cell = self.named_capacity_cell(environment)?;
+        let mut books = Books::lock(&cell, now);
+        if let Some(limit) = limit {
+            if !books.env.payg_enabled && limit.limit_milli > books.env.allocated {
+                return Err(LedgerError::AgentLimitAboveAllocation {
+                    environment: environment.clone(),
+                    limit_milli: limit.limit_milli,
+                    allocated_milli: books.env.allocated,
+                });
+            }
+            let max_agents = self.limits.max_agents_per_environment;
+            if !books.env.agents.contains_key(agent) && books.env.agents.len() >= max_agents {
+                return Err(LedgerError::TooManyAgents { environment: environment.clone(), limit: max_agents });
+            }
+        }
+        let event = Event::AgentLimitSet { environment: environment.clone(), agent: agent.clone(), limit };
+        self.record(&mut books, &event, now);
+        let book = books.env.agents.get(agent).cloned().unwrap_or_default();
+        Ok(agent_limit_view(&books, agent, &book))
+    }
+
     fn reserve(&self, environment: &EnvironmentId, request: &Hold, now: u64) -> Result<Grant, LedgerError> {
         let cell = self.capacity_cell(environment)?;
-        let mut books = Books::lock(&cell);
+        let mut books = Books::lock(&cell, now);
         if let Some(key) = &request.idempotency_key
             && let Some(&seq) = books.env.idempotency.get(key)
         {
-            return replay_grant(&books, seq, request, now);
+            return replay_grant(&books, seq, request);
         }
         let amount = request.amount;
-        let draws = self.plan_hold(&books, amount)?;
+        let draws = self.plan_hold(&books, &request.agent, amount)?;
         // The server-wide count is taken last, so that every refusal above leaves it untouched.
         let max_total = self.limits.max_open_reservations_total;
         if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
@@ -513,14 +628,14 @@ impl Ledger {
             amount_milli: amount,
             draws,
             expires_at_ms: request.expires_at_ms,
-            balance: books.balance(now),
+            balance: books.balance(),
             replayed: false,
         })
     }
 
     fn commit(&self, reservation: &ReservationId, actual: Milli, now: u64) -> Result<Settled<Settlement>, LedgerError> {
         let cell = self.reservation_cell(reservation)?;
-        let mut books = Books::lock(&cell);
+        let mut books = Books::lock(&cell, now);
         self.expire_if_due(&mut books, reservation, now);
         let seq = reservation.seq;
         let settlement = if let Some(hold) = books.env.open.get(&seq) {
@@ -535,7 +650,7 @@ impl Ledger {
                             committed_milli: first,
                         });
                     }
-                    return Ok(Settled { result: settlement, balance: books.balance(now), replayed: true });
+                    return Ok(Settled { result: settlement, balance: books.balance(), replayed: true });
                 }
                 Some(Resolution::Released { .. }) => return Err(LedgerError::AlreadyReleased(reservation.clone())),
                 Some(Resolution::Expired) => {
@@ -545,12 +660,12 @@ impl Ledger {
         };
         let event = Event::Committed { reservation: reservation.clone(), actual_milli: actual, settlement };
         self.record(&mut books, &event, now);
-        Ok(Settled { result: settlement, balance: books.balance(now), replayed: false })
+        Ok(Settled { result: settlement, balance: books.balance(), replayed: false })
     }
 
     fn release(&self, reservation: &ReservationId, now: u64) -> Result<Settled<Milli>, LedgerError> {
         let cell = self.reservation_cell(reservation)?;
-        let mut books = Books::lock(&cell);
+        let mut books = Books::lock(&cell, now);
         self.expire_if_due(&mut books, reservation, now);
         let seq = reservation.seq;
         let released = match books.env.open.get(&seq) {
@@ -558,7 +673,7 @@ impl Ledger {
             None => match books.env.resolved.get(&seq).map(|r| r.resolution) {
                 None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
                 Some(Resolution::Released { released }) => {
-                    return Ok(Settled { result: released, balance: books.balance(now), replayed: true });
+                    return Ok(Settled { result: released, balance: books.balance(), replayed: true });
                 }
                 Some(Resolution::Committed { .. }) => return Err(LedgerError::ReleaseAfterCommit(reservation.clone())),
                 // Expiry already returned the hold; the release only settles the reservation.
@@ -566,14 +681,14 @@ impl Ledger {
             },
         };
         self.record(&mut books, &Event::Released { reservation: reservation.clone() }, now);
-        Ok(Settled { result: released, balance: books.balance(now), replayed: false })
+        Ok(Settled { result: released, balance: books.balance(), replayed: false })
     }
 
     fn expire(&self, reservation: &ReservationId, now: u64) -> Result<Option<Milli>, LedgerError> {
         let Ok(cell) = self.reservation_cell(reservation) else {
             return Ok(None);
         };
-        let mut books = Books::lock(&cell);
+        let mut books = Books::lock(&cell, now);
         Ok(self.expire_if_due(&mut books, reservation, now))
     }
 
@@ -595,9 +710,16 @@ impl Ledger {
     }
 
     /// Applies a tenant-level event.
-    fn evolve_tenant(&self, tenant: &mut Tenant, event: &Event) {
-        let Event::Purchased { amount_milli, idempotency_key, .. } = event else {
-            unreachable!("only purchases apply to a tenant alone")
+    fn evolve_tenant(&self, tenant: &mut Tenant, event: &Event, now: u64) {
+        tenant.roll_over(now);
+        let (amount_milli, idempotency_key) = match event {
+            Event::Purchased { amount_milli, idempotency_key, .. } => (amount_milli, idempotency_key),
+            Event::TenantPolicySet { grace_percent, time_zone, .. } => {
+                tenant.grace_percent = *grace_percent;
+                tenant.time_zone.clone_from(time_zone);
+                return;
+            }
+            _ => unreachable!("only purchases and policies apply to a tenant alone"),
         };
         tenant.purchased += amount_milli;
         if let Some(key) = idempotency_key {
@@ -615,6 +737,7 @@ impl Ledger {
     fn evolve(&self, books: &mut Books<'_>, event: &Event, now: u64) -> Result<(), String> {
         let Books { env, tenant, .. } = books;
         let (retention, max_resolved) = (self.limits.resolved_retention_ms, self.limits.max_resolved_per_environment);
+        let max_agents = self.limits.max_agents_per_environment;
         match event {
             Event::Allocated { amount_milli, draw_from_tenant_pool, .. } => {
                 let tenant = tenant.as_deref_mut().ok_or("an allocation needs the tenant locked")?;
@@ -626,12 +749,20 @@ impl Ledger {
                 env.payg_enabled = *enabled;
                 env.payg_budget = *budget_milli;
             }
+            Event::AgentLimitSet { agent, limit, .. } => {
+                let book = env.agents.entry(agent.clone()).or_default();
+                book.limit = *limit;
+                if *book == AgentBook::default() {
+                    env.agents.remove(agent);
+                }
+            }
             Event::Reserved { reservation, agent, amount_milli, draws, expires_at_ms, idempotency_key } => {
                 let seq = reservation.seq;
                 if seq < env.next_seq || env.open.contains_key(&seq) {
                     return Err(format!("reservation {reservation} is not new"));
                 }
                 env.hold(tenant.as_deref_mut(), *draws);
+                env.agent_held(agent, *amount_milli, max_agents);
                 env.next_seq = seq + 1;
                 if let Some(key) = idempotency_key {
                     env.idempotency.insert(key.clone(), seq);
@@ -651,19 +782,23 @@ impl Ledger {
                 if let Some(hold) = env.open.remove(&reservation.seq) {
                     self.open_total.fetch_sub(1, Ordering::Relaxed);
                     env.settle(tenant.as_deref_mut(), hold.draws, settlement).map_err(|e| e.to_string())?;
+                    env.agent_resolved(&hold.agent, hold.amount, *actual_milli, max_agents);
                     env.remember(reservation.seq, Resolved { hold, resolution }, now, retention, max_resolved);
                 } else {
                     let record = env.resolved.get_mut(&reservation.seq).filter(|r| r.resolution == Resolution::Expired);
                     let record =
                         record.ok_or_else(|| format!("reservation {reservation} is neither open nor expired"))?;
                     record.resolution = resolution;
+                    let agent = record.hold.agent.clone();
                     env.settle(tenant.as_deref_mut(), Draws::default(), settlement).map_err(|e| e.to_string())?;
+                    env.agent_resolved(&agent, 0, *actual_milli, max_agents);
                 }
             }
             Event::Released { reservation } => {
                 if let Some(hold) = env.open.remove(&reservation.seq) {
                     self.open_total.fetch_sub(1, Ordering::Relaxed);
                     env.unhold(tenant.as_deref_mut(), hold.draws);
+                    env.agent_resolved(&hold.agent, hold.amount, 0, max_agents);
                     let resolution = Resolution::Released { released: hold.amount };
                     env.remember(reservation.seq, Resolved { hold, resolution }, now, retention, max_resolved);
                 } else {
@@ -680,6 +815,7 @@ impl Ledger {
                     .ok_or_else(|| format!("reservation {reservation} is not open"))?;
                 self.open_total.fetch_sub(1, Ordering::Relaxed);
                 env.unhold(tenant.as_deref_mut(), hold.draws);
+                env.agent_resolved(&hold.agent, hold.amount, 0, max_agents);
                 env.remember(
                     reservation.seq,
                     Resolved { hold, resolution: Resolution::Expired },
@@ -688,7 +824,7 @@ impl Ledger {
                     max_resolved,
                 );
             }
-            Event::Purchased { .. } | Event::Linked { .. } => {
+            Event::Purchased { .. } | Event::TenantPolicySet { .. } | Event::Linked { .. } => {
                 unreachable!("tenant and link events do not apply to an environment's books")
             }
         }
@@ -698,7 +834,7 @@ impl Ledger {
     /// Checks every invariant across the whole ledger; for tests and assertions, not the hot path.
     pub fn verify(&self) -> Result<(), String> {
         let _admin = self.admin.lock();
-        let mut per_tenant: std::collections::HashMap<TenantId, (Milli, Milli, Milli)> = Default::default();
+        let mut per_tenant: HashMap<TenantId, (Milli, Milli, Milli)> = HashMap::new();
         let mut open = 0u64;
         for slot in self.environments.iter() {
             let Slot::Capacity(cell) = slot.value() else {
@@ -723,10 +859,25 @@ impl Ledger {
                     cell.id, env.allocated
                 ));
             }
+            let mut agents_held: HashMap<&AgentId, Milli> = HashMap::new();
+            for hold in env.open.values() {
+                *agents_held.entry(&hold.agent).or_default() += hold.amount;
+            }
+            for (agent, book) in &env.agents {
+                if book.held > agents_held.get(agent).copied().unwrap_or(0) {
+                    return Err(format!("{}: agent {agent} holds more than its open holds", cell.id));
+                }
+            }
             open += env.open.len() as u64;
+            let tenant_period = cell.tenant.lock().period;
+            if env.period > tenant_period {
+                return Err(format!("{}: its period is later than its tenant's", cell.id));
+            }
             let sums = per_tenant.entry(env.tenant.clone()).or_default();
             sums.0 += env.allocated;
-            sums.1 += env.used.get(Source::TenantPool);
+            if env.period == tenant_period {
+                sums.1 += env.used.get(Source::TenantPool);
+            }
             sums.2 += env.held.get(Source::TenantPool);
         }
         for entry in self.tenants.iter() {
@@ -735,8 +886,10 @@ impl Ledger {
             if (tenant.allocated, tenant.pool_used, tenant.pool_held) != (allocated, pool_used, pool_held) {
                 return Err(format!("tenant {}: counters differ from the sums over its environments", entry.key()));
             }
-            if tenant.allocated + tenant.pool_used + tenant.pool_held > tenant.purchased {
-                return Err(format!("tenant {}: more allocated or drawn than purchased", entry.key()));
+            if tenant.allocated > tenant.purchased
+                || tenant.allocated + tenant.pool_used + tenant.pool_held > tenant.pool_limit()
+            {
+                return Err(format!("tenant {}: more allocated or drawn than purchased plus grace", entry.key()));
             }
         }
         if open != self.open_reservations() {
@@ -767,11 +920,51 @@ fn tenant_capacity(id: &TenantId, tenant: &Tenant) -> TenantCapacity {
         allocated_milli: tenant.allocated,
         pool_used_milli: tenant.pool_used,
         pool_reserved_milli: tenant.pool_held,
+        grace_percent: tenant.grace_percent,
+        time_zone: tenant.time_zone.clone(),
+        period: tenant.period.name(),
+        grace_used_milli: tenant.grace_used(),
+    }
+}
+
+/// Refuses a hold that the agent's limit forbids.
+fn check_agent_limit(
+    environment: &EnvironmentId,
+    agent: &AgentId,
+    book: &AgentBook,
+    limit: AgentLimit,
+    amount: Milli,
+) -> Result<(), LedgerError> {
+    if limit.disabled {
+        return Err(LedgerError::AgentDisabled { environment: environment.clone(), agent: agent.clone() });
+    }
+    let after = book.used.saturating_add(book.held).saturating_add(amount);
+    if limit.stop_when_exceeded && limit.limit_milli > 0 && after > limit.limit_milli {
+        return Err(LedgerError::AgentLimitReached {
+            environment: environment.clone(),
+            agent: agent.clone(),
+            limit_milli: limit.limit_milli,
+            used_milli: book.used,
+            held_milli: book.held,
+            requested_milli: amount,
+        });
+    }
+    Ok(())
+}
+
+fn agent_limit_view(books: &Books<'_>, agent: &AgentId, book: &AgentBook) -> AgentLimitView {
+    AgentLimitView {
+        environment: books.cell.id.clone(),
+        agent: agent.clone(),
+        limit: book.limit,
+        used_milli: book.used,
+        held_milli: book.held,
+        period: books.env.period.name(),
     }
 }
 
 /// The earlier grant for a retried idempotency key, if the retry asks for the same thing.
-fn replay_grant(books: &Books<'_>, seq: u64, retry: &Hold, now: u64) -> Result<Grant, LedgerError> {
+fn replay_grant(books: &Books<'_>, seq: u64, retry: &Hold) -> Result<Grant, LedgerError> {
     let first = books
         .env
         .open
@@ -789,7 +982,7 @@ fn replay_grant(books: &Books<'_>, seq: u64, retry: &Hold, now: u64) -> Result<G
         amount_milli: first.amount,
         draws: first.draws,
         expires_at_ms: first.expires_at_ms,
-        balance: books.balance(now),
+        balance: books.balance(),
         replayed: true,
     })
 }

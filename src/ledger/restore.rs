@@ -15,6 +15,7 @@ use super::{
     Books, EnvironmentId, Event, Ledger, LedgerError, Milli, Slot, Source, TenantId,
     account::{Environment, Tenant},
     new_cell,
+    period::Period,
 };
 
 /// One object of a snapshot.
@@ -102,7 +103,19 @@ impl Ledger {
                 let cell = self.tenants.entry(tenant.clone()).or_default().clone();
                 let mut books = cell.lock();
                 if books.applied_seq < seq {
-                    self.evolve_tenant(&mut books, event);
+                    self.evolve_tenant(&mut books, event, now);
+                    books.applied_seq = seq;
+                }
+            }
+            Event::TenantPolicySet { tenant, .. } => {
+                let cell = self
+                    .tenants
+                    .get(tenant)
+                    .map(|t| t.clone())
+                    .ok_or_else(|| fail(format!("unknown tenant {tenant}")))?;
+                let mut books = cell.lock();
+                if books.applied_seq < seq {
+                    self.evolve_tenant(&mut books, event, now);
                     books.applied_seq = seq;
                 }
             }
@@ -136,7 +149,7 @@ impl Ledger {
                 };
                 self.replay_on(&cell, seq, now, event).map_err(fail)?;
             }
-            Event::PayAsYouGoSet { environment, .. } => {
+            Event::PayAsYouGoSet { environment, .. } | Event::AgentLimitSet { environment, .. } => {
                 let cell = self.named_capacity_cell(environment).map_err(|e| fail(e.to_string()))?;
                 self.replay_on(&cell, seq, now, event).map_err(fail)?;
             }
@@ -152,7 +165,7 @@ impl Ledger {
     }
 
     fn replay_on(&self, cell: &super::CapacityCell, seq: u64, now: u64, event: &Event) -> Result<(), String> {
-        let mut books = Books::lock_with_tenant(cell);
+        let mut books = Books::lock_with_tenant(cell, now);
         if books.env.applied_seq >= seq {
             return Ok(());
         }
@@ -163,7 +176,26 @@ impl Ledger {
 
     /// Recomputes what is summed over environments (tenant allocations and pool use, the open-hold
     /// count) from the environments' books. Run it after importing a snapshot and again after replay.
+    /// A tenant's period is the latest of its own and its environments' (a snapshot may hold a tenant
+    /// copied before one of its environments started a new period), and its pool use is what its
+    /// environments used in that period.
     pub fn recompute_totals(&self) {
+        let mut periods: HashMap<TenantId, Period> = HashMap::new();
+        for slot in self.environments.iter() {
+            let Slot::Capacity(cell) = slot.value() else { continue };
+            let env = cell.books.lock();
+            let period = periods.entry(env.tenant.clone()).or_insert(Period::NONE);
+            *period = (*period).max(env.period);
+        }
+        for entry in self.tenants.iter() {
+            let mut tenant = entry.value().lock();
+            if let Some(&period) = periods.get(entry.key())
+                && period > tenant.period
+            {
+                tenant.period = period;
+            }
+            periods.insert(entry.key().clone(), tenant.period);
+        }
         let mut sums: HashMap<TenantId, (Milli, Milli, Milli)> = HashMap::new();
         let mut open = 0u64;
         for slot in self.environments.iter() {
@@ -171,7 +203,9 @@ impl Ledger {
             let env = cell.books.lock();
             let sum = sums.entry(env.tenant.clone()).or_default();
             sum.0 += env.allocated;
-            sum.1 += env.used.get(Source::TenantPool);
+            if Some(&env.period) == periods.get(&env.tenant) {
+                sum.1 += env.used.get(Source::TenantPool);
+            }
             sum.2 += env.held.get(Source::TenantPool);
             open += env.open.len() as u64;
         }
@@ -284,7 +318,7 @@ mod tests {
         }
         assert_eq!(restored.finish_restore(), Ok(()));
         for tenant in ["t0", "t1"].map(|t| TenantId::new(t).unwrap()) {
-            assert_eq!(restored.tenant(&tenant), ledger.tenant(&tenant));
+            assert_eq!(restored.tenant(&tenant, 1), ledger.tenant(&tenant, 1));
         }
         for environment in ["e0", "e1", "app"].map(|e| EnvironmentId::new(e).unwrap()) {
             assert_eq!(restored.balance(&environment, 1), ledger.balance(&environment, 1));
