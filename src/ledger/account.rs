@@ -5,10 +5,10 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AgentId, IdempotencyKey, LedgerError, Milli, Settlement, TenantId};
+use super::{AgentId, IdempotencyKey, LedgerError, Milli, Settlement, TenantId, usage::UsageBook};
 
-/// Where capacity comes from. The declaration order is the draw order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where capacity comes from. The declaration order is the draw order (and the sort order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Source {
     EnvironmentAllocation,
     TenantPool,
@@ -34,6 +34,11 @@ impl Draws {
 
     fn set(&mut self, source: Source, amount: Milli) {
         self.0[source.index()] = amount;
+    }
+
+    /// Adds to one source, saturating: for sums that are bounded by counters checked elsewhere.
+    pub fn add(&mut self, source: Source, amount: Milli) {
+        self.0[source.index()] = self.0[source.index()].saturating_add(amount);
     }
 
     /// Cannot overflow: every caller keeps the per-source amounts within one u64 amount in total.
@@ -94,6 +99,13 @@ pub struct Tenant {
     pub purchase_key_order: VecDeque<IdempotencyKey>,
     /// Sequence number of the last logged event applied to this tenant.
     pub applied_seq: u64,
+    /// Distinct usage keys in `usage_keys_month` (the newest month with use), summed over the
+    /// tenant's environments. Recomputed from the environments' roll-ups at recovery, like the pool
+    /// counters, so not kept in snapshots.
+    #[serde(skip)]
+    pub usage_keys_month: String,
+    #[serde(skip)]
+    pub usage_keys: u64,
 }
 
 impl Tenant {
@@ -111,6 +123,8 @@ pub struct Hold {
     pub draws: Draws,
     pub expires_at_ms: u64,
     pub idempotency_key: Option<IdempotencyKey>,
+    /// The rate card version in force when the hold was made; its commit is priced with it.
+    pub rate_card_version: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +170,8 @@ pub struct Environment {
     pub idempotency: HashMap<IdempotencyKey, u64>,
     /// Sequence number of the last logged event applied to these books.
     pub applied_seq: u64,
+    /// What was charged and reserved, by day and month.
+    pub usage: UsageBook,
 }
 
 impl Environment {
@@ -175,6 +191,7 @@ impl Environment {
             resolved_order: VecDeque::new(),
             idempotency: HashMap::new(),
             applied_seq: 0,
+            usage: UsageBook::default(),
         }
     }
 
