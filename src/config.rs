@@ -38,9 +38,12 @@ pub const DEFAULT_RESOLVED_RETENTION_SECONDS: u64 = ledger::DEFAULT_RESOLVED_RET
 /// dozen usage items, a few KiB at most.
 const MAX_REQUEST_BYTES_CEILING: usize = 4 * 1024 * 1024;
 const MAX_USAGE_ITEMS_CEILING: usize = 1_024;
+/// Rate card versions are kept in memory and in every snapshot, each up to 256 scenarios.
+const MAX_RATE_CARD_VERSIONS_CEILING: usize = 100_000;
 
 const _: () = assert!(DEFAULT_TTL_SECONDS <= DEFAULT_MAX_TTL_SECONDS);
 const _: () = assert!(DEFAULT_MAX_USAGE_ITEMS <= MAX_USAGE_ITEMS_CEILING);
+const _: () = assert!(ledger::DEFAULT_MAX_RATE_CARD_VERSIONS <= MAX_RATE_CARD_VERSIONS_CEILING);
 const _: () = assert!(DEFAULT_MAX_REQUEST_BYTES <= MAX_REQUEST_BYTES_CEILING);
 const _: () = assert!(DEFAULT_RESOLVED_RETENTION_SECONDS >= DEFAULT_MAX_TTL_SECONDS as u64);
 
@@ -98,7 +101,9 @@ pub struct Settings {
     pub max_resolved_per_environment: usize,
     pub max_request_bytes: usize,
     pub shutdown_grace_seconds: u64,
-    /// Replaces the whole default rate card when given.
+    pub max_usage_keys_per_tenant: u64,
+    pub max_rate_card_versions: usize,
+    /// Replaces the whole default rate card when given; it is rate card version 1.
     pub rate_card: Option<BTreeMap<String, Rate>>,
     /// Tenants created at startup on empty state.
     pub bootstrap: Vec<BootstrapTenant>,
@@ -120,6 +125,8 @@ impl Default for Settings {
             max_resolved_per_environment: ledger::DEFAULT_MAX_RESOLVED_PER_ENVIRONMENT,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             shutdown_grace_seconds: DEFAULT_SHUTDOWN_GRACE_SECONDS,
+            max_usage_keys_per_tenant: ledger::usage::DEFAULT_MAX_USAGE_KEYS_PER_TENANT,
+            max_rate_card_versions: ledger::DEFAULT_MAX_RATE_CARD_VERSIONS,
             rate_card: None,
             bootstrap: Vec::new(),
         }
@@ -174,6 +181,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub policy: Policy,
     pub limits: ledger::Limits,
+    /// Rate card version 1.
+    pub rate_card: RateCard,
     pub max_request_bytes: usize,
     pub shutdown_grace: Duration,
     /// Applied in order to empty state at startup.
@@ -293,8 +302,13 @@ impl Config {
             None => RateCard::default(),
             Some(rates) => RateCard::new(rates.iter().map(|(name, rate)| (name.as_str(), *rate)))?,
         };
+        if s.max_usage_keys_per_tenant == 0 {
+            return Err(invalid("max_usage_keys_per_tenant", &0, "must be at least 1"));
+        }
+        if !(1..=MAX_RATE_CARD_VERSIONS_CEILING).contains(&s.max_rate_card_versions) {
+            return Err(invalid("max_rate_card_versions", &s.max_rate_card_versions, "must be between 1 and 100000"));
+        }
         let policy = Policy {
-            rate_card,
             pack_milli,
             default_ttl_seconds: s.default_ttl_seconds,
             max_ttl_seconds: s.max_ttl_seconds,
@@ -308,6 +322,9 @@ impl Config {
             max_open_reservations_total: s.max_open_reservations_total,
             resolved_retention_ms: s.resolved_retention_seconds.saturating_mul(1_000),
             max_resolved_per_environment: s.max_resolved_per_environment,
+            max_amount_milli,
+            max_usage_keys_per_tenant: s.max_usage_keys_per_tenant,
+            max_rate_card_versions: s.max_rate_card_versions,
             ..ledger::Limits::default()
         };
         let bootstrap = bootstrap_commands(&s.bootstrap, pack_milli)?;
@@ -322,6 +339,7 @@ impl Config {
             log_format: LogFormat::Text,
             policy,
             limits,
+            rate_card,
             max_request_bytes: s.max_request_bytes,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds),
             bootstrap,

@@ -13,7 +13,7 @@ use crate::{
     config::Config,
     durability::store::{Store, StoreError},
     grpc::{AdminService, Context, QuotaService},
-    ledger::{Command, Ledger},
+    ledger::{Command, Discard, Ledger},
     proto::{self, quota_admin_server::QuotaAdminServer, quota_server::QuotaServer},
 };
 
@@ -114,10 +114,10 @@ pub async fn run(
 /// bootstrap applied if it starts empty.
 async fn open_ledger(config: &Config, clock: &dyn Clock) -> Result<(Ledger, Option<Arc<Store>>), ServeError> {
     let (ledger, store, fresh) = match config.storage.clone() {
-        None => (Ledger::new(config.limits), None, true),
+        None => (Ledger::with_rate_card(config.limits, config.rate_card.clone(), Arc::new(Discard)), None, true),
         Some(storage) => {
-            let limits = config.limits;
-            let opened = tokio::task::spawn_blocking(move || Store::open(storage, limits))
+            let (limits, rate_card) = (config.limits, config.rate_card.clone());
+            let opened = tokio::task::spawn_blocking(move || Store::open(storage, limits, rate_card))
                 .await
                 .expect("recovery does not panic")?;
             (opened.ledger, Some(opened.store), opened.fresh)

@@ -12,7 +12,8 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use quotad::ledger::{
     AgentId, Balance, BalanceState, Command, Draws, EnvironmentId, IdempotencyKey, Ledger, LedgerError, Limits, Link,
-    Milli, OpenReservationScope, Outcome, ReservationId, Source, TenantCapacity, TenantId, period,
+    Milli, OpenReservationScope, Outcome, ReservationId, Source, TenantCapacity, TenantId, Usage, period,
+    usage::{UsageQuery, UsageRange},
 };
 
 mod ledger_steps;
@@ -128,6 +129,7 @@ fn seen(outcome: Outcome) -> Seen {
         },
         Outcome::Released(s) => Seen::Released { released: s.result, balance: s.balance, replayed: s.replayed },
         Outcome::Expired(e) => Seen::Expired(e),
+        Outcome::RateCard(card) => unreachable!("the steps set no rate card, yet got {card:?}"),
     }
 }
 
@@ -374,10 +376,10 @@ impl Model {
             Command::LinkEnvironment { app_environment, environment } => {
                 self.link(app_environment, environment.as_ref())
             }
-            Command::Reserve { environment, agent, amount_milli, idempotency_key, expires_at_ms } => {
-                self.reserve(environment, agent, *amount_milli, idempotency_key.as_ref(), *expires_at_ms, now)
+            Command::Reserve { environment, agent, usage: Usage::Milli(amount), idempotency_key, expires_at_ms } => {
+                self.reserve(environment, agent, *amount, idempotency_key.as_ref(), *expires_at_ms, now)
             }
-            Command::Commit { reservation, actual_milli } => self.commit(reservation, *actual_milli, now),
+            Command::Commit { reservation, usage: Usage::Milli(actual) } => self.commit(reservation, *actual, now),
             Command::Release { reservation } => self.release(reservation, now),
             Command::SetTenantPolicy { .. } | Command::SetAgentLimit { .. } => {
                 unreachable!("the steps do not set policies or agent limits")
@@ -388,6 +390,7 @@ impl Model {
                 }
                 Ok(Seen::Expired(self.expire_if_due(reservation, now)))
             }
+            other => unreachable!("the steps make no {other:?}"),
         }
     }
 
@@ -798,8 +801,8 @@ impl Harness {
         prop_assert_eq!(&got, &want, "outcome of {:?} at {}", command, self.now);
         match (&got, command) {
             (Ok(Seen::Reserved { reservation, replayed: false, .. }), _) => self.issued.push(reservation.clone()),
-            (Ok(Seen::Committed { replayed: false, .. }), Command::Commit { actual_milli, .. }) => {
-                self.committed_actual += actual_milli;
+            (Ok(Seen::Committed { replayed: false, .. }), Command::Commit { usage: Usage::Milli(actual), .. }) => {
+                self.committed_actual += actual;
             }
             (Err(_), _) => prop_assert_eq!(before, self.snapshot(), "refused {:?} changed the books", command),
             _ => {}
@@ -830,6 +833,7 @@ impl Harness {
 
         let mut charged = 0;
         let mut per_tenant: HashMap<TenantId, (Milli, Milli)> = HashMap::new();
+        let mut billed: HashMap<TenantId, (Milli, Milli, Milli)> = HashMap::new();
         for (id, e) in self.model.capacities() {
             let b = self.ledger.balance(id, self.now).unwrap();
             let open_holds: Milli = e.holds.values().filter(|h| h.state == HoldState::Open).map(|h| h.amount).sum();
@@ -839,8 +843,25 @@ impl Harness {
             let sums = per_tenant.entry(b.tenant.clone()).or_default();
             sums.0 += b.allocated_milli;
             sums.1 += b.tenant_pool_used_milli;
+            let bill = billed.entry(b.tenant.clone()).or_default();
+            bill.0 += b.allocation_used_milli + b.tenant_pool_used_milli;
+            bill.1 += b.payg_used_milli;
+            bill.2 += b.overage_milli;
         }
         prop_assert_eq!(charged, self.committed_actual, "charges plus overage equal the use committed");
+        // Every step runs within one month, so the month's usage report is everything charged.
+        for (id, bill) in billed {
+            let range = UsageRange::new(None, None, self.now).unwrap();
+            let query = UsageQuery { tenant: id.clone(), environment: None, agent: None, range, group_by: Vec::new() };
+            let rows = self.ledger.usage(&query).unwrap();
+            let total = rows[0].totals;
+            prop_assert_eq!(
+                (total.prepaid_milli, total.payg_milli, total.overage_milli),
+                bill,
+                "the usage report of tenant {} adds up to its balances",
+                id
+            );
+        }
         for (id, (allocated, pool_used)) in per_tenant {
             let t = self.ledger.tenant(&id, self.now).unwrap();
             prop_assert_eq!((t.allocated_milli, t.pool_used_milli), (allocated, pool_used), "tenant {} sums", id);
@@ -900,7 +921,7 @@ fn concurrent_reservations_grant_exactly_the_allocation() {
                     let reserve = Command::Reserve {
                         environment: e.clone(),
                         agent: agent(0),
-                        amount_milli: MESSAGE,
+                        usage: Usage::Milli(MESSAGE),
                         idempotency_key: None,
                         expires_at_ms: START_MS + 60_000,
                     };

@@ -19,7 +19,8 @@ use std::sync::{
 use proptest::prelude::*;
 use quotad::ledger::{
     Balance, Command, EnvironmentId, Event, EventSink, Ledger, LedgerError, Limits, Milli, Outcome, Quote,
-    ReservationId, RestoreError, SnapshotItem, TenantCapacity, TenantId,
+    ReservationId, RestoreError, SnapshotItem, TenantCapacity, TenantId, Usage,
+    usage::{Dimension, UsageQuery, UsageRange, UsageRow},
 };
 
 mod ledger_steps;
@@ -45,6 +46,9 @@ fn limits() -> Limits {
         max_resolved_per_environment: 4,
         max_purchase_keys_per_tenant: 2,
         max_agents_per_environment: 2,
+        // Few usage keys, so that use beyond them, reported under `other`, is part of what is restored.
+        max_usage_keys_per_tenant: 3,
+        ..Limits::default()
     }
 }
 
@@ -133,6 +137,7 @@ fn state(ledger: &Ledger) -> BTreeMap<String, serde_json::Value> {
             SnapshotItem::Tenant { id, .. } => format!("tenant {id}"),
             SnapshotItem::Environment { id, .. } => format!("environment {id}"),
             SnapshotItem::App { id, .. } => format!("app {id}"),
+            SnapshotItem::RateCard(card) => format!("rate card {}", card.version),
         };
         let value = serde_json::to_value(&item).expect("a snapshot item serialises");
         assert!(state.insert(name.clone(), value).is_none(), "{name} exported twice");
@@ -147,7 +152,23 @@ struct Observed {
     quotes: Vec<Result<Quote, LedgerError>>,
     dry_runs: Vec<Result<Quote, LedgerError>>,
     tenants: Vec<Result<TenantCapacity, LedgerError>>,
+    usage: Vec<Result<Vec<UsageRow>, LedgerError>>,
     open: u64,
+}
+
+/// A tenant's usage this month in full detail, without the refusal counts: refusals are not logged,
+/// so a restored ledger starts counting them from zero.
+fn logged_usage(ledger: &Ledger, tenant: &TenantId, now: u64) -> Result<Vec<UsageRow>, LedgerError> {
+    use Dimension::*;
+    let range = UsageRange::new(None, None, now).unwrap();
+    let group_by = vec![Environment, Agent, Scenario, Source, Day];
+    let query = UsageQuery { tenant: tenant.clone(), environment: None, agent: None, range, group_by };
+    let mut rows = ledger.usage(&query)?;
+    for row in &mut rows {
+        row.totals.reservations_refused = 0;
+    }
+    rows.retain(|row| row.totals != Default::default());
+    Ok(rows)
 }
 
 fn observe(ledger: &Ledger, now: u64) -> Observed {
@@ -160,7 +181,8 @@ fn observe(ledger: &Ledger, now: u64) -> Observed {
     Observed {
         balances: names.iter().map(|name| ledger.balance(name, now)).collect(),
         quotes,
-        dry_runs: names.iter().map(|name| ledger.dry_run(name, &agent(0), 1_000, now)).collect(),
+        dry_runs: names.iter().map(|name| ledger.dry_run(name, &agent(0), &Usage::Milli(1_000), now)).collect(),
+        usage: TENANTS.iter().map(|t| logged_usage(ledger, &TenantId::new(t).unwrap(), now)).collect(),
         tenants: TENANTS.iter().map(|t| ledger.tenant(&TenantId::new(t).unwrap(), now)).collect(),
         open: ledger.open_reservations(),
     }
@@ -370,7 +392,9 @@ impl Driver {
             (Ok(Outcome::Reserved(g)), _) if !g.replayed => {
                 self.issued.push((g.reservation.clone(), g.amount_milli));
             }
-            (Ok(Outcome::Committed(s)), Command::Commit { reservation, actual_milli }) if !s.replayed => {
+            (Ok(Outcome::Committed(s)), Command::Commit { reservation, usage: Usage::Milli(actual_milli) })
+                if !s.replayed =>
+            {
                 self.committed.entry(reservation.clone()).or_insert(*actual_milli);
             }
             _ => {}

@@ -12,7 +12,7 @@ use super::{
     format::{self, DataDirListing, FormatError, SnapshotWriter},
     journal::{Durability, Journal, Unavailable},
 };
-use crate::ledger::{Event, EventSink, Ledger, Limits, RestoreError, SnapshotItem};
+use crate::ledger::{Event, EventSink, Ledger, Limits, RestoreError, SnapshotItem, pricing::RateCard};
 
 /// Log segments are rotated at this size.
 pub const DEFAULT_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -104,7 +104,8 @@ pub struct Opened {
 
 impl Store {
     /// Locks the directory, restores the newest valid snapshot and replays the log after it.
-    pub fn open(config: StorageConfig, limits: Limits) -> Result<Opened, StoreError> {
+    /// `rate_card` is version 1 of the rate card; later versions come from the snapshot and the log.
+    pub fn open(config: StorageConfig, limits: Limits, rate_card: RateCard) -> Result<Opened, StoreError> {
         let dir = config.dir.clone();
         let io = |source| StoreError::Io { dir: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(io)?;
@@ -119,7 +120,7 @@ impl Store {
         }
         let started = Instant::now();
         let sink = Arc::new(JournalSink::default());
-        let ledger = Ledger::with_sink(limits, sink.clone());
+        let ledger = Ledger::with_rate_card(limits, rate_card, sink.clone());
         let covered = restore_snapshot(&ledger, &listing, config.recover_from_older_snapshot)?;
         ledger.recompute_totals();
         let (last_seq, replayed) = replay_log(&ledger, &listing, covered)?;

@@ -7,7 +7,7 @@ use super::{Policy, status::FieldError};
 use crate::{
     ledger::{
         Balance, BalanceState, Draws, IdError, IdempotencyKey, MILLI_PER_MESSAGE, Milli, ReservationId,
-        ReservationIdError, Source, pricing::PricingError,
+        ReservationIdError, Source, Usage, UsageItem,
     },
     proto,
 };
@@ -38,46 +38,44 @@ pub enum Zero {
 }
 
 impl Policy {
-    /// The amount of a request that carries exactly one of `messages` and `usage`, in milli.
-    pub fn amount(&self, messages: Option<u64>, usage: &[proto::UsageItem], zero: Zero) -> Result<Milli, FieldError> {
+    /// What a request that carries exactly one of `messages` and `usage` is for. Usage items are
+    /// checked here for their count and quantities; the ledger prices them, with the rate card
+    /// version that applies, and refuses unknown scenarios.
+    pub fn usage(&self, messages: Option<u64>, usage: &[proto::UsageItem], zero: Zero) -> Result<Usage, FieldError> {
         let max_messages = self.max_amount_milli / MILLI_PER_MESSAGE;
         match (messages, usage.is_empty()) {
             (Some(_), false) => Err(FieldError::new("messages", "set exactly one of messages and usage; both are set")),
             (None, true) => Err(FieldError::new("messages", "set exactly one of messages and usage; neither is set")),
             (Some(0), true) if zero == Zero::Refused => Err(FieldError::new("messages", "must be at least 1")),
-            (Some(messages), true) => {
-                messages.checked_mul(MILLI_PER_MESSAGE).filter(|milli| *milli <= self.max_amount_milli).ok_or_else(
-                    || FieldError::new("messages", format!("is {messages}; the limit is {max_messages} messages")),
-                )
-            }
-            (None, false) => self.price(usage),
+            (Some(messages), true) => messages
+                .checked_mul(MILLI_PER_MESSAGE)
+                .filter(|milli| *milli <= self.max_amount_milli)
+                .map(Usage::Milli)
+                .ok_or_else(|| {
+                    FieldError::new("messages", format!("is {messages}; the limit is {max_messages} messages"))
+                }),
+            (None, false) => self.usage_items(usage),
         }
     }
 
-    fn price(&self, usage: &[proto::UsageItem]) -> Result<Milli, FieldError> {
+    fn usage_items(&self, usage: &[proto::UsageItem]) -> Result<Usage, FieldError> {
         if usage.len() > self.max_usage_items {
             return Err(FieldError::new(
                 "usage",
                 format!("has {} items; the limit is {} items", usage.len(), self.max_usage_items),
             ));
         }
-        let items = usage.iter().map(|item| (item.scenario.as_str(), item.quantity));
-        let too_large = || {
-            FieldError::new(
-                "usage",
-                format!("prices above the limit of {} messages", self.max_amount_milli / MILLI_PER_MESSAGE),
-            )
-        };
-        match self.rate_card.price(items) {
-            Ok(milli) if milli <= self.max_amount_milli => Ok(milli),
-            Ok(_) | Err(PricingError::Overflow) => Err(too_large()),
-            Err(e @ PricingError::UnknownScenario { index, .. }) => {
-                Err(FieldError::new(format!("usage[{index}].scenario"), e.to_string()))
-            }
-            Err(e @ PricingError::ZeroQuantity { index }) => {
-                Err(FieldError::new(format!("usage[{index}].quantity"), e.to_string()))
-            }
-        }
+        let items = usage
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                if item.quantity == 0 {
+                    return Err(FieldError::new(format!("usage[{index}].quantity"), "must be at least 1"));
+                }
+                Ok(UsageItem { scenario: item.scenario.clone(), quantity: item.quantity })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Usage::Items(items))
     }
 
     /// A hold's lifetime in milliseconds; 0 asks for the default.
@@ -129,7 +127,7 @@ pub fn draws(draws: &Draws) -> Vec<proto::Draw> {
     draws.iter().map(|(source, amount_milli)| proto::Draw { source: source_of(source) as i32, amount_milli }).collect()
 }
 
-fn source_of(source: Source) -> proto::Source {
+pub fn source_of(source: Source) -> proto::Source {
     match source {
         Source::EnvironmentAllocation => proto::Source::EnvironmentAllocation,
         Source::TenantPool => proto::Source::TenantPool,
@@ -174,38 +172,36 @@ mod tests {
     #[test]
     fn amount_needs_exactly_one_of_messages_and_usage() {
         let policy = Config::default().policy;
-        let field = |r: Result<Milli, FieldError>| r.unwrap_err().field;
-        assert_eq!(field(policy.amount(Some(1), &usage(&[("classic_answer", 1)]), Zero::Refused)), "messages");
-        assert_eq!(field(policy.amount(None, &[], Zero::Refused)), "messages");
-        assert_eq!(field(policy.amount(Some(0), &[], Zero::Refused)), "messages");
-        assert_eq!(policy.amount(Some(0), &[], Zero::Allowed), Ok(0));
-        assert_eq!(policy.amount(None, &usage(&[("agent_flow_actions", 1)]), Zero::Refused), Ok(130));
+        let field = |r: Result<Usage, FieldError>| r.unwrap_err().field;
+        assert_eq!(field(policy.usage(Some(1), &usage(&[("classic_answer", 1)]), Zero::Refused)), "messages");
+        assert_eq!(field(policy.usage(None, &[], Zero::Refused)), "messages");
+        assert_eq!(field(policy.usage(Some(0), &[], Zero::Refused)), "messages");
+        assert_eq!(policy.usage(Some(0), &[], Zero::Allowed), Ok(Usage::Milli(0)));
+        let items = vec![UsageItem { scenario: "agent_flow_actions".into(), quantity: 1 }];
+        assert_eq!(policy.usage(None, &usage(&[("agent_flow_actions", 1)]), Zero::Refused), Ok(Usage::Items(items)));
     }
 
     #[test]
     fn amount_limits_are_inclusive() {
         let policy = Config::default().policy;
         let max = policy.max_amount_milli / MILLI_PER_MESSAGE;
-        assert!(policy.amount(Some(max - 1), &[], Zero::Refused).is_ok());
-        assert!(policy.amount(Some(max), &[], Zero::Refused).is_ok());
-        let err = policy.amount(Some(max + 1), &[], Zero::Refused).unwrap_err();
+        assert!(policy.usage(Some(max - 1), &[], Zero::Refused).is_ok());
+        assert!(policy.usage(Some(max), &[], Zero::Refused).is_ok());
+        let err = policy.usage(Some(max + 1), &[], Zero::Refused).unwrap_err();
         assert!(err.description.contains("limit is 1000000000 messages"), "{err:?}");
-        assert!(policy.amount(Some(u64::MAX), &[], Zero::Refused).is_err());
+        assert!(policy.usage(Some(u64::MAX), &[], Zero::Refused).is_err());
     }
 
     #[test]
     fn usage_item_count_limit_is_inclusive() {
         let policy = Config::default().policy;
         let n = policy.max_usage_items;
-        assert!(policy.amount(None, &usage(&vec![("classic_answer", 1); n - 1]), Zero::Refused).is_ok());
-        assert!(policy.amount(None, &usage(&vec![("classic_answer", 1); n]), Zero::Refused).is_ok());
-        let err = policy.amount(None, &usage(&vec![("classic_answer", 1); n + 1]), Zero::Refused).unwrap_err();
+        assert!(policy.usage(None, &usage(&vec![("classic_answer", 1); n - 1]), Zero::Refused).is_ok());
+        assert!(policy.usage(None, &usage(&vec![("classic_answer", 1); n]), Zero::Refused).is_ok());
+        let err = policy.usage(None, &usage(&vec![("classic_answer", 1); n + 1]), Zero::Refused).unwrap_err();
         assert_eq!(err.field, "usage");
-        let err = policy.amount(None, &usage(&[("classic_answer", 1), ("warp_drive", 1)]), Zero::Refused).unwrap_err();
-        assert_eq!(err.field, "usage[1].scenario");
-        assert!(err.description.contains("classic_answer"));
-        let err = policy.amount(None, &usage(&[("classic_answer", 0)]), Zero::Refused).unwrap_err();
-        assert_eq!(err.field, "usage[0].quantity");
+        let err = policy.usage(None, &usage(&[("classic_answer", 1), ("x", 0)]), Zero::Refused).unwrap_err();
+        assert_eq!(err.field, "usage[1].quantity");
     }
 
     #[test]

@@ -18,13 +18,12 @@ pub use quota::QuotaService;
 use crate::{
     clock::Clock,
     durability::store::Store,
-    ledger::{Command, Ledger, Milli, Outcome, pricing::RateCard},
+    ledger::{Command, Ledger, Milli, Outcome},
 };
 
 /// What the transport checks before a request reaches the ledger.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub rate_card: RateCard,
     pub pack_milli: Milli,
     pub default_ttl_seconds: u32,
     pub max_ttl_seconds: u32,

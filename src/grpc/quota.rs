@@ -40,41 +40,35 @@ impl Quota for QuotaService {
         let policy = &self.context.policy;
         let environment = convert::id("environment_id", &request.environment_id, EnvironmentId::new)?;
         let agent = convert::id("agent_id", &request.agent_id, AgentId::new)?;
-        let amount_milli = policy.amount(request.messages, &request.usage, Zero::Refused)?;
+        let usage = policy.usage(request.messages, &request.usage, Zero::Refused)?;
         let idempotency_key = convert::idempotency_key("idempotency_key", &request.idempotency_key)?;
         let ttl_ms = policy.ttl_ms(request.ttl_seconds)?;
         let span = Span::current();
-        span.record("environment", environment.as_str())
-            .record("agent", agent.as_str())
-            .record("amount_milli", amount_milli);
+        span.record("environment", environment.as_str()).record("agent", agent.as_str());
 
         let now = self.context.clock.now_ms();
         if request.dry_run {
-            let quote = self.context.ledger.dry_run(&environment, &agent, amount_milli, now).inspect_err(|_| {
+            let quote = self.context.ledger.dry_run(&environment, &agent, &usage, now).inspect_err(|_| {
                 span.record("decision", "refused");
             })?;
-            span.record("decision", "would_grant");
+            span.record("decision", "would_grant").record("amount_milli", quote.amount_milli);
             return Ok(Response::new(proto::CheckAndReserveResponse {
                 reservation_id: String::new(),
-                reserved_milli: amount_milli,
+                reserved_milli: quote.amount_milli,
                 draws: convert::draws(&quote.draws),
                 expires_at_unix_ms: 0,
                 balance: Some(convert::balance(quote.balance)),
             }));
         }
-        let command = Command::Reserve {
-            environment,
-            agent,
-            amount_milli,
-            idempotency_key,
-            expires_at_ms: now.saturating_add(ttl_ms),
-        };
+        let command =
+            Command::Reserve { environment, agent, usage, idempotency_key, expires_at_ms: now.saturating_add(ttl_ms) };
         // The same instant stamps the command and starts its hold's lifetime.
         let outcome = self.context.execute_at(&command, now).await.inspect_err(|_| {
             span.record("decision", "refused");
         })?;
         let Outcome::Reserved(grant) = outcome else { unreachable!("a reserve yields a grant") };
-        span.record("decision", if grant.replayed { "replayed" } else { "granted" });
+        span.record("decision", if grant.replayed { "replayed" } else { "granted" })
+            .record("amount_milli", grant.amount_milli);
         Ok(Response::new(proto::CheckAndReserveResponse {
             reservation_id: grant.reservation.to_string(),
             reserved_milli: grant.amount_milli,
@@ -88,11 +82,13 @@ impl Quota for QuotaService {
     async fn commit(&self, request: Request<proto::CommitRequest>) -> Result<Response<proto::CommitResponse>, Status> {
         let request = request.into_inner();
         let reservation = convert::reservation_id(&request.reservation_id)?;
-        let actual_milli = self.context.policy.amount(request.messages, &request.usage, Zero::Allowed)?;
-        Span::current().record("reservation", request.reservation_id.as_str()).record("actual_milli", actual_milli);
-        let outcome = self.context.execute(&Command::Commit { reservation, actual_milli }).await?;
+        let usage = self.context.policy.usage(request.messages, &request.usage, Zero::Allowed)?;
+        let span = Span::current();
+        span.record("reservation", request.reservation_id.as_str());
+        let outcome = self.context.execute(&Command::Commit { reservation, usage }).await?;
         let Outcome::Committed(settled) = outcome else { unreachable!("a commit yields a settlement") };
         let settlement = settled.result;
+        span.record("actual_milli", settlement.charged.total() + settlement.overage_milli);
         Ok(Response::new(proto::CommitResponse {
             charged_milli: settlement.charged.total(),
             draws: convert::draws(&settlement.charged),

@@ -160,6 +160,17 @@ impl From<LedgerError> for Status {
                 "TOO_MANY_AGENTS",
                 HashMap::from([("limit".to_owned(), limit.to_string())]),
             ),
+            E::UnknownScenario { index, .. } => FieldError::new(format!("usage[{index}].scenario"), message).into(),
+            E::ZeroQuantity { index } => FieldError::new(format!("usage[{index}].quantity"), message).into(),
+            E::UsageTooLarge { .. } => FieldError::new("usage", message).into(),
+            E::RateCardEffectiveTooEarly { .. } => FieldError::new("effective_at_unix_ms", message).into(),
+            E::UnknownRateCardVersion(_) => refusal(Code::NotFound, message, "UNKNOWN_RATE_CARD_VERSION", none()),
+            E::TooManyRateCardVersions { limit } => refusal(
+                Code::ResourceExhausted,
+                message,
+                "TOO_MANY_RATE_CARD_VERSIONS",
+                HashMap::from([("limit".to_owned(), limit.to_string())]),
+            ),
             E::CounterOverflow { .. } => {
                 tracing::error!(error = %message, "counter overflow");
                 refusal(Code::OutOfRange, message, "COUNTER_OVERFLOW", none())

@@ -8,10 +8,11 @@ use serde::{Deserialize, Serialize};
 use super::{
     AgentId, IdempotencyKey, LedgerError, Milli, Settlement, TenantId,
     period::{self, Period},
+    usage::UsageBook,
 };
 
-/// Where capacity comes from. The declaration order is the draw order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where capacity comes from. The declaration order is the draw order (and the sort order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Source {
     EnvironmentAllocation,
     TenantPool,
@@ -37,6 +38,11 @@ impl Draws {
 
     fn set(&mut self, source: Source, amount: Milli) {
         self.0[source.index()] = amount;
+    }
+
+    /// Adds to one source, saturating: for sums that are bounded by counters checked elsewhere.
+    pub fn add(&mut self, source: Source, amount: Milli) {
+        self.0[source.index()] = self.0[source.index()].saturating_add(amount);
     }
 
     /// Cannot overflow: every caller keeps the per-source amounts within one u64 amount in total.
@@ -105,6 +111,13 @@ pub struct Tenant {
     pub purchase_key_order: VecDeque<IdempotencyKey>,
     /// Sequence number of the last logged event applied to this tenant.
     pub applied_seq: u64,
+    /// Distinct usage keys in `usage_keys_month` (the newest month with use), summed over the
+    /// tenant's environments. Recomputed from the environments' roll-ups at recovery, like the pool
+    /// counters, so not kept in snapshots.
+    #[serde(skip)]
+    pub usage_keys_month: String,
+    #[serde(skip)]
+    pub usage_keys: u64,
 }
 
 impl Default for Tenant {
@@ -120,6 +133,8 @@ impl Default for Tenant {
             purchase_keys: HashMap::new(),
             purchase_key_order: VecDeque::new(),
             applied_seq: 0,
+            usage_keys_month: String::new(),
+            usage_keys: 0,
         }
     }
 }
@@ -188,6 +203,8 @@ pub struct Hold {
     pub draws: Draws,
     pub expires_at_ms: u64,
     pub idempotency_key: Option<IdempotencyKey>,
+    /// The rate card version in force when the hold was made; its commit is priced with it.
+    pub rate_card_version: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +254,8 @@ pub struct Environment {
     pub period: Period,
     /// Agents with a limit, use this period or open holds, at most the configured number.
     pub agents: BTreeMap<AgentId, AgentBook>,
+    /// What was charged and reserved, by day and month.
+    pub usage: UsageBook,
 }
 
 impl Environment {
@@ -258,6 +277,7 @@ impl Environment {
             applied_seq: 0,
             period: Period::NONE,
             agents: BTreeMap::new(),
+            usage: UsageBook::default(),
         }
     }
 

@@ -1,10 +1,31 @@
 //! The commands that change a ledger and what applying them yields. Each command is a small, plain
-//! value holding facts only (amounts already priced, expiry already computed), so replaying the same
-//! commands at the same times rebuilds the same state whatever the configuration is then.
+//! value holding validated facts (ids, amounts, usage items, expiry already computed); what depends
+//! on the ledger's state, such as the price of usage items at the hold's rate card version, is
+//! decided by the ledger and recorded in the event.
 
 use serde::{Deserialize, Serialize};
 
-use super::{AgentId, AgentLimit, Balance, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId};
+use super::{
+    AgentId, AgentLimit, Balance, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId,
+    pricing::{RateCard, RateCardVersion},
+};
+
+/// What a reservation or a commit is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Usage {
+    /// An amount given in messages, in milli; reported under the scenario `messages`.
+    Milli(Milli),
+    /// Usage items, priced with the rate card: at the version in force for a reservation, at the
+    /// hold's version for a commit.
+    Items(Vec<UsageItem>),
+}
+
+/// `quantity` units of a rate-card scenario.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageItem {
+    pub scenario: String,
+    pub quantity: u64,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -48,13 +69,13 @@ pub enum Command {
         /// A capacity environment or a linked app environment.
         environment: EnvironmentId,
         agent: AgentId,
-        amount_milli: Milli,
+        usage: Usage,
         idempotency_key: Option<IdempotencyKey>,
         expires_at_ms: u64,
     },
     Commit {
         reservation: ReservationId,
-        actual_milli: Milli,
+        usage: Usage,
     },
     Release {
         reservation: ReservationId,
@@ -62,6 +83,11 @@ pub enum Command {
     /// Releases a hold whose time has come; does nothing if it has resolved meanwhile.
     Expire {
         reservation: ReservationId,
+    },
+    /// Adds the next rate card version, in force from `effective_at_ms`.
+    SetRateCard {
+        card: RateCard,
+        effective_at_ms: u64,
     },
 }
 
@@ -76,6 +102,7 @@ pub enum Outcome {
     Released(Settled<Milli>),
     /// The milli released, or `None` when the reservation had already resolved.
     Expired(Option<Milli>),
+    RateCard(RateCardVersion),
 }
 
 /// A granted hold.

@@ -92,4 +92,21 @@ pub enum LedgerError {
     AgentLimitAboveAllocation { environment: EnvironmentId, limit_milli: Milli, allocated_milli: Milli },
     #[error("environment {environment} already tracks {limit} agents, its limit")]
     TooManyAgents { environment: EnvironmentId, limit: usize },
+    // The usage and rate card errors below are worded to follow the name of the request field they
+    // are about (`usage[1].scenario: unknown scenario …`).
+    #[error("unknown scenario {scenario:?} in rate card version {version}; known scenarios: {}", known.join(", "))]
+    UnknownScenario { index: usize, scenario: String, version: u32, known: Vec<String> },
+    #[error("must be at least 1")]
+    ZeroQuantity { index: usize },
+    #[error("prices above the limit of {} messages", max_milli / super::MILLI_PER_MESSAGE)]
+    UsageTooLarge { max_milli: Milli },
+    #[error("rate card version {0} does not exist")]
+    UnknownRateCardVersion(u32),
+    #[error(
+        "is {requested_ms}; it must be 0 (now) or at least {earliest_ms}: not in the past, and not before \
+         version {newest_version}, the newest, takes effect"
+    )]
+    RateCardEffectiveTooEarly { requested_ms: u64, earliest_ms: u64, newest_version: u32 },
+    #[error("the rate card has {limit} versions, its limit")]
+    TooManyRateCardVersions { limit: usize },
 }

@@ -5,7 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{AgentId, AgentLimit, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, Settlement, TenantId};
+use super::{
+    AgentId, AgentLimit, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, Settlement, TenantId,
+    pricing::RateCardVersion, usage::PricedItem,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
@@ -47,18 +50,31 @@ pub enum Event {
         draws: Draws,
         expires_at_ms: u64,
         idempotency_key: Option<IdempotencyKey>,
+        /// The rate card version in force when the hold was made.
+        rate_card_version: u32,
+        /// The tenant had used its distinct usage keys for the month: the grant is counted under the
+        /// agent `other`.
+        attributed_to_other: bool,
     },
     /// Also applies to a hold that expired before the commit (`settlement.late`).
     Committed {
         reservation: ReservationId,
         actual_milli: Milli,
         settlement: Settlement,
+        /// The use, item by item, priced at the hold's rate card version; the prices sum to
+        /// `actual_milli`. Usage reports split the settlement across them.
+        items: Vec<PricedItem>,
+        /// As for `Reserved`: the charge is reported under the agent `other`.
+        attributed_to_other: bool,
     },
     Released {
         reservation: ReservationId,
     },
     Expired {
         reservation: ReservationId,
+    },
+    RateCardSet {
+        rate_card: RateCardVersion,
     },
 }
 

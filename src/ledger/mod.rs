@@ -7,7 +7,9 @@
 //! Concurrency: each capacity environment has its own lock, and a tenant's lock is taken inside it
 //! only when an operation may touch the tenant pool (lock order: environment, then tenant). Admin
 //! commands, which change which environments exist and how they relate, are serialised on one admin
-//! lock that the hot path (reserve, commit, release, expire, balance) never takes.
+//! lock that the hot path (reserve, commit, release, expire, balance) never takes. The rate card
+//! versions have a read-write lock of their own, read by the hot path inside an environment's lock
+//! and written only under the admin lock.
 
 mod account;
 mod command;
@@ -18,6 +20,7 @@ mod ids;
 pub mod period;
 pub mod pricing;
 mod restore;
+pub mod usage;
 
 use std::{
     collections::HashMap,
@@ -28,10 +31,12 @@ use std::{
 };
 
 use dashmap::DashMap;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 pub use account::{AgentLimit, Draws, Source};
-pub use command::{AgentLimitView, Command, Grant, Link, Outcome, Settled, Settlement, TenantCapacity};
+pub use command::{
+    AgentLimitView, Command, Grant, Link, Outcome, Settled, Settlement, TenantCapacity, Usage, UsageItem,
+};
 pub use error::{LedgerError, OpenReservationScope};
 pub use event::{Discard, Event, EventSink};
 pub use ids::{
@@ -42,6 +47,8 @@ pub use restore::{RestoreError, SnapshotItem};
 
 use account::{AgentBook, Environment, Hold, Resolution, Resolved, Tenant};
 use expiry::ExpiryQueue;
+use pricing::{MESSAGES_SCENARIO, PricingError, RateCard, RateCardVersion, RateCards};
+use usage::{PricedItem, Report, UsageQuery, UsageRow};
 
 /// Thousandths of a message: every amount in the core is exact in this unit.
 pub type Milli = u64;
@@ -55,6 +62,9 @@ pub const DEFAULT_MAX_RESOLVED_PER_ENVIRONMENT: usize = 1_000_000;
 pub const DEFAULT_MAX_PURCHASE_KEYS_PER_TENANT: usize = 10_000;
 /// Agents whose use an environment tracks for agent limits; agents beyond are not tracked.
 pub const DEFAULT_MAX_AGENTS_PER_ENVIRONMENT: usize = 10_000;
+/// The largest priced amount of one reservation or commit given in usage items.
+pub const DEFAULT_MAX_AMOUNT_MILLI: Milli = 1_000_000_000 * MILLI_PER_MESSAGE;
+pub const DEFAULT_MAX_RATE_CARD_VERSIONS: usize = 1_000;
 
 const _: () = assert!(DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT <= DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL);
 
@@ -66,6 +76,13 @@ pub struct Limits {
     pub max_resolved_per_environment: usize,
     pub max_purchase_keys_per_tenant: usize,
     pub max_agents_per_environment: usize,
+    /// The most usage items may price to, in one reservation or commit.
+    pub max_amount_milli: Milli,
+    /// Distinct (environment, agent, scenario) keys per tenant and month in usage reports; use of
+    /// further keys is reported under the agent `other`.
+    pub max_usage_keys_per_tenant: u64,
+    /// Rate card versions, the configured one included.
+    pub max_rate_card_versions: usize,
 }
 
 impl Default for Limits {
@@ -77,6 +94,9 @@ impl Default for Limits {
             max_resolved_per_environment: DEFAULT_MAX_RESOLVED_PER_ENVIRONMENT,
             max_purchase_keys_per_tenant: DEFAULT_MAX_PURCHASE_KEYS_PER_TENANT,
             max_agents_per_environment: DEFAULT_MAX_AGENTS_PER_ENVIRONMENT,
+            max_amount_milli: DEFAULT_MAX_AMOUNT_MILLI,
+            max_usage_keys_per_tenant: usage::DEFAULT_MAX_USAGE_KEYS_PER_TENANT,
+            max_rate_card_versions: DEFAULT_MAX_RATE_CARD_VERSIONS,
         }
     }
 }
@@ -119,6 +139,7 @@ pub const DEFAULT_LOW_PERCENT: u32 = 20;
 /// What a dry run would hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quote {
+    pub amount_milli: Milli,
     pub draws: Draws,
     pub balance: Balance,
 }
@@ -178,6 +199,15 @@ impl<'a> Books<'a> {
         self.env.available(self.tenant.as_deref())
     }
 
+    /// Runs `f` on the tenant, locking it for the call if the books do not hold it already (lock
+    /// order: environment, then tenant).
+    fn with_tenant<T>(&mut self, f: impl FnOnce(&mut Tenant) -> T) -> T {
+        match self.tenant.as_deref_mut() {
+            Some(tenant) => f(tenant),
+            None => f(&mut self.cell.tenant.lock()),
+        }
+    }
+
     fn balance(&self) -> Balance {
         let env = &*self.env;
         let available = self.available().saturating_total();
@@ -223,6 +253,8 @@ pub struct Ledger {
     /// Invariant: equals the number of open holds across all environments (outside a restore).
     open_total: AtomicU64,
     expiries: ExpiryQueue,
+    /// Read inside environment locks; written only under `admin`.
+    rate_cards: RwLock<RateCards>,
     sink: Arc<dyn EventSink>,
 }
 
@@ -232,8 +264,13 @@ impl Ledger {
         Self::with_sink(limits, Arc::new(Discard))
     }
 
-    /// A ledger that hands every applied event to `sink`.
+    /// A ledger with the default rate card that hands every applied event to `sink`.
     pub fn with_sink(limits: Limits, sink: Arc<dyn EventSink>) -> Self {
+        Self::with_rate_card(limits, RateCard::default(), sink)
+    }
+
+    /// A ledger whose rate card version 1 is `configured`, handing every applied event to `sink`.
+    pub fn with_rate_card(limits: Limits, configured: RateCard, sink: Arc<dyn EventSink>) -> Self {
         Self {
             limits,
             tenants: DashMap::new(),
@@ -241,6 +278,7 @@ impl Ledger {
             admin: Mutex::new(()),
             open_total: AtomicU64::new(0),
             expiries: ExpiryQueue::new(),
+            rate_cards: RwLock::new(RateCards::new(configured)),
             sink,
         }
     }
@@ -266,21 +304,16 @@ impl Ledger {
             Command::SetAgentLimit { environment, agent, limit } => {
                 self.set_agent_limit(environment, agent, *limit, now).map(Outcome::AgentLimit)
             }
-            Command::Reserve { environment, agent, amount_milli, idempotency_key, expires_at_ms } => {
-                let hold = Hold {
-                    agent: agent.clone(),
-                    amount: *amount_milli,
-                    draws: Draws::default(),
-                    expires_at_ms: *expires_at_ms,
-                    idempotency_key: idempotency_key.clone(),
-                };
-                self.reserve(environment, &hold, now).map(Outcome::Reserved)
+            Command::Reserve { environment, agent, usage, idempotency_key, expires_at_ms } => {
+                let request = ReserveRequest { agent, usage, idempotency_key: idempotency_key.as_ref(), expires_at_ms };
+                self.reserve(environment, &request, now).map(Outcome::Reserved)
             }
-            Command::Commit { reservation, actual_milli } => {
-                self.commit(reservation, *actual_milli, now).map(Outcome::Committed)
-            }
+            Command::Commit { reservation, usage } => self.commit(reservation, usage, now).map(Outcome::Committed),
             Command::Release { reservation } => self.release(reservation, now).map(Outcome::Released),
             Command::Expire { reservation } => self.expire(reservation, now).map(Outcome::Expired),
+            Command::SetRateCard { card, effective_at_ms } => {
+                self.set_rate_card(card, *effective_at_ms, now).map(Outcome::RateCard)
+            }
         }
     }
 
@@ -289,26 +322,128 @@ impl Ledger {
         let cell = self.capacity_cell(environment)?;
         let books = Books::lock(&cell, now);
         let draws = plan_draws(&books, amount)?;
-        Ok(Quote { draws, balance: books.balance() })
+        Ok(Quote { amount_milli: amount, draws, balance: books.balance() })
     }
 
     /// What a dry run answers: the quote, or the refusal `reserve` would give now, open-reservation caps
-    /// included and checked in the same order.
+    /// included and checked in the same order. Usage items are priced with the rate card in force now.
     pub fn dry_run(
         &self,
         environment: &EnvironmentId,
         agent: &AgentId,
-        amount: Milli,
+        usage: &Usage,
         now: u64,
     ) -> Result<Quote, LedgerError> {
         let cell = self.capacity_cell(environment)?;
         let books = Books::lock(&cell, now);
+        let version = self.rate_cards.read().in_force(now).version;
+        let amount = priced_total(&self.price(usage, version)?);
         let draws = self.plan_hold(&books, agent, amount)?;
         let max_total = self.limits.max_open_reservations_total;
         if self.open_total.load(Ordering::Relaxed) >= max_total {
             return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
         }
-        Ok(Quote { draws, balance: books.balance() })
+        Ok(Quote { amount_milli: amount, draws, balance: books.balance() })
+    }
+
+    /// A rate card version: `None` for the one in force at `now`.
+    pub fn rate_card(&self, version: Option<u32>, now: u64) -> Result<RateCardVersion, LedgerError> {
+        let cards = self.rate_cards.read();
+        match version {
+            None => Ok(cards.in_force(now).clone()),
+            Some(version) => cards.version(version).cloned().ok_or(LedgerError::UnknownRateCardVersion(version)),
+        }
+    }
+
+    /// A tenant's usage report: its environments' rows in the query's range, filtered and grouped.
+    pub fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError> {
+        if !self.tenants.contains_key(&query.tenant) {
+            return Err(LedgerError::UnknownTenant(query.tenant.clone()));
+        }
+        let cells: Vec<Arc<CapacityCell>> = match &query.environment {
+            Some(environment) => vec![self.capacity_cell(environment)?],
+            // Collected first: no dashmap guard is held while an environment is locked.
+            None => self
+                .environments
+                .iter()
+                .filter_map(|slot| match slot.value() {
+                    Slot::Capacity(cell) => Some(cell.clone()),
+                    Slot::App { .. } => None,
+                })
+                .collect(),
+        };
+        let mut report = Report::new(query.group_by.clone());
+        for cell in cells {
+            let env = cell.books.lock();
+            if env.tenant != query.tenant {
+                if query.environment.is_some() {
+                    return Err(LedgerError::EnvironmentOfAnotherTenant {
+                        environment: cell.id.clone(),
+                        owner: env.tenant.clone(),
+                    });
+                }
+                continue;
+            }
+            env.usage.collect(&cell.id, &query.range, query.agent.as_ref(), &mut report);
+        }
+        Ok(report.into_rows())
+    }
+
+    /// Prices `usage` with rate card `version`: one item per usage item, or one `messages` item.
+    fn price(&self, usage: &Usage, version: u32) -> Result<Vec<PricedItem>, LedgerError> {
+        let items = match usage {
+            Usage::Milli(amount) => {
+                return Ok(vec![PricedItem { scenario: MESSAGES_SCENARIO.into(), amount_milli: *amount }]);
+            }
+            Usage::Items(items) => items,
+        };
+        let max_milli = self.limits.max_amount_milli;
+        let cards = self.rate_cards.read();
+        let card = &cards.version(version).ok_or(LedgerError::UnknownRateCardVersion(version))?.card;
+        let mut total: Milli = 0;
+        let mut priced = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let amount_milli = card.price_item(index, &item.scenario, item.quantity).map_err(|e| match e {
+                PricingError::UnknownScenario { index, scenario, known } => {
+                    LedgerError::UnknownScenario { index, scenario, version, known }
+                }
+                PricingError::ZeroQuantity { index } => LedgerError::ZeroQuantity { index },
+                PricingError::Overflow => LedgerError::UsageTooLarge { max_milli },
+            })?;
+            total = total
+                .checked_add(amount_milli)
+                .filter(|t| *t <= max_milli)
+                .ok_or(LedgerError::UsageTooLarge { max_milli })?;
+            priced.push(PricedItem { scenario: item.scenario.clone(), amount_milli });
+        }
+        Ok(priced)
+    }
+
+    /// Whether use of `agent` under `scenarios` at `now` must be reported under the agent `other`,
+    /// because it would take the tenant past its distinct usage keys for the month.
+    fn attributed_to_other<'a>(
+        &self,
+        books: &mut Books<'_>,
+        agent: &AgentId,
+        scenarios: impl IntoIterator<Item = &'a str>,
+        now: u64,
+    ) -> bool {
+        let new_keys = books.env.usage.new_keys(now, agent, scenarios);
+        if new_keys == 0 {
+            return false;
+        }
+        let month = period::period_of(now);
+        let used = books.with_tenant(|tenant| if tenant.usage_keys_month == month { tenant.usage_keys } else { 0 });
+        used.saturating_add(new_keys) > self.limits.max_usage_keys_per_tenant
+    }
+
+    /// Counts a refused reservation in the environment's usage (in memory only: refusals are not
+    /// logged) and returns the refusal.
+    fn refuse(books: &mut Books<'_>, agent: &AgentId, error: LedgerError, max_agents: u64, now: u64) -> LedgerError {
+        if matches!(error, LedgerError::QuotaDepleted { .. } | LedgerError::TooManyOpenReservations { .. }) {
+            books.env.usage.record_refusal(now, agent, max_agents);
+        }
+        error
     }
 
     /// The draws of a new hold of `amount` for `agent`, or why the environment refuses it: the agent is
@@ -597,47 +732,118 @@ impl Ledger {
         Ok(agent_limit_view(&books, agent, &book))
     }
 
-    fn reserve(&self, environment: &EnvironmentId, request: &Hold, now: u64) -> Result<Grant, LedgerError> {
+    fn set_rate_card(&self, card: &RateCard, effective_at_ms: u64, now: u64) -> Result<RateCardVersion, LedgerError> {
+        let _admin = self.admin.lock();
+        // Held while the event is recorded, so that no reservation prices with a card list that
+        // disagrees with the log.
+        let mut cards = self.rate_cards.write();
+        let max_versions = self.limits.max_rate_card_versions;
+        if cards.len() >= max_versions {
+            return Err(LedgerError::TooManyRateCardVersions { limit: max_versions });
+        }
+        let newest = cards.newest();
+        // A version never takes effect in the past: holds already made recorded the version in force
+        // at their time, and reports would disagree with them.
+        let earliest_ms = newest.effective_at_ms.max(now);
+        if effective_at_ms < earliest_ms {
+            return Err(LedgerError::RateCardEffectiveTooEarly {
+                requested_ms: effective_at_ms,
+                earliest_ms,
+                newest_version: newest.version,
+            });
+        }
+        let rate_card = RateCardVersion { version: newest.version + 1, effective_at_ms, card: card.clone() };
+        self.sink.record(now, &Event::RateCardSet { rate_card: rate_card.clone() });
+        cards.push(rate_card.clone());
+        Ok(rate_card)
+    }
+
+    fn reserve(
+        &self,
+        environment: &EnvironmentId,
+        request: &ReserveRequest<'_>,
+        now: u64,
+    ) -> Result<Grant, LedgerError> {
         let cell = self.capacity_cell(environment)?;
         let mut books = Books::lock(&cell, now);
-        if let Some(key) = &request.idempotency_key
+        if let Some(key) = request.idempotency_key
             && let Some(&seq) = books.env.idempotency.get(key)
         {
-            return replay_grant(&books, seq, request);
+            return self.replay_grant(&books, seq, request);
         }
-        let amount = request.amount;
-        let draws = self.plan_hold(&books, &request.agent, amount)?;
+        let rate_card_version = self.rate_cards.read().in_force(now).version;
+        let amount = priced_total(&self.price(request.usage, rate_card_version)?);
+        let max_agents = self.limits.max_usage_keys_per_tenant;
+        let draws = match self.plan_hold(&books, request.agent, amount) {
+            Ok(draws) => draws,
+            Err(error) => return Err(Self::refuse(&mut books, request.agent, error, max_agents, now)),
+        };
         // The server-wide count is taken last, so that every refusal above leaves it untouched.
         let max_total = self.limits.max_open_reservations_total;
         if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
             self.open_total.fetch_sub(1, Ordering::Relaxed);
-            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
+            let error = LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total };
+            return Err(Self::refuse(&mut books, request.agent, error, max_agents, now));
         }
+        let attributed_to_other = self.attributed_to_other(&mut books, request.agent, [usage::COUNTS_SCENARIO], now);
         let reservation = ReservationId { environment: cell.id.clone(), seq: books.env.next_seq };
         let event = Event::Reserved {
             reservation: reservation.clone(),
             agent: request.agent.clone(),
             amount_milli: amount,
             draws,
-            expires_at_ms: request.expires_at_ms,
-            idempotency_key: request.idempotency_key.clone(),
+            expires_at_ms: *request.expires_at_ms,
+            idempotency_key: request.idempotency_key.cloned(),
+            rate_card_version,
+            attributed_to_other,
         };
         self.record(&mut books, &event, now);
         Ok(Grant {
             reservation,
             amount_milli: amount,
             draws,
-            expires_at_ms: request.expires_at_ms,
+            expires_at_ms: *request.expires_at_ms,
             balance: books.balance(),
             replayed: false,
         })
     }
 
-    fn commit(&self, reservation: &ReservationId, actual: Milli, now: u64) -> Result<Settled<Settlement>, LedgerError> {
+    /// The earlier grant for a retried idempotency key, if the retry asks for the same thing (its
+    /// usage priced with the first grant's rate card version).
+    fn replay_grant(&self, books: &Books<'_>, seq: u64, retry: &ReserveRequest<'_>) -> Result<Grant, LedgerError> {
+        let first = books
+            .env
+            .open
+            .get(&seq)
+            .or_else(|| books.env.resolved.get(&seq).map(|r| &r.hold))
+            .expect("an idempotency key maps to a remembered reservation");
+        let amount = priced_total(&self.price(retry.usage, first.rate_card_version)?);
+        if first.agent != *retry.agent || first.amount != amount {
+            return Err(LedgerError::IdempotencyKeyReused {
+                key: retry.idempotency_key.cloned().expect("replays are looked up by key"),
+                first: format!("agent {} reserving {} milli", first.agent, first.amount),
+            });
+        }
+        Ok(Grant {
+            reservation: ReservationId { environment: books.cell.id.clone(), seq },
+            amount_milli: first.amount,
+            draws: first.draws,
+            expires_at_ms: first.expires_at_ms,
+            balance: books.balance(),
+            replayed: true,
+        })
+    }
+
+    fn commit(&self, reservation: &ReservationId, usage: &Usage, now: u64) -> Result<Settled<Settlement>, LedgerError> {
         let cell = self.reservation_cell(reservation)?;
         let mut books = Books::lock(&cell, now);
         self.expire_if_due(&mut books, reservation, now);
         let seq = reservation.seq;
+        let hold = books.env.open.get(&seq).or_else(|| books.env.resolved.get(&seq).map(|r| &r.hold));
+        let Some(hold) = hold else { return Err(LedgerError::UnknownReservation(reservation.to_string())) };
+        let agent = hold.agent.clone();
+        let items = self.price(usage, hold.rate_card_version)?;
+        let actual = priced_total(&items);
         let settlement = if let Some(hold) = books.env.open.get(&seq) {
             books.env.settlement(books.tenant.as_deref(), hold.draws, actual, false)?
         } else {
@@ -658,7 +864,15 @@ impl Ledger {
                 }
             }
         };
-        let event = Event::Committed { reservation: reservation.clone(), actual_milli: actual, settlement };
+        let lines = usage::split(&items, settlement.charged, settlement.overage_milli);
+        let attributed_to_other = self.attributed_to_other(&mut books, &agent, lines.iter().map(|l| l.scenario), now);
+        let event = Event::Committed {
+            reservation: reservation.clone(),
+            actual_milli: actual,
+            settlement,
+            items,
+            attributed_to_other,
+        };
         self.record(&mut books, &event, now);
         Ok(Settled { result: settlement, balance: books.balance(), replayed: false })
     }
@@ -735,7 +949,8 @@ impl Ledger {
     /// Applies an environment-level event to its books. Fails only for an event that does not fit the
     /// books, which a live decision never produces and a replay reports as corruption.
     fn evolve(&self, books: &mut Books<'_>, event: &Event, now: u64) -> Result<(), String> {
-        let Books { env, tenant, .. } = books;
+        let Books { cell, env, tenant } = books;
+        let other = || AgentId::new(usage::OTHER_AGENT).expect("a valid id");
         let (retention, max_resolved) = (self.limits.resolved_retention_ms, self.limits.max_resolved_per_environment);
         let max_agents = self.limits.max_agents_per_environment;
         match event {
@@ -756,7 +971,16 @@ impl Ledger {
                     env.agents.remove(agent);
                 }
             }
-            Event::Reserved { reservation, agent, amount_milli, draws, expires_at_ms, idempotency_key } => {
+            Event::Reserved {
+                reservation,
+                agent,
+                amount_milli,
+                draws,
+                expires_at_ms,
+                idempotency_key,
+                rate_card_version,
+                attributed_to_other,
+            } => {
                 let seq = reservation.seq;
                 if seq < env.next_seq || env.open.contains_key(&seq) {
                     return Err(format!("reservation {reservation} is not new"));
@@ -773,12 +997,27 @@ impl Ledger {
                     draws: *draws,
                     expires_at_ms: *expires_at_ms,
                     idempotency_key: idempotency_key.clone(),
+                    rate_card_version: *rate_card_version,
                 };
                 env.open.insert(seq, hold);
                 self.expiries.push(*expires_at_ms, reservation.clone());
+                let usage_agent = if *attributed_to_other { other() } else { agent.clone() };
+                let new_keys = env.usage.record_grant(now, &usage_agent);
+                count_usage_keys(cell, tenant, new_keys, now);
             }
-            Event::Committed { reservation, actual_milli, settlement } => {
+            Event::Committed { reservation, actual_milli, settlement, items, attributed_to_other } => {
+                if priced_total(items) != *actual_milli
+                    || settlement.charged.total().checked_add(settlement.overage_milli) != Some(*actual_milli)
+                {
+                    return Err(format!("the commit of {reservation} does not add up"));
+                }
                 let resolution = Resolution::Committed { actual: *actual_milli, settlement: *settlement };
+                let agent = env
+                    .open
+                    .get(&reservation.seq)
+                    .or_else(|| env.resolved.get(&reservation.seq).map(|r| &r.hold))
+                    .map(|hold| hold.agent.clone())
+                    .ok_or_else(|| format!("reservation {reservation} is neither open nor resolved"))?;
                 if let Some(hold) = env.open.remove(&reservation.seq) {
                     self.open_total.fetch_sub(1, Ordering::Relaxed);
                     env.settle(tenant.as_deref_mut(), hold.draws, settlement).map_err(|e| e.to_string())?;
@@ -793,6 +1032,10 @@ impl Ledger {
                     env.settle(tenant.as_deref_mut(), Draws::default(), settlement).map_err(|e| e.to_string())?;
                     env.agent_resolved(&agent, 0, *actual_milli, max_agents);
                 }
+                let usage_agent = if *attributed_to_other { other() } else { agent };
+                let lines = usage::split(items, settlement.charged, settlement.overage_milli);
+                let new_keys = env.usage.record_charge(now, &usage_agent, &lines);
+                count_usage_keys(cell, tenant, new_keys, now);
             }
             Event::Released { reservation } => {
                 if let Some(hold) = env.open.remove(&reservation.seq) {
@@ -824,8 +1067,11 @@ impl Ledger {
                     max_resolved,
                 );
             }
-            Event::Purchased { .. } | Event::TenantPolicySet { .. } | Event::Linked { .. } => {
-                unreachable!("tenant and link events do not apply to an environment's books")
+            Event::Purchased { .. }
+            | Event::TenantPolicySet { .. }
+            | Event::Linked { .. }
+            | Event::RateCardSet { .. } => {
+                unreachable!("tenant, link and rate card events do not apply to an environment's books")
             }
         }
         Ok(())
@@ -880,8 +1126,13 @@ impl Ledger {
             }
             sums.2 += env.held.get(Source::TenantPool);
         }
+        let mut usage_keys = self.usage_keys_by_tenant();
         for entry in self.tenants.iter() {
             let tenant = entry.value().lock();
+            let keys = usage_keys.remove(entry.key()).unwrap_or_default();
+            if (&tenant.usage_keys_month, tenant.usage_keys) != (&keys.0, keys.1) {
+                return Err(format!("tenant {}: usage key count differs from its environments' roll-ups", entry.key()));
+            }
             let (allocated, pool_used, pool_held) = per_tenant.remove(entry.key()).unwrap_or_default();
             if (tenant.allocated, tenant.pool_used, tenant.pool_held) != (allocated, pool_used, pool_held) {
                 return Err(format!("tenant {}: counters differ from the sums over its environments", entry.key()));
@@ -963,28 +1214,39 @@ fn agent_limit_view(books: &Books<'_>, agent: &AgentId, book: &AgentBook) -> Age
     }
 }
 
-/// The earlier grant for a retried idempotency key, if the retry asks for the same thing.
-fn replay_grant(books: &Books<'_>, seq: u64, retry: &Hold) -> Result<Grant, LedgerError> {
-    let first = books
-        .env
-        .open
-        .get(&seq)
-        .or_else(|| books.env.resolved.get(&seq).map(|r| &r.hold))
-        .expect("an idempotency key maps to a remembered reservation");
-    if first.agent != retry.agent || first.amount != retry.amount {
-        return Err(LedgerError::IdempotencyKeyReused {
-            key: retry.idempotency_key.clone().expect("replays are looked up by key"),
-            first: format!("agent {} reserving {} milli", first.agent, first.amount),
-        });
+/// A reservation request, borrowed from its command.
+struct ReserveRequest<'a> {
+    agent: &'a AgentId,
+    usage: &'a Usage,
+    idempotency_key: Option<&'a IdempotencyKey>,
+    expires_at_ms: &'a u64,
+}
+
+fn priced_total(items: &[PricedItem]) -> Milli {
+    // Each price is checked against the limit as it is added, so the sum fits.
+    items.iter().map(|item| item.amount_milli).sum()
+}
+
+/// Adds the usage keys an event created to its tenant's count for the month of `now`. The count
+/// follows the newest month only: the cap applies to the current month.
+fn count_usage_keys(cell: &CapacityCell, tenant: &mut Option<MutexGuard<'_, Tenant>>, new_keys: u64, now: u64) {
+    if new_keys == 0 {
+        return;
     }
-    Ok(Grant {
-        reservation: ReservationId { environment: books.cell.id.clone(), seq },
-        amount_milli: first.amount,
-        draws: first.draws,
-        expires_at_ms: first.expires_at_ms,
-        balance: books.balance(),
-        replayed: true,
-    })
+    let month = period::period_of(now);
+    let count = |tenant: &mut Tenant| {
+        if tenant.usage_keys_month < month {
+            tenant.usage_keys_month = month.clone();
+            tenant.usage_keys = 0;
+        }
+        if tenant.usage_keys_month == month {
+            tenant.usage_keys += new_keys;
+        }
+    };
+    match tenant.as_deref_mut() {
+        Some(tenant) => count(tenant),
+        None => count(&mut cell.tenant.lock()),
+    }
 }
 
 #[cfg(test)]
@@ -1013,7 +1275,7 @@ mod tests {
         let reserve = |amount_milli| Command::Reserve {
             environment: environment.clone(),
             agent: AgentId::new("a").unwrap(),
-            amount_milli,
+            usage: Usage::Milli(amount_milli),
             idempotency_key: None,
             expires_at_ms: 1_000,
         };

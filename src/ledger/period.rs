@@ -1,5 +1,5 @@
 //! Billing periods: calendar months in a tenant's time zone (UTC unless the tenant sets one), named
-//! `YYYY-MM`. Time zone rules come from the IANA database built into the binary, so a log replays to
+//! `YYYY-MM`; usage is reported by UTC day, `YYYY-MM-DD`. Time zone rules come from the IANA database built into the binary, so a log replays to
 //! the same periods on any machine.
 
 use jiff::{Timestamp, tz::TimeZone};
@@ -69,6 +69,80 @@ pub fn period_of(unix_ms: u64) -> String {
     period_at(unix_ms, DEFAULT_TIME_ZONE).name()
 }
 
+const MS_PER_DAY: u64 = 86_400_000;
+
+/// The UTC `YYYY-MM-DD` day that contains a Unix time in milliseconds: usage is reported by UTC day.
+pub fn day_of(unix_ms: u64) -> String {
+    let (year, month, day) = civil_from_days((unix_ms / MS_PER_DAY) as i64);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The period of a `YYYY-MM-DD` day.
+pub fn period_of_day(day: &str) -> &str {
+    &day[..7]
+}
+
+/// Whether `text` is a real calendar day written `YYYY-MM-DD` (years 0001 to 9999).
+pub fn is_day(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    if bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
+        return false;
+    }
+    let digits = |range: std::ops::Range<usize>| {
+        bytes[range.clone()].iter().all(u8::is_ascii_digit).then(|| text[range].parse::<u32>().ok()).flatten()
+    };
+    match (digits(0..4), digits(5..7), digits(8..10)) {
+        (Some(year), Some(month), Some(day)) => {
+            year >= 1 && (1..=12).contains(&month) && day >= 1 && day <= days_in_month(year as i64, month)
+        }
+        _ => false,
+    }
+}
+
+/// The period `months` months after (or, negative, before) a `YYYY-MM` period.
+pub fn shift_period(period: &str, months: i64) -> String {
+    let year: i64 = period[..4].parse().expect("a YYYY-MM period");
+    let month: i64 = period[5..7].parse().expect("a YYYY-MM period");
+    let index = year * 12 + (month - 1) + months;
+    format!("{:04}-{:02}", index.div_euclid(12), index.rem_euclid(12) + 1)
+}
+
+/// The first day of a `YYYY-MM` period.
+pub fn first_day(period: &str) -> String {
+    format!("{period}-01")
+}
+
+/// The last day of a `YYYY-MM` period.
+pub fn last_day(period: &str) -> String {
+    let year: i64 = period[..4].parse().expect("a YYYY-MM period");
+    let month: u32 = period[5..7].parse().expect("a YYYY-MM period");
+    format!("{period}-{:02}", days_in_month(year, month))
+}
+
+fn days_in_month(year: i64, month: u32) -> u32 {
+    match month {
+        4 | 6 | 9 | 11 => 30,
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        _ => 31,
+    }
+}
+
+/// Converts days since 1970-01-01 to a proleptic Gregorian (year, month, day), after Howard Hinnant's
+/// `civil_from_days`, which is exact for every day a u64 of milliseconds can name.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +190,40 @@ mod tests {
         let (a, b) = (period_at(1_796_083_199_999, "UTC"), period_at(1_796_083_200_000, "UTC"));
         assert!(a < b && a.month_index + 1 == b.month_index && a.end_ms == b.start_ms);
         assert!(Period::NONE < a && !Period::NONE.contains(0));
+    }
+
+    #[test]
+    fn days_change_at_midnight_utc() {
+        assert_eq!(day_of(0), "1970-01-01");
+        assert_eq!(day_of(1_796_083_199_999), "2026-11-30");
+        assert_eq!(day_of(1_796_083_200_000), "2026-12-01");
+        assert_eq!(day_of(1_709_208_000_000), "2024-02-29");
+        assert_eq!(period_of_day("2024-02-29"), "2024-02");
+    }
+
+    #[test]
+    fn only_real_calendar_days_are_days() {
+        for good in ["2024-02-29", "2026-12-31", "0001-01-01", "2026-04-30"] {
+            assert!(is_day(good), "{good}");
+        }
+        for bad in ["2023-02-29", "2026-04-31", "2026-13-01", "2026-00-10", "2026-1-01", "2026/01/01", "", "+026-01-01"]
+        {
+            assert!(!is_day(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn periods_shift_across_years() {
+        assert_eq!(shift_period("2026-01", -1), "2025-12");
+        assert_eq!(shift_period("2026-03", -2), "2026-01");
+        assert_eq!(shift_period("2026-11", -11), "2025-12");
+        assert_eq!(shift_period("2026-12", 1), "2027-01");
+        assert_eq!(last_day("2024-02"), "2024-02-29");
+        assert_eq!(first_day("2024-02"), "2024-02-01");
+    }
+
+    #[test]
+    fn civil_days_are_exact_on_a_leap_day() {
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
     }
 }

@@ -16,14 +16,27 @@ use super::{
     account::{Environment, Tenant},
     new_cell,
     period::Period,
+    pricing::RateCardVersion,
 };
 
 /// One object of a snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum SnapshotItem {
-    Tenant { id: TenantId, tenant: Tenant },
-    Environment { id: EnvironmentId, books: Environment },
-    App { id: EnvironmentId, target: Option<EnvironmentId>, applied_seq: u64 },
+    Tenant {
+        id: TenantId,
+        tenant: Tenant,
+    },
+    Environment {
+        id: EnvironmentId,
+        books: Box<Environment>,
+    },
+    App {
+        id: EnvironmentId,
+        target: Option<EnvironmentId>,
+        applied_seq: u64,
+    },
+    /// A rate card version after the configured one (version 1 always comes from the configuration).
+    RateCard(RateCardVersion),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,12 +59,14 @@ impl Ledger {
         // every object whose event was logged before the export began, and lists every listed
         // environment's tenant; it is released before the first `emit`, so admin commands run
         // while the items are copied.
-        let (tenants, slots): (Vec<_>, Vec<_>) = {
+        let (rate_cards, tenants, slots): (Vec<_>, Vec<_>, Vec<_>) = {
             let _admin = self.admin.lock();
+            let rate_cards = self.rate_cards.read().added().to_vec();
             let tenants = self.tenants.iter().map(|t| (t.key().clone(), t.value().clone())).collect();
             let slots = self.environments.iter().map(|s| (s.key().clone(), s.value().clone())).collect();
-            (tenants, slots)
+            (rate_cards, tenants, slots)
         };
+        rate_cards.into_iter().map(SnapshotItem::RateCard).for_each(&mut emit);
         for (id, cell) in tenants {
             let tenant = cell.lock().clone();
             emit(SnapshotItem::Tenant { id, tenant });
@@ -60,7 +75,7 @@ impl Ledger {
         for (id, slot) in slots {
             match slot {
                 Slot::Capacity(cell) => {
-                    let books = cell.books.lock().clone();
+                    let books = Box::new(cell.books.lock().clone());
                     emit(SnapshotItem::Environment { id, books });
                 }
                 Slot::App { target, applied_seq } => apps.push(SnapshotItem::App { id, target, applied_seq }),
@@ -84,13 +99,35 @@ impl Ledger {
                     self.expiries.push(hold.expires_at_ms, reservation);
                 }
                 let cell = new_cell(&id, &books.tenant, tenant_cell);
-                *cell.books.lock() = books;
+                *cell.books.lock() = *books;
                 self.environments.insert(id, Slot::Capacity(cell));
             }
             SnapshotItem::App { id, target, applied_seq } => {
                 self.environments.insert(id, Slot::App { target, applied_seq });
             }
+            SnapshotItem::RateCard(rate_card) => {
+                let id = format!("rate card version {}", rate_card.version);
+                self.add_rate_card(rate_card).map_err(|reason| RestoreError::Item { id, reason })?;
+            }
         }
+        Ok(())
+    }
+
+    /// Adds a restored rate card version; one the ledger already has is skipped, so a version both in
+    /// the snapshot and in the log after it is added once.
+    fn add_rate_card(&self, rate_card: RateCardVersion) -> Result<(), String> {
+        let mut cards = self.rate_cards.write();
+        let newest = cards.newest();
+        if rate_card.version <= newest.version {
+            return Ok(());
+        }
+        if rate_card.version != newest.version + 1 || rate_card.effective_at_ms < newest.effective_at_ms {
+            return Err(format!(
+                "version {} effective at {} does not follow version {} effective at {}",
+                rate_card.version, rate_card.effective_at_ms, newest.version, newest.effective_at_ms
+            ));
+        }
+        cards.push(rate_card);
         Ok(())
     }
 
@@ -99,6 +136,7 @@ impl Ledger {
     pub fn replay(&self, seq: u64, now: u64, event: &Event) -> Result<(), RestoreError> {
         let fail = |reason: String| RestoreError::Event { seq, reason };
         match event {
+            Event::RateCardSet { rate_card } => self.add_rate_card(rate_card.clone()).map_err(fail)?,
             Event::Purchased { tenant, .. } => {
                 let cell = self.tenants.entry(tenant.clone()).or_default().clone();
                 let mut books = cell.lock();
@@ -209,14 +247,37 @@ impl Ledger {
             sum.2 += env.held.get(Source::TenantPool);
             open += env.open.len() as u64;
         }
+        let mut usage_keys = self.usage_keys_by_tenant();
         for entry in self.tenants.iter() {
             let (allocated, pool_used, pool_held) = sums.remove(entry.key()).unwrap_or_default();
+            let (keys_month, keys) = usage_keys.remove(entry.key()).unwrap_or_default();
             let mut tenant = entry.value().lock();
             tenant.allocated = allocated;
             tenant.pool_used = pool_used;
             tenant.pool_held = pool_held;
+            tenant.usage_keys_month = keys_month;
+            tenant.usage_keys = keys;
         }
         self.open_total.store(open, Ordering::Relaxed);
+    }
+
+    /// Per tenant, the newest month with use in any of its environments and the distinct usage keys
+    /// of that month, summed over the environments.
+    pub(super) fn usage_keys_by_tenant(&self) -> HashMap<TenantId, (String, u64)> {
+        let mut newest: HashMap<TenantId, (String, u64)> = HashMap::new();
+        for slot in self.environments.iter() {
+            let Slot::Capacity(cell) = slot.value() else { continue };
+            let env = cell.books.lock();
+            let Some((month, keys)) = env.usage.keys_per_month().last() else { continue };
+            let entry = newest.entry(env.tenant.clone()).or_default();
+            if entry.0.as_str() < month {
+                *entry = (month.to_owned(), 0);
+            }
+            if entry.0 == month {
+                entry.1 += keys;
+            }
+        }
+        newest
     }
 
     /// Ends a restore: recomputes the totals and checks every invariant and link.
@@ -293,7 +354,7 @@ mod tests {
                 let reserve = Command::Reserve {
                     environment: EnvironmentId::new("e0").unwrap(),
                     agent: AgentId::new("a").unwrap(),
-                    amount_milli: 1_000,
+                    usage: crate::ledger::Usage::Milli(1_000),
                     idempotency_key: None,
                     expires_at_ms: 60_000,
                 };

@@ -313,6 +313,15 @@ pub fn error_info(status: &Status, reason: &str) -> ErrorInfo {
     info
 }
 
+/// An INVALID_ARGUMENT refusal whose `BadRequest` names `field` first.
+#[track_caller]
+pub fn expect_field<T: std::fmt::Debug>(result: Result<T, Status>, field: &str) -> Status {
+    let status = expect_code(result, Code::InvalidArgument);
+    let bad_request = status.get_details_bad_request().unwrap_or_else(|| panic!("no BadRequest in {status:?}"));
+    assert_eq!(bad_request.field_violations[0].field, field, "{status:?}");
+    status
+}
+
 /// A metadata value of an `ErrorInfo`, parsed as a number.
 #[track_caller]
 pub fn metadata_u64(info: &ErrorInfo, key: &str) -> u64 {

@@ -12,7 +12,7 @@ use std::ops::RangeInclusive;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use quotad::ledger::{AgentId, Command, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId};
+use quotad::ledger::{AgentId, Command, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId, Usage};
 
 pub const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
 pub const AGENTS: [&str; 3] = ["a0", "a1", "a2"];
@@ -274,14 +274,14 @@ pub fn command(r: &impl Resolve, step: &Step) -> Command {
         Step::Reserve { env: e, agent: g, amount, key: k, ttl_ms } => Command::Reserve {
             environment: env(*e),
             agent: agent(*g),
-            amount_milli: r.reserve_amount(&env(*e), amount),
+            usage: Usage::Milli(r.reserve_amount(&env(*e), amount)),
             idempotency_key: k.map(key),
             expires_at_ms: r.now() + ttl_ms,
         },
         Step::Commit { pick, actual } => {
             let reservation = r.reservation(pick);
             let actual_milli = r.actual(&reservation, actual);
-            Command::Commit { reservation, actual_milli }
+            Command::Commit { reservation, usage: Usage::Milli(actual_milli) }
         }
         Step::Release { pick } => Command::Release { reservation: r.reservation(pick) },
         Step::Retry { .. } | Step::Advance { .. } => unreachable!("not a command of its own"),
@@ -306,7 +306,7 @@ pub fn retried(keyed: &[(Command, u64)], pick: &Index, changed: bool, now: u64) 
     }
     let (mut command, ttl_ms) = pick.get(keyed).clone();
     match &mut command {
-        Command::Reserve { amount_milli, expires_at_ms, .. } => {
+        Command::Reserve { usage: Usage::Milli(amount_milli), expires_at_ms, .. } => {
             *expires_at_ms = now + ttl_ms;
             *amount_milli += u64::from(changed);
         }
