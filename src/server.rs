@@ -12,7 +12,7 @@ use crate::{
     clock::Clock,
     config::Config,
     durability::store::{Store, StoreError},
-    grpc::{AdminService, Context, QuotaService},
+    grpc::{AdminService, AlertHub, Context, MAX_ALERT_WATCHES, QuotaService},
     ledger::{Command, Discard, Ledger},
     proto::{self, quota_admin_server::QuotaAdminServer, quota_server::QuotaServer},
 };
@@ -50,7 +50,10 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
     let (ledger, store) = open_ledger(&config, clock.as_ref()).await?;
-    let context = Arc::new(Context { ledger, clock, policy: config.policy.clone(), store });
+    let background = CancellationToken::new();
+    let alerts = Arc::new(AlertHub::new(MAX_ALERT_WATCHES, background.clone()));
+    ledger.set_alert_sink(alerts.clone());
+    let context = Arc::new(Context { ledger, clock, policy: config.policy.clone(), store, alerts });
     // Expire what ran out while the server was down before the first request is served.
     expire_due(&context).await;
 
@@ -63,7 +66,6 @@ pub async fn run(
     let admin =
         QuotaAdminServer::new(AdminService::new(context.clone())).max_decoding_message_size(config.max_request_bytes);
 
-    let background = CancellationToken::new();
     let sweeper = tokio::spawn(sweep_expiries(context.clone(), background.clone()));
     let snapshotter = tokio::spawn(take_snapshots(context.clone(), background.clone()));
     let log_health = tokio::spawn(follow_log_health(context.clone(), health.clone(), background.clone()));

@@ -138,6 +138,7 @@ fn state(ledger: &Ledger) -> BTreeMap<String, serde_json::Value> {
             SnapshotItem::Environment { id, .. } => format!("environment {id}"),
             SnapshotItem::App { id, .. } => format!("app {id}"),
             SnapshotItem::RateCard(card) => format!("rate card {}", card.version),
+            SnapshotItem::Alerts { tenant, .. } => format!("alerts {tenant}"),
         };
         let value = serde_json::to_value(&item).expect("a snapshot item serialises");
         assert!(state.insert(name.clone(), value).is_none(), "{name} exported twice");

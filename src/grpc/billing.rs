@@ -6,7 +6,9 @@ use tonic::Status;
 use super::{Context, admin::tenant_capacity, convert, status::FieldError};
 use crate::{
     ledger::{
-        AgentId, AgentLimit, AgentLimitView, Command, EnvironmentId, MILLI_PER_MESSAGE, Outcome, TenantId,
+        AgentId, AgentLimit, AgentLimitView, Command, DEFAULT_LOW_PERCENT, EnvironmentId, MILLI_PER_MESSAGE, Outcome,
+        TenantId,
+        alerts::{DEFAULT_BUDGET_THRESHOLDS, MAX_BUDGET_THRESHOLDS},
         period::{self, DEFAULT_TIME_ZONE},
     },
     proto,
@@ -56,8 +58,44 @@ pub async fn set_environment_alerts(
     context: &Context,
     request: proto::SetEnvironmentAlertsRequest,
 ) -> Result<proto::Balance, Status> {
-    let _ = (context, request);
-    Err(Status::unimplemented("SetEnvironmentAlerts is not available yet"))
+    let environment = convert::id("environment_id", &request.environment_id, EnvironmentId::new)?;
+    let low_percent = match request.low_percent {
+        0 => DEFAULT_LOW_PERCENT,
+        percent @ 1..=100 => percent,
+        percent => {
+            return Err(
+                FieldError::new("low_percent", format!("is {percent}; it must be 1 to 100 (0 means 20)")).into()
+            );
+        }
+    };
+    let mut budget_thresholds = request.budget_threshold_percents;
+    if budget_thresholds.len() > MAX_BUDGET_THRESHOLDS {
+        return Err(FieldError::new(
+            "budget_threshold_percents",
+            format!("has {} values; at most {MAX_BUDGET_THRESHOLDS}", budget_thresholds.len()),
+        )
+        .into());
+    }
+    for (index, percent) in budget_thresholds.iter().enumerate() {
+        if !(1..=100).contains(percent) {
+            return Err(FieldError::new(
+                format!("budget_threshold_percents[{index}]"),
+                format!("is {percent}; it must be 1 to 100"),
+            )
+            .into());
+        }
+    }
+    if budget_thresholds.is_empty() {
+        budget_thresholds = DEFAULT_BUDGET_THRESHOLDS.to_vec();
+    }
+    budget_thresholds.sort_unstable();
+    budget_thresholds.dedup();
+    let command = Command::SetEnvironmentAlerts { environment, low_percent, budget_thresholds };
+    let Outcome::Balance(balance) = context.execute(&command).await? else {
+        unreachable!("environment alerts yield the balance")
+    };
+    tracing::info!(low_percent, "environment alerts set");
+    Ok(convert::balance(balance))
 }
 
 pub async fn set_agent_limit(

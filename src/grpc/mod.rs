@@ -13,6 +13,7 @@ mod status;
 use std::sync::Arc;
 
 pub use admin::AdminService;
+pub use alerts::{AlertHub, MAX_ALERT_WATCHES};
 pub use quota::QuotaService;
 
 use crate::{
@@ -40,6 +41,7 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     pub policy: Policy,
     pub store: Option<Arc<Store>>,
+    pub alerts: Arc<alerts::AlertHub>,
 }
 
 impl Context {

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentId, IdempotencyKey, LedgerError, Milli, Settlement, TenantId,
+    AgentId, BalanceState, DEFAULT_LOW_PERCENT, IdempotencyKey, LedgerError, Milli, Settlement, TenantId,
+    alerts::DEFAULT_BUDGET_THRESHOLDS,
     period::{self, Period},
     usage::UsageBook,
 };
@@ -106,6 +107,8 @@ pub struct Tenant {
     /// IANA name; billing periods are its calendar months.
     pub time_zone: String,
     pub period: Period,
+    /// The capacity level last alerted: 0 none, 1 all used, 2 grace exhausted.
+    pub alerted: u8,
     /// Purchase idempotency keys with the amount they bought, oldest first in `purchase_key_order`.
     pub purchase_keys: HashMap<IdempotencyKey, Milli>,
     pub purchase_key_order: VecDeque<IdempotencyKey>,
@@ -130,6 +133,7 @@ impl Default for Tenant {
             grace_percent: 100,
             time_zone: period::DEFAULT_TIME_ZONE.to_owned(),
             period: Period::NONE,
+            alerted: 0,
             purchase_keys: HashMap::new(),
             purchase_key_order: VecDeque::new(),
             applied_seq: 0,
@@ -163,6 +167,7 @@ impl Tenant {
         }
         self.period = period::period_at(now, &self.time_zone);
         self.pool_used = 0;
+        super::alerts::rearm_tenant(self);
         true
     }
 }
@@ -185,6 +190,8 @@ pub struct AgentBook {
     pub used: Milli,
     /// Held by the agent's open reservations.
     pub held: Milli,
+    /// The limit level last alerted: 0 none, 1 nearing, 2 over.
+    pub alerted: u8,
 }
 
 impl AgentBook {
@@ -254,6 +261,13 @@ pub struct Environment {
     pub period: Period,
     /// Agents with a limit, use this period or open holds, at most the configured number.
     pub agents: BTreeMap<AgentId, AgentBook>,
+    /// LOW is at or below this percentage of allocation plus budget.
+    pub low_percent: u32,
+    /// Pay-as-you-go budget thresholds that alert, in percent.
+    pub budget_thresholds: Vec<u32>,
+    /// The level and the highest budget threshold last alerted.
+    pub alert_level: BalanceState,
+    pub budget_alerted: u32,
     /// What was charged and reserved, by day and month.
     pub usage: UsageBook,
 }
@@ -277,6 +291,10 @@ impl Environment {
             applied_seq: 0,
             period: Period::NONE,
             agents: BTreeMap::new(),
+            low_percent: DEFAULT_LOW_PERCENT,
+            budget_thresholds: DEFAULT_BUDGET_THRESHOLDS.to_vec(),
+            alert_level: BalanceState::Ok,
+            budget_alerted: 0,
             usage: UsageBook::default(),
         }
     }

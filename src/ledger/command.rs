@@ -58,6 +58,13 @@ pub enum Command {
         /// A checked IANA name.
         time_zone: String,
     },
+    SetEnvironmentAlerts {
+        /// A capacity environment.
+        environment: EnvironmentId,
+        low_percent: u32,
+        /// Percentages, ascending.
+        budget_thresholds: Vec<u32>,
+    },
     SetAgentLimit {
         /// A capacity environment.
         environment: EnvironmentId,

@@ -38,6 +38,11 @@ pub enum Event {
         grace_percent: u32,
         time_zone: String,
     },
+    EnvironmentAlertsSet {
+        environment: EnvironmentId,
+        low_percent: u32,
+        budget_thresholds: Vec<u32>,
+    },
     AgentLimitSet {
         environment: EnvironmentId,
         agent: AgentId,

@@ -12,6 +12,7 @@
 //! and written only under the admin lock.
 
 mod account;
+pub mod alerts;
 mod command;
 mod error;
 mod event;
@@ -25,7 +26,7 @@ pub mod usage;
 use std::{
     collections::HashMap,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -46,8 +47,10 @@ pub use ids::{
 pub use restore::{RestoreError, SnapshotItem};
 
 use account::{AgentBook, Environment, Hold, Resolution, Resolved, Tenant};
+use alerts::{AlertLog, AlertSink};
 use expiry::ExpiryQueue;
 use pricing::{MESSAGES_SCENARIO, PricingError, RateCard, RateCardVersion, RateCards};
+use serde::{Deserialize, Serialize};
 use usage::{PricedItem, Report, UsageQuery, UsageRow};
 
 /// Thousandths of a message: every amount in the core is exact in this unit.
@@ -101,7 +104,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BalanceState {
     Ok,
     /// 20% or less of allocation plus pay-as-you-go budget is available.
@@ -111,7 +114,7 @@ pub enum BalanceState {
 }
 
 /// A capacity environment's balance at one instant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Balance {
     pub environment: EnvironmentId,
     pub tenant: TenantId,
@@ -226,7 +229,7 @@ impl<'a> Books<'a> {
             available_milli: available,
             state: balance_state(available, env),
             period: env.period.name(),
-            low_percent: DEFAULT_LOW_PERCENT,
+            low_percent: env.low_percent,
         }
     }
 }
@@ -240,7 +243,7 @@ fn balance_state(available: Milli, env: &Environment) -> BalanceState {
     }
     let budget = if env.payg_enabled { env.payg_budget } else { 0 };
     let base = u128::from(env.allocated) + u128::from(budget);
-    if u128::from(available) * 5 <= base { BalanceState::Low } else { BalanceState::Ok }
+    if u128::from(available) * 100 <= base * u128::from(env.low_percent) { BalanceState::Low } else { BalanceState::Ok }
 }
 
 /// All tenants and environments, and their open and recently resolved reservations.
@@ -256,6 +259,9 @@ pub struct Ledger {
     /// Read inside environment locks; written only under `admin`.
     rate_cards: RwLock<RateCards>,
     sink: Arc<dyn EventSink>,
+    /// Each tenant's recent alerts (lock order: environment, tenant, then its log).
+    alert_logs: DashMap<TenantId, Arc<Mutex<AlertLog>>>,
+    alert_sink: OnceLock<Arc<dyn AlertSink>>,
 }
 
 impl Ledger {
@@ -280,6 +286,8 @@ impl Ledger {
             expiries: ExpiryQueue::new(),
             rate_cards: RwLock::new(RateCards::new(configured)),
             sink,
+            alert_logs: DashMap::new(),
+            alert_sink: OnceLock::new(),
         }
     }
 
@@ -303,6 +311,18 @@ impl Ledger {
             }
             Command::SetAgentLimit { environment, agent, limit } => {
                 self.set_agent_limit(environment, agent, *limit, now).map(Outcome::AgentLimit)
+            }
+            Command::SetEnvironmentAlerts { environment, low_percent, budget_thresholds } => {
+                let _admin = self.admin.lock();
+                let cell = self.named_capacity_cell(environment)?;
+                let mut books = Books::lock(&cell, now);
+                let event = Event::EnvironmentAlertsSet {
+                    environment: environment.clone(),
+                    low_percent: *low_percent,
+                    budget_thresholds: budget_thresholds.clone(),
+                };
+                self.record(&mut books, &event, now);
+                Ok(Outcome::Balance(books.balance()))
             }
             Command::Reserve { environment, agent, usage, idempotency_key, expires_at_ms } => {
                 let request = ReserveRequest { agent, usage, idempotency_key: idempotency_key.as_ref(), expires_at_ms };
@@ -920,7 +940,9 @@ impl Ledger {
     /// Applies a decided event to one environment's books and hands it to the sink, under the same locks.
     fn record(&self, books: &mut Books<'_>, event: &Event, now: u64) {
         self.evolve(books, event, now).expect("a decided event applies");
-        books.env.applied_seq = self.sink.record(now, event);
+        let seq = self.sink.record(now, event);
+        books.env.applied_seq = seq;
+        self.raise_alerts(books, event, now, seq);
     }
 
     /// Applies a tenant-level event.
@@ -931,11 +953,13 @@ impl Ledger {
             Event::TenantPolicySet { grace_percent, time_zone, .. } => {
                 tenant.grace_percent = *grace_percent;
                 tenant.time_zone.clone_from(time_zone);
+                alerts::rearm_tenant(tenant);
                 return;
             }
             _ => unreachable!("only purchases and policies apply to a tenant alone"),
         };
         tenant.purchased += amount_milli;
+        alerts::rearm_tenant(tenant);
         if let Some(key) = idempotency_key {
             tenant.purchase_keys.insert(key.clone(), *amount_milli);
             tenant.purchase_key_order.push_back(key.clone());
@@ -963,6 +987,10 @@ impl Ledger {
             Event::PayAsYouGoSet { enabled, budget_milli, .. } => {
                 env.payg_enabled = *enabled;
                 env.payg_budget = *budget_milli;
+            }
+            Event::EnvironmentAlertsSet { low_percent, budget_thresholds, .. } => {
+                env.low_percent = *low_percent;
+                env.budget_thresholds.clone_from(budget_thresholds);
             }
             Event::AgentLimitSet { agent, limit, .. } => {
                 let book = env.agents.entry(agent.clone()).or_default();

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     Books, EnvironmentId, Event, Ledger, LedgerError, Milli, Slot, Source, TenantId,
     account::{Environment, Tenant},
+    alerts::AlertLog,
     new_cell,
     period::Period,
     pricing::RateCardVersion,
@@ -37,6 +38,11 @@ pub enum SnapshotItem {
     },
     /// A rate card version after the configured one (version 1 always comes from the configuration).
     RateCard(RateCardVersion),
+    /// A tenant's recent alerts.
+    Alerts {
+        tenant: TenantId,
+        log: AlertLog,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,7 +87,12 @@ impl Ledger {
                 Slot::App { target, applied_seq } => apps.push(SnapshotItem::App { id, target, applied_seq }),
             }
         }
-        apps.into_iter().for_each(emit);
+        apps.into_iter().for_each(&mut emit);
+        let logs: Vec<_> = self.alert_logs.iter().map(|l| (l.key().clone(), l.value().clone())).collect();
+        for (tenant, log) in logs {
+            let log = log.lock().clone();
+            emit(SnapshotItem::Alerts { tenant, log });
+        }
     }
 
     /// Loads one snapshot item into a ledger being restored; tenants come before their environments.
@@ -108,6 +119,9 @@ impl Ledger {
             SnapshotItem::RateCard(rate_card) => {
                 let id = format!("rate card version {}", rate_card.version);
                 self.add_rate_card(rate_card).map_err(|reason| RestoreError::Item { id, reason })?;
+            }
+            SnapshotItem::Alerts { tenant, log } => {
+                self.alert_logs.insert(tenant, Arc::new(Mutex::new(log)));
             }
         }
         Ok(())
@@ -187,7 +201,9 @@ impl Ledger {
                 };
                 self.replay_on(&cell, seq, now, event).map_err(fail)?;
             }
-            Event::PayAsYouGoSet { environment, .. } | Event::AgentLimitSet { environment, .. } => {
+            Event::PayAsYouGoSet { environment, .. }
+            | Event::EnvironmentAlertsSet { environment, .. }
+            | Event::AgentLimitSet { environment, .. } => {
                 let cell = self.named_capacity_cell(environment).map_err(|e| fail(e.to_string()))?;
                 self.replay_on(&cell, seq, now, event).map_err(fail)?;
             }
@@ -202,13 +218,19 @@ impl Ledger {
         Ok(())
     }
 
+    /// Locks as the live command did (the tenant only where it did), so that tenant alerts are
+    /// raised at the same events.
     fn replay_on(&self, cell: &super::CapacityCell, seq: u64, now: u64, event: &Event) -> Result<(), String> {
-        let mut books = Books::lock_with_tenant(cell, now);
+        let mut books = match event {
+            Event::Allocated { .. } => Books::lock_with_tenant(cell, now),
+            _ => Books::lock(cell, now),
+        };
         if books.env.applied_seq >= seq {
             return Ok(());
         }
         self.evolve(&mut books, event, now)?;
         books.env.applied_seq = seq;
+        self.raise_alerts(&mut books, event, now, seq);
         Ok(())
     }
 
@@ -257,6 +279,7 @@ impl Ledger {
             tenant.pool_held = pool_held;
             tenant.usage_keys_month = keys_month;
             tenant.usage_keys = keys;
+            super::alerts::rearm_tenant(&mut tenant);
         }
         self.open_total.store(open, Ordering::Relaxed);
     }
