@@ -55,7 +55,7 @@ pub enum LogFormat {
 
 /// quotad: the quota authority that agent runtimes call before and after each AI call.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = "`quotad admin --help`: the admin command line, a client of a running quotad.")]
 pub struct Cli {
     /// Address to serve gRPC on.
     #[arg(long, env = "QUOTAD_LISTEN", default_value = DEFAULT_LISTEN)]

@@ -7,7 +7,9 @@
 //! - [`server`]: startup, health, reflection, the expiry sweeper and graceful shutdown.
 //! - [`clock`]: the wall clock, and a manual clock for tests.
 //! - [`shutdown`]: the signal future that starts a graceful shutdown.
+//! - [`admin_cli`]: `quotad admin`, the admin command line: a gRPC client of a running quotad.
 
+pub mod admin_cli;
 pub mod clock;
 pub mod config;
 pub mod durability;

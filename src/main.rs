@@ -1,5 +1,5 @@
 //! The `quotad` binary: parses the configuration, sets up logging, binds, and runs the server until
-//! SIGTERM or SIGINT.
+//! SIGTERM or SIGINT. `quotad admin …` runs the admin command line instead.
 
 use std::{io::IsTerminal, process::ExitCode, sync::Arc};
 
@@ -14,6 +14,11 @@ use tracing_subscriber::EnvFilter;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // The server takes no positional arguments, so a first argument `admin` can only mean the client.
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args.peek().is_some_and(|first| first == "admin") {
+        return quotad::admin_cli::main(args.skip(1));
+    }
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let config = match Config::load(cli) {
