@@ -1001,23 +1001,26 @@ fn serve<S: Storage>(writer: &Mutex<Writer<S>>, shared: &Shared) -> Result<(), G
     }
 }
 
-/// Waits until there is something for the writer thread to do, or until `sync_due_at`.
+/// Waits until there is something for the writer thread to do, or until `sync_due_at`. Appends do not
+/// wake the writer (the first waiter does), so it also looks at the buffer every
+/// [`UNAWAITED_FLUSH_DELAY`] on its own: records nobody waits for, such as expiries, are written after
+/// at most about twice that, even if they were appended while it slept.
 fn wait_for_work(shared: &Shared, sync_due_at: Option<Instant>) {
     let mut pending = shared.pending.lock();
+    let mut unawaited_since: Option<Instant> = None;
     loop {
         let has_work = (pending.kicked && !pending.buf.is_empty()) || !pending.rotations.is_empty();
         if has_work || pending.closing_at.is_some() || pending.sync_done.is_some() || pending.sync_wanted {
             break;
         }
-        let unawaited = (!pending.buf.is_empty()).then(|| Instant::now() + UNAWAITED_FLUSH_DELAY);
-        match [sync_due_at, unawaited].into_iter().flatten().min() {
-            Some(at) => {
-                if shared.wake.wait_until(&mut pending, at).timed_out() {
-                    break;
-                }
-            }
-            None => shared.wake.wait(&mut pending),
+        let now = Instant::now();
+        unawaited_since = if pending.buf.is_empty() { None } else { Some(unawaited_since.unwrap_or(now)) };
+        let flush_at = unawaited_since.map(|since| since + UNAWAITED_FLUSH_DELAY);
+        if [sync_due_at, flush_at].into_iter().flatten().any(|at| at <= now) {
+            break;
         }
+        let deadline = [sync_due_at, flush_at, Some(now + UNAWAITED_FLUSH_DELAY)].into_iter().flatten().min();
+        shared.wake.wait_until(&mut pending, deadline.expect("the poll is always there"));
     }
     pending.sync_wanted = false;
 }
@@ -1528,6 +1531,22 @@ mod tests {
         assert_eq!(journal.wait_durable(after).await, Err(Unavailable::Closed));
         journal.wait_durable(after - 1).await.unwrap();
         assert_eq!(read_all(dir.path()), vec![(1, b"before".to_vec()), (2, b"pending".to_vec())]);
+    }
+
+    /// Appends do not wake the writer, so a record nobody waits for, appended while the writer sleeps
+    /// with nothing to do, used to stay in memory until some later waiter came.
+    #[tokio::test]
+    async fn a_record_nobody_waits_for_is_written_even_when_the_writer_sleeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = open_test(dir.path(), Durability::Fsync, LARGE);
+        // Written and synced by the writer thread, which then has nothing left to do.
+        journal.wait_durable(journal.append(b"awaited")).await.unwrap();
+        let unawaited = journal.append(b"unawaited");
+        let mut progress = journal.shared.progress.subscribe();
+        let written = progress.wait_for(|p| p.durable_end > unawaited);
+        tokio::time::timeout(Duration::from_secs(5), written).await.expect("written without a waiter").unwrap();
+        journal.close();
+        assert_eq!(read_all(dir.path()), vec![(1, b"awaited".to_vec()), (2, b"unawaited".to_vec())]);
     }
 
     #[tokio::test]
