@@ -40,6 +40,7 @@ const MAX_REQUEST_BYTES_CEILING: usize = 4 * 1024 * 1024;
 const MAX_USAGE_ITEMS_CEILING: usize = 1_024;
 /// Rate card versions are kept in memory and in every snapshot, each up to 256 scenarios.
 const MAX_RATE_CARD_VERSIONS_CEILING: usize = 100_000;
+const MAX_AGENTS_PER_ENVIRONMENT_CEILING: usize = 1_000_000;
 
 const _: () = assert!(DEFAULT_TTL_SECONDS <= DEFAULT_MAX_TTL_SECONDS);
 const _: () = assert!(DEFAULT_MAX_USAGE_ITEMS <= MAX_USAGE_ITEMS_CEILING);
@@ -103,6 +104,7 @@ pub struct Settings {
     pub shutdown_grace_seconds: u64,
     pub max_usage_keys_per_tenant: u64,
     pub max_rate_card_versions: usize,
+    pub max_agents_per_environment: usize,
     /// Replaces the whole default rate card when given; it is rate card version 1.
     pub rate_card: Option<BTreeMap<String, Rate>>,
     /// Tenants created at startup on empty state.
@@ -127,6 +129,7 @@ impl Default for Settings {
             shutdown_grace_seconds: DEFAULT_SHUTDOWN_GRACE_SECONDS,
             max_usage_keys_per_tenant: ledger::usage::DEFAULT_MAX_USAGE_KEYS_PER_TENANT,
             max_rate_card_versions: ledger::DEFAULT_MAX_RATE_CARD_VERSIONS,
+            max_agents_per_environment: ledger::DEFAULT_MAX_AGENTS_PER_ENVIRONMENT,
             rate_card: None,
             bootstrap: Vec::new(),
         }
@@ -308,6 +311,13 @@ impl Config {
         if !(1..=MAX_RATE_CARD_VERSIONS_CEILING).contains(&s.max_rate_card_versions) {
             return Err(invalid("max_rate_card_versions", &s.max_rate_card_versions, "must be between 1 and 100000"));
         }
+        if !(1..=MAX_AGENTS_PER_ENVIRONMENT_CEILING).contains(&s.max_agents_per_environment) {
+            return Err(invalid(
+                "max_agents_per_environment",
+                &s.max_agents_per_environment,
+                "must be between 1 and 1000000",
+            ));
+        }
         let policy = Policy {
             pack_milli,
             default_ttl_seconds: s.default_ttl_seconds,
@@ -325,6 +335,7 @@ impl Config {
             max_amount_milli,
             max_usage_keys_per_tenant: s.max_usage_keys_per_tenant,
             max_rate_card_versions: s.max_rate_card_versions,
+            max_agents_per_environment: s.max_agents_per_environment,
             ..ledger::Limits::default()
         };
         let bootstrap = bootstrap_commands(&s.bootstrap, pack_milli)?;
