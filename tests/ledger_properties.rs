@@ -18,8 +18,8 @@ use quotad::ledger::{
 
 mod ledger_steps;
 use ledger_steps::{
-    Actual, Allocation, Amount, Pick, Resolve, START_MS, Shape, Step, TENANTS, agent, command, kept, retried, setup,
-    tenant,
+    Actual, Allocation, Amount, Pick, Resolve, START_MS, Shape, Step, TENANTS, agent, command, kept, next_month_start,
+    retried, setup, tenant,
 };
 
 /// Per-source amounts in draw order: allocation, tenant pool, pay-as-you-go.
@@ -35,8 +35,16 @@ const APP: usize = 3;
 const GHOST: usize = 4;
 
 /// Small open-hold caps so that sequences of 60 steps reach them and test the refusal at the cap.
+/// Small open-hold caps, so that short sequences reach them. Resolved reservations are remembered
+/// longer than any sequence lasts, months included: the model does not forget them (forgetting is part
+/// of `restore_properties`).
 fn limits() -> Limits {
-    Limits { max_open_reservations_per_environment: 4, max_open_reservations_total: 6, ..Limits::default() }
+    Limits {
+        max_open_reservations_per_environment: 4,
+        max_open_reservations_total: 6,
+        resolved_retention_ms: 10 * 365 * 24 * 3_600 * 1_000,
+        ..Limits::default()
+    }
 }
 
 fn env(i: usize) -> EnvironmentId {
@@ -146,10 +154,24 @@ fn normalize(result: Result<Seen, LedgerError>) -> Result<Seen, LedgerError> {
 // ---------------------------------------------------------------------------------------------
 // The naive model.
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ModelTenant {
     purchased: Milli,
+    grace_percent: u32,
     purchase_keys: HashMap<IdempotencyKey, Milli>,
+}
+
+impl Default for ModelTenant {
+    fn default() -> Self {
+        Self { purchased: 0, grace_percent: 100, purchase_keys: HashMap::new() }
+    }
+}
+
+impl ModelTenant {
+    /// What allocations plus pool use and holds may reach.
+    fn limit(&self) -> Milli {
+        (u128::from(self.purchased) * u128::from(self.grace_percent) / 100) as Milli
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,7 +262,7 @@ impl Model {
     fn pool_free(&self, tenant: &TenantId) -> Milli {
         let (allocated, used, held) = self.tenant_sums(tenant);
         // `checked_sub` rather than saturating: a pool below zero is a broken rule, not a value.
-        self.tenants[tenant].purchased.checked_sub(allocated + used + held).expect("tenant pool below zero")
+        self.tenants[tenant].limit().checked_sub(allocated + used + held).expect("tenant pool below zero")
     }
 
     fn available(&self, id: &EnvironmentId) -> Split {
@@ -334,11 +356,21 @@ impl Model {
             allocated_milli: allocated,
             pool_used_milli: pool_used,
             pool_reserved_milli: pool_held,
-            grace_percent: 100,
+            grace_percent: t.grace_percent,
             time_zone: "UTC".to_owned(),
             period: period::period_of(now),
-            grace_used_milli: 0,
+            grace_used_milli: (allocated + pool_used).saturating_sub(t.purchased),
         })
+    }
+
+    /// A new billing month: every environment's use and overage start again at zero; holds carry over.
+    fn next_period(&mut self) {
+        for slot in self.envs.values_mut() {
+            if let Slot::Capacity(e) = slot {
+                e.used = [0; 3];
+                e.overage = 0;
+            }
+        }
     }
 
     fn open_total(&self) -> u64 {
@@ -381,8 +413,26 @@ impl Model {
             }
             Command::Commit { reservation, usage: Usage::Milli(actual) } => self.commit(reservation, *actual, now),
             Command::Release { reservation } => self.release(reservation, now),
-            Command::SetTenantPolicy { .. } | Command::SetAgentLimit { .. } => {
-                unreachable!("the steps do not set policies or agent limits")
+            Command::SetTenantPolicy { tenant, grace_percent, .. } => {
+                let Some(t) = self.tenants.get(tenant) else {
+                    return Err(LedgerError::UnknownTenant(tenant.clone()));
+                };
+                let (allocated, used, held) = self.tenant_sums(tenant);
+                let limit =
+                    ModelTenant { purchased: t.purchased, grace_percent: *grace_percent, ..Default::default() }.limit();
+                if allocated + used + held > limit {
+                    return Err(LedgerError::GraceBelowUse {
+                        tenant: tenant.clone(),
+                        grace_percent: *grace_percent,
+                        limit_milli: limit,
+                        taken_milli: allocated + used + held,
+                    });
+                }
+                self.tenants.get_mut(tenant).unwrap().grace_percent = *grace_percent;
+                Ok(Seen::Tenant(self.tenant(tenant, now)?))
+            }
+            Command::SetAgentLimit { .. } | Command::SetEnvironmentAlerts { .. } => {
+                unreachable!("the steps do not set agent limits or alerts")
             }
             Command::Expire { reservation } => {
                 if !matches!(self.envs.get(&reservation.environment), Some(Slot::Capacity(_))) {
@@ -427,7 +477,7 @@ impl Model {
         let Some(t) = self.tenants.get(tenant) else {
             return Err(LedgerError::UnknownTenant(tenant.clone()));
         };
-        let purchased = t.purchased;
+        let (purchased, limit) = (t.purchased, t.limit());
         let (current, taken) = match self.envs.get(id) {
             Some(Slot::App(_)) => return Err(LedgerError::NotACapacityEnvironment(id.clone())),
             Some(Slot::Capacity(e)) if e.tenant != *tenant => {
@@ -448,7 +498,7 @@ impl Model {
         }
         let (allocated, pool_used, pool_held) = self.tenant_sums(tenant);
         let allocated_after = allocated - current + amount;
-        if allocated_after + pool_used + pool_held > purchased {
+        if allocated_after > purchased || allocated_after + pool_used + pool_held > limit {
             return Err(LedgerError::OverAllocation {
                 tenant: tenant.clone(),
                 environment: id.clone(),
@@ -726,7 +776,8 @@ impl Resolve for Harness {
             _ => (0, 0),
         };
         let room = match self.model.tenant(t, self.now) {
-            Ok(t) => t.purchased_milli + current - t.allocated_milli - t.pool_used_milli - t.pool_reserved_milli,
+            Ok(t) => (t.purchased_milli + current)
+                .saturating_sub(t.allocated_milli + t.pool_used_milli + t.pool_reserved_milli),
             Err(_) => 0,
         };
         match amount {
@@ -764,6 +815,13 @@ impl Harness {
     fn step(&mut self, step: &Step) -> Result<(), TestCaseError> {
         let (ms, sweep) = match step {
             Step::Advance { ms, sweep } => (ms, sweep),
+            Step::NextMonth { ms } => {
+                self.now = next_month_start(self.now) + ms;
+                self.model.next_period();
+                // What was committed before belongs to the month that ended.
+                self.committed_actual = 0;
+                return self.check_state();
+            }
             Step::Retry { pick, changed } => return self.retry(pick, *changed),
             _ => {
                 let command = command(self, step);
@@ -866,12 +924,15 @@ impl Harness {
             let t = self.ledger.tenant(&id, self.now).unwrap();
             prop_assert_eq!((t.allocated_milli, t.pool_used_milli), (allocated, pool_used), "tenant {} sums", id);
             let taken = t.allocated_milli + t.pool_used_milli + t.pool_reserved_milli;
+            let limit = (u128::from(t.purchased_milli) * u128::from(t.grace_percent) / 100) as Milli;
             prop_assert!(
-                taken <= t.purchased_milli,
-                "tenant {} allocated or drew {} of {}",
+                t.allocated_milli <= t.purchased_milli && taken <= limit,
+                "tenant {} allocated {} and drew {} of {} with {}% grace",
                 id,
+                t.allocated_milli,
                 taken,
-                t.purchased_milli
+                t.purchased_milli,
+                t.grace_percent
             );
         }
         Ok(())

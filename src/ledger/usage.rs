@@ -136,7 +136,9 @@ impl UsageBook {
     /// Counts a refused reservation at `now`. At most `max_agents` agents a day and a month are
     /// counted by name; the others are counted as [`OTHER_AGENT`].
     pub fn record_refusal(&mut self, now: u64, agent: &AgentId, max_agents: u64) {
-        self.prune(now);
+        // Only the refusal counts: refusals are not logged, so the logged rows must change only with
+        // logged events, or a restored ledger would differ.
+        self.prune_refused(now);
         let other = AgentId::new(OTHER_AGENT).expect("a valid id");
         for (counts, key) in
             [(&mut self.refused.daily, period::day_of(now)), (&mut self.refused.monthly, period::period_of(now))]
@@ -164,11 +166,14 @@ impl UsageBook {
 
     /// Drops the rows older than what is kept at `now`.
     fn prune(&mut self, now: u64) {
-        let current = period::period_of(now);
-        let first_day = period::first_day(&period::shift_period(&current, 1 - DAILY_RETENTION_MONTHS));
-        let first_month = period::shift_period(&current, 1 - MONTHLY_RETENTION_MONTHS);
+        let (first_day, first_month) = retained_from(now);
         drop_before(&mut self.daily, &first_day);
         drop_before(&mut self.monthly, &first_month);
+        self.prune_refused(now);
+    }
+
+    fn prune_refused(&mut self, now: u64) {
+        let (first_day, first_month) = retained_from(now);
         drop_before(&mut self.refused.daily, &first_day);
         drop_before(&mut self.refused.monthly, &first_month);
     }
@@ -201,6 +206,13 @@ impl UsageBook {
             }
         }
     }
+}
+
+/// The first day and the first month kept at `now`.
+fn retained_from(now: u64) -> (String, String) {
+    let current = period::period_of(now);
+    let first_day = period::first_day(&period::shift_period(&current, 1 - DAILY_RETENTION_MONTHS));
+    (first_day, period::shift_period(&current, 1 - MONTHLY_RETENTION_MONTHS))
 }
 
 fn drop_before<V>(rows: &mut BTreeMap<String, V>, first_kept: &str) {

@@ -119,6 +119,20 @@ pub enum Step {
         ms: u64,
         sweep: bool,
     },
+    /// Moves the clock to `ms` after the start of the next billing month (UTC).
+    NextMonth {
+        ms: u64,
+    },
+    /// Sets a tenant's overage grace, in percent.
+    SetGrace {
+        tenant: usize,
+        percent: u32,
+    },
+}
+
+/// The first instant of the UTC month after the one that contains `now`.
+pub fn next_month_start(now: u64) -> u64 {
+    quotad::ledger::period::period_at(now, "UTC").end_ms
 }
 
 pub fn budget() -> impl Strategy<Value = Milli> {
@@ -209,6 +223,9 @@ pub fn step(shape: Shape) -> impl Strategy<Value = Step> {
         3 => pick().prop_map(|pick| Step::Release { pick }),
         3 => (0..=80u64, prop_oneof![3 => Just(true), 1 => Just(false)])
             .prop_map(|(ms, sweep)| Step::Advance { ms, sweep }),
+        1 => (0..=80u64).prop_map(|ms| Step::NextMonth { ms }),
+        admin => (0..TENANTS.len(), prop_oneof![Just(100u32), 100..=200u32])
+            .prop_map(|(tenant, percent)| Step::SetGrace { tenant, percent }),
     ]
 }
 
@@ -252,7 +269,7 @@ pub trait Resolve {
     fn reserve_amount(&self, e: &EnvironmentId, amount: &Amount) -> Milli;
 }
 
-/// The command a step stands for. `Retry` and `Advance` are not commands of their own.
+/// The command a step stands for. `Retry`, `Advance` and `NextMonth` are not commands of their own.
 pub fn command(r: &impl Resolve, step: &Step) -> Command {
     let env = |i: usize| r.env(i);
     match step {
@@ -284,7 +301,10 @@ pub fn command(r: &impl Resolve, step: &Step) -> Command {
             Command::Commit { reservation, usage: Usage::Milli(actual_milli) }
         }
         Step::Release { pick } => Command::Release { reservation: r.reservation(pick) },
-        Step::Retry { .. } | Step::Advance { .. } => unreachable!("not a command of its own"),
+        Step::SetGrace { tenant: t, percent } => {
+            Command::SetTenantPolicy { tenant: tenant(*t), grace_percent: *percent, time_zone: "UTC".into() }
+        }
+        Step::Retry { .. } | Step::Advance { .. } | Step::NextMonth { .. } => unreachable!("not a command of its own"),
     }
 }
 
