@@ -1,7 +1,7 @@
 //! The per-environment and per-tenant books, and the arithmetic that moves capacity between
 //! "available", "held" and "used". Everything here is plain data under the caller's locks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -109,8 +109,12 @@ pub struct Hold {
     pub agent: AgentId,
     pub amount: Milli,
     pub draws: Draws,
+    /// When it was granted: the time of its `Reserved` event.
+    pub created_at_ms: u64,
     pub expires_at_ms: u64,
     pub idempotency_key: Option<IdempotencyKey>,
+    /// The rate card version its commit is charged at.
+    pub rate_card_version: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,7 +152,8 @@ pub struct Environment {
     pub held: Draws,
     pub overage: Milli,
     pub next_seq: u64,
-    pub open: HashMap<u64, Hold>,
+    /// By sequence number, so that they can be listed oldest first and paged through without sorting.
+    pub open: BTreeMap<u64, Hold>,
     pub resolved: HashMap<u64, Resolved>,
     /// (resolved at, seq), oldest first: resolved records are dropped from the front.
     pub resolved_order: VecDeque<(u64, u64)>,
@@ -170,7 +175,7 @@ impl Environment {
             held: Draws::default(),
             overage: 0,
             next_seq: 1,
-            open: HashMap::new(),
+            open: BTreeMap::new(),
             resolved: HashMap::new(),
             resolved_order: VecDeque::new(),
             idempotency: HashMap::new(),
@@ -285,6 +290,40 @@ impl Environment {
         self.charge(tenant, settlement.charged)?;
         self.overage = overage_after;
         Ok(())
+    }
+
+    /// The open holds of `agent` (of every agent if `None`) granted at or before `through_seq`, oldest
+    /// first: the holds a release-all covers.
+    pub fn open_holds_of<'a>(
+        &'a self,
+        agent: Option<&'a AgentId>,
+        through_seq: u64,
+    ) -> impl Iterator<Item = (u64, &'a Hold)> + 'a {
+        let of_agent = move |hold: &Hold| agent.is_none_or(|agent| hold.agent == *agent);
+        self.open.range(..=through_seq).filter(move |(_, hold)| of_agent(hold)).map(|(seq, hold)| (*seq, hold))
+    }
+
+    /// Releases the hold `seq` if it is open and remembers it as released; returns the amount it held.
+    /// The caller counts it off the server-wide open-hold count.
+    pub fn release_open(
+        &mut self,
+        tenant: Option<&mut Tenant>,
+        seq: u64,
+        now: u64,
+        retention_ms: u64,
+        max_resolved: usize,
+    ) -> Option<Milli> {
+        let hold = self.open.remove(&seq)?;
+        self.unhold(tenant, hold.draws);
+        let released = hold.amount;
+        self.remember(
+            seq,
+            Resolved { hold, resolution: Resolution::Released { released } },
+            now,
+            retention_ms,
+            max_resolved,
+        );
+        Some(released)
     }
 
     /// Records how a reservation resolved, then forgets the oldest records past `retention_ms` or

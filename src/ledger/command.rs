@@ -49,6 +49,12 @@ pub enum Command {
     Expire {
         reservation: ReservationId,
     },
+    /// Releases every open hold of a capacity environment, named exactly, or of one agent in it.
+    ReleaseAll {
+        environment: EnvironmentId,
+        /// `None` releases every agent's holds.
+        agent: Option<AgentId>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +67,15 @@ pub enum Outcome {
     Released(Settled<Milli>),
     /// The milli released, or `None` when the reservation had already resolved.
     Expired(Option<Milli>),
+    ReleasedAll(ReleaseSummary),
+}
+
+/// What a release-all released, with the balance after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseSummary {
+    pub count: u64,
+    pub released_milli: Milli,
+    pub balance: Balance,
 }
 
 /// A granted hold.

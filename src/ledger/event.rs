@@ -35,8 +35,11 @@ pub enum Event {
         agent: AgentId,
         amount_milli: Milli,
         draws: Draws,
+        /// The time of the grant, kept in the event so that replay restores it whatever its `now`.
+        created_at_ms: u64,
         expires_at_ms: u64,
         idempotency_key: Option<IdempotencyKey>,
+        rate_card_version: u32,
     },
     /// Also applies to a hold that expired before the commit (`settlement.late`).
     Committed {
@@ -49,6 +52,17 @@ pub enum Event {
     },
     Expired {
         reservation: ReservationId,
+    },
+    /// Releases every open hold of a capacity environment (of `agent` only, if set) granted at or before
+    /// `through_seq`, as a Release of each would. The holds are named by that rule, not one by one, so
+    /// the event stays a few bytes however many of an environment's million holds it covers; `count`
+    /// and `released_milli` let replay prove that it released the same holds.
+    ReleasedAll {
+        environment: EnvironmentId,
+        agent: Option<AgentId>,
+        through_seq: u64,
+        count: u64,
+        released_milli: Milli,
     },
 }
 

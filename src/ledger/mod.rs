@@ -14,6 +14,7 @@ mod command;
 mod error;
 mod event;
 mod expiry;
+mod holds;
 mod ids;
 pub mod period;
 pub mod pricing;
@@ -28,9 +29,10 @@ use dashmap::DashMap;
 use parking_lot::{Mutex, MutexGuard};
 
 pub use account::{Draws, Source};
-pub use command::{Command, Grant, Link, Outcome, Settled, Settlement, TenantCapacity};
+pub use command::{Command, Grant, Link, Outcome, ReleaseSummary, Settled, Settlement, TenantCapacity};
 pub use error::{LedgerError, OpenReservationScope};
 pub use event::{Discard, Event, EventSink};
+pub use holds::{HoldPage, MAX_HOLDS_SCANNED_PER_PAGE, OpenHold};
 pub use ids::{
     AgentId, EnvironmentId, IdError, IdempotencyKey, MAX_ID_BYTES, MAX_RESERVATION_ID_BYTES, ReservationId,
     ReservationIdError, TenantId,
@@ -237,8 +239,10 @@ impl Ledger {
                     agent: agent.clone(),
                     amount: *amount_milli,
                     draws: Draws::default(),
+                    created_at_ms: now,
                     expires_at_ms: *expires_at_ms,
                     idempotency_key: idempotency_key.clone(),
+                    rate_card_version: pricing::RATE_CARD_VERSION,
                 };
                 self.reserve(environment, &hold, now).map(Outcome::Reserved)
             }
@@ -247,6 +251,9 @@ impl Ledger {
             }
             Command::Release { reservation } => self.release(reservation, now).map(Outcome::Released),
             Command::Expire { reservation } => self.expire(reservation, now).map(Outcome::Expired),
+            Command::ReleaseAll { environment, agent } => {
+                self.release_all(environment, agent.as_ref(), now).map(Outcome::ReleasedAll)
+            }
         }
     }
 
@@ -504,8 +511,10 @@ impl Ledger {
             agent: request.agent.clone(),
             amount_milli: amount,
             draws,
+            created_at_ms: request.created_at_ms,
             expires_at_ms: request.expires_at_ms,
             idempotency_key: request.idempotency_key.clone(),
+            rate_card_version: request.rate_card_version,
         };
         self.record(&mut books, &event, now);
         Ok(Grant {
@@ -626,7 +635,16 @@ impl Ledger {
                 env.payg_enabled = *enabled;
                 env.payg_budget = *budget_milli;
             }
-            Event::Reserved { reservation, agent, amount_milli, draws, expires_at_ms, idempotency_key } => {
+            Event::Reserved {
+                reservation,
+                agent,
+                amount_milli,
+                draws,
+                created_at_ms,
+                expires_at_ms,
+                idempotency_key,
+                rate_card_version,
+            } => {
                 let seq = reservation.seq;
                 if seq < env.next_seq || env.open.contains_key(&seq) {
                     return Err(format!("reservation {reservation} is not new"));
@@ -640,8 +658,10 @@ impl Ledger {
                     agent: agent.clone(),
                     amount: *amount_milli,
                     draws: *draws,
+                    created_at_ms: *created_at_ms,
                     expires_at_ms: *expires_at_ms,
                     idempotency_key: idempotency_key.clone(),
+                    rate_card_version: *rate_card_version,
                 };
                 env.open.insert(seq, hold);
                 self.expiries.push(*expires_at_ms, reservation.clone());
@@ -661,11 +681,8 @@ impl Ledger {
                 }
             }
             Event::Released { reservation } => {
-                if let Some(hold) = env.open.remove(&reservation.seq) {
+                if env.release_open(tenant.as_deref_mut(), reservation.seq, now, retention, max_resolved).is_some() {
                     self.open_total.fetch_sub(1, Ordering::Relaxed);
-                    env.unhold(tenant.as_deref_mut(), hold.draws);
-                    let resolution = Resolution::Released { released: hold.amount };
-                    env.remember(reservation.seq, Resolved { hold, resolution }, now, retention, max_resolved);
                 } else {
                     let record = env.resolved.get_mut(&reservation.seq).filter(|r| r.resolution == Resolution::Expired);
                     let record =
@@ -687,6 +704,20 @@ impl Ledger {
                     retention,
                     max_resolved,
                 );
+            }
+            Event::ReleasedAll { agent, through_seq, count, released_milli, .. } => {
+                let (seqs, milli) = holds::released_by(env, agent.as_ref(), *through_seq);
+                if (seqs.len() as u64, milli) != (*count, *released_milli) {
+                    return Err(format!(
+                        "a release of {count} holds of {released_milli} milli finds {} holds of {milli} milli",
+                        seqs.len()
+                    ));
+                }
+                for seq in seqs {
+                    env.release_open(tenant.as_deref_mut(), seq, now, retention, max_resolved)
+                        .expect("selected among the open holds");
+                }
+                self.open_total.fetch_sub(*count, Ordering::Relaxed);
             }
             Event::Purchased { .. } | Event::Linked { .. } => {
                 unreachable!("tenant and link events do not apply to an environment's books")

@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{MILLI_PER_MESSAGE, Milli};
 
+/// The version of the rate card every hold is charged at. The rate card is not versioned yet; holds
+/// and their events already record it, so that versioning it changes no log or snapshot format.
+pub const RATE_CARD_VERSION: u32 = 1;
+
 /// `messages` per block of `per` units of a scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rate {

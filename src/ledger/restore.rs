@@ -136,7 +136,7 @@ impl Ledger {
                 };
                 self.replay_on(&cell, seq, now, event).map_err(fail)?;
             }
-            Event::PayAsYouGoSet { environment, .. } => {
+            Event::PayAsYouGoSet { environment, .. } | Event::ReleasedAll { environment, .. } => {
                 let cell = self.named_capacity_cell(environment).map_err(|e| fail(e.to_string()))?;
                 self.replay_on(&cell, seq, now, event).map_err(fail)?;
             }
