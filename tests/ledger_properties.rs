@@ -101,6 +101,11 @@ enum Seen {
         replayed: bool,
     },
     Expired(Option<Milli>),
+    ReleasedAll {
+        count: u64,
+        released: Milli,
+        balance: Balance,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +143,7 @@ fn seen(outcome: Outcome) -> Seen {
         Outcome::Released(s) => Seen::Released { released: s.result, balance: s.balance, replayed: s.replayed },
         Outcome::Expired(e) => Seen::Expired(e),
         Outcome::RateCard(card) => unreachable!("the steps set no rate card, yet got {card:?}"),
+        Outcome::ReleasedAll(s) => Seen::ReleasedAll { count: s.count, released: s.released_milli, balance: s.balance },
     }
 }
 
@@ -440,6 +446,7 @@ impl Model {
                 }
                 Ok(Seen::Expired(self.expire_if_due(reservation, now)))
             }
+            Command::ReleaseAll { environment, agent } => self.release_all(environment, agent.as_ref(), now),
             other => unreachable!("the steps make no {other:?}"),
         }
     }
@@ -678,6 +685,20 @@ impl Model {
         hold.state = HoldState::Released(released);
         Ok(Seen::Released { released, balance: self.balance_of(&r.environment, now), replayed })
     }
+
+    /// Releases every open hold of the environment (of `agent` only, if given) as a Release of each
+    /// would, holds past their expiry that no sweep has reached included.
+    fn release_all(&mut self, id: &EnvironmentId, agent: Option<&AgentId>, now: u64) -> Result<Seen, LedgerError> {
+        self.named(id)?;
+        let (mut count, mut released) = (0, 0);
+        let of_agent = |hold: &ModelHold| agent.is_none_or(|agent| hold.agent == *agent);
+        for hold in self.capacity_mut(id).holds.values_mut().filter(|h| h.state == HoldState::Open && of_agent(h)) {
+            hold.state = HoldState::Released(hold.amount);
+            count += 1;
+            released += hold.amount;
+        }
+        Ok(Seen::ReleasedAll { count, released, balance: self.balance_of(id, now) })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -895,6 +916,19 @@ impl Harness {
         for (id, e) in self.model.capacities() {
             let b = self.ledger.balance(id, self.now).unwrap();
             let open_holds: Milli = e.holds.values().filter(|h| h.state == HoldState::Open).map(|h| h.amount).sum();
+            let listed = self.ledger.open_holds(id, None, 0, 1_000).unwrap();
+            let listed: Vec<_> = listed
+                .holds
+                .iter()
+                .map(|h| (h.reservation.seq, h.agent.clone(), h.amount_milli, split_of(h.draws), h.expires_at_ms))
+                .collect();
+            let expected: Vec<_> = e
+                .holds
+                .iter()
+                .filter(|(_, h)| h.state == HoldState::Open)
+                .map(|(seq, h)| (*seq, h.agent.clone(), h.amount, h.draws, h.expires_at_ms))
+                .collect();
+            prop_assert_eq!(listed, expected, "the open holds {} lists, oldest first", id);
             prop_assert_eq!(b.reserved_milli, open_holds, "{} reserves the sum of its open holds", id);
             prop_assert!(b.allocation_used_milli <= b.allocated_milli, "{} used more than its allocation", id);
             charged += b.allocation_used_milli + b.tenant_pool_used_milli + b.payg_used_milli + b.overage_milli;

@@ -894,7 +894,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut bytes = Vec::new();
         encode_file_header(SEGMENT_MAGIC, 1, &mut bytes);
-        for version in [1, FORMAT_VERSION + 1] {
+        for version in [FORMAT_VERSION - 1, FORMAT_VERSION + 1] {
             bytes[8..12].copy_from_slice(&version.to_le_bytes());
             let crc = crc32c::crc32c(&bytes[..20]);
             bytes[20..24].copy_from_slice(&crc.to_le_bytes());
@@ -1035,7 +1035,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write_snapshot(dir.path(), 7, &[b"one".to_vec()]);
         let pristine = fs::read(&path).unwrap();
-        for version in [1, FORMAT_VERSION + 1] {
+        for version in [FORMAT_VERSION - 1, FORMAT_VERSION + 1] {
             let mut bytes = pristine.clone();
             bytes[8..12].copy_from_slice(&version.to_le_bytes());
             let crc = crc32c::crc32c(&bytes[..20]);

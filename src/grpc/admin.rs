@@ -191,7 +191,7 @@ impl QuotaAdmin for AdminService {
         reports::set_rate_card(&self.context, request.into_inner()).await.map(Response::new)
     }
 
-    #[instrument(level = "debug", name = "ListReservations", skip_all)]
+    #[instrument(level = "debug", name = "ListReservations", skip_all, fields(environment = ?request.get_ref().environment_id, agent = ?request.get_ref().agent_id))]
     async fn list_reservations(
         &self,
         request: Request<proto::ListReservationsRequest>,

@@ -208,6 +208,8 @@ pub struct Hold {
     pub agent: AgentId,
     pub amount: Milli,
     pub draws: Draws,
+    /// When it was granted: the time of its `Reserved` event.
+    pub created_at_ms: u64,
     pub expires_at_ms: u64,
     pub idempotency_key: Option<IdempotencyKey>,
     /// The rate card version in force when the hold was made; its commit is priced with it.
@@ -249,7 +251,8 @@ pub struct Environment {
     pub held: Draws,
     pub overage: Milli,
     pub next_seq: u64,
-    pub open: HashMap<u64, Hold>,
+    /// By sequence number, so that they can be listed oldest first and paged through without sorting.
+    pub open: BTreeMap<u64, Hold>,
     pub resolved: HashMap<u64, Resolved>,
     /// (resolved at, seq), oldest first: resolved records are dropped from the front.
     pub resolved_order: VecDeque<(u64, u64)>,
@@ -284,7 +287,7 @@ impl Environment {
             held: Draws::default(),
             overage: 0,
             next_seq: 1,
-            open: HashMap::new(),
+            open: BTreeMap::new(),
             resolved: HashMap::new(),
             resolved_order: VecDeque::new(),
             idempotency: HashMap::new(),
@@ -452,6 +455,42 @@ impl Environment {
         self.charge(tenant, settlement.charged)?;
         self.overage = overage_after;
         Ok(())
+    }
+
+    /// The open holds of `agent` (of every agent if `None`) granted at or before `through_seq`, oldest
+    /// first: the holds a release-all covers.
+    pub fn open_holds_of<'a>(
+        &'a self,
+        agent: Option<&'a AgentId>,
+        through_seq: u64,
+    ) -> impl Iterator<Item = (u64, &'a Hold)> + 'a {
+        let of_agent = move |hold: &Hold| agent.is_none_or(|agent| hold.agent == *agent);
+        self.open.range(..=through_seq).filter(move |(_, hold)| of_agent(hold)).map(|(seq, hold)| (*seq, hold))
+    }
+
+    /// Releases the hold `seq` if it is open and remembers it as released; returns the amount it held.
+    /// The caller counts it off the server-wide open-hold count.
+    pub fn release_open(
+        &mut self,
+        tenant: Option<&mut Tenant>,
+        seq: u64,
+        now: u64,
+        retention_ms: u64,
+        max_resolved: usize,
+    ) -> Option<Milli> {
+        let hold = self.open.remove(&seq)?;
+        self.unhold(tenant, hold.draws);
+        // Using nothing, it never makes an agent's books: the bound on them does not apply.
+        self.agent_resolved(&hold.agent, hold.amount, 0, usize::MAX);
+        let released = hold.amount;
+        self.remember(
+            seq,
+            Resolved { hold, resolution: Resolution::Released { released } },
+            now,
+            retention_ms,
+            max_resolved,
+        );
+        Some(released)
     }
 
     /// Records how a reservation resolved, then forgets the oldest records past `retention_ms` or

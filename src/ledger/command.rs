@@ -96,6 +96,12 @@ pub enum Command {
         card: RateCard,
         effective_at_ms: u64,
     },
+    /// Releases every open hold of a capacity environment, named exactly, or of one agent in it.
+    ReleaseAll {
+        environment: EnvironmentId,
+        /// `None` releases every agent's holds.
+        agent: Option<AgentId>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +116,15 @@ pub enum Outcome {
     /// The milli released, or `None` when the reservation had already resolved.
     Expired(Option<Milli>),
     RateCard(RateCardVersion),
+    ReleasedAll(ReleaseSummary),
+}
+
+/// What a release-all released, with the balance after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseSummary {
+    pub count: u64,
+    pub released_milli: Milli,
+    pub balance: Balance,
 }
 
 /// A granted hold.

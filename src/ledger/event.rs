@@ -53,6 +53,8 @@ pub enum Event {
         agent: AgentId,
         amount_milli: Milli,
         draws: Draws,
+        /// The time of the grant, kept in the event so that replay restores it whatever its `now`.
+        created_at_ms: u64,
         expires_at_ms: u64,
         idempotency_key: Option<IdempotencyKey>,
         /// The rate card version in force when the hold was made.
@@ -80,6 +82,17 @@ pub enum Event {
     },
     RateCardSet {
         rate_card: RateCardVersion,
+    },
+    /// Releases every open hold of a capacity environment (of `agent` only, if set) granted at or before
+    /// `through_seq`, as a Release of each would. The holds are named by that rule, not one by one, so
+    /// the event stays a few bytes however many of an environment's million holds it covers; `count`
+    /// and `released_milli` let replay prove that it released the same holds.
+    ReleasedAll {
+        environment: EnvironmentId,
+        agent: Option<AgentId>,
+        through_seq: u64,
+        count: u64,
+        released_milli: Milli,
     },
 }
 

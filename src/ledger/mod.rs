@@ -17,6 +17,7 @@ mod command;
 mod error;
 mod event;
 mod expiry;
+mod holds;
 mod ids;
 pub mod period;
 pub mod pricing;
@@ -36,10 +37,12 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 
 pub use account::{AgentLimit, Draws, Source};
 pub use command::{
-    AgentLimitView, Command, Grant, Link, Outcome, Settled, Settlement, TenantCapacity, Usage, UsageItem,
+    AgentLimitView, Command, Grant, Link, Outcome, ReleaseSummary, Settled, Settlement, TenantCapacity, Usage,
+    UsageItem,
 };
 pub use error::{LedgerError, OpenReservationScope};
 pub use event::{Discard, Event, EventSink};
+pub use holds::{HoldPage, MAX_HOLDS_SCANNED_PER_PAGE, OpenHold};
 pub use ids::{
     AgentId, EnvironmentId, IdError, IdempotencyKey, MAX_ID_BYTES, MAX_RESERVATION_ID_BYTES, ReservationId,
     ReservationIdError, TenantId,
@@ -333,6 +336,9 @@ impl Ledger {
             Command::Expire { reservation } => self.expire(reservation, now).map(Outcome::Expired),
             Command::SetRateCard { card, effective_at_ms } => {
                 self.set_rate_card(card, *effective_at_ms, now).map(Outcome::RateCard)
+            }
+            Command::ReleaseAll { environment, agent } => {
+                self.release_all(environment, agent.as_ref(), now).map(Outcome::ReleasedAll)
             }
         }
     }
@@ -812,6 +818,7 @@ impl Ledger {
             agent: request.agent.clone(),
             amount_milli: amount,
             draws,
+            created_at_ms: now,
             expires_at_ms: *request.expires_at_ms,
             idempotency_key: request.idempotency_key.cloned(),
             rate_card_version,
@@ -1004,6 +1011,7 @@ impl Ledger {
                 agent,
                 amount_milli,
                 draws,
+                created_at_ms,
                 expires_at_ms,
                 idempotency_key,
                 rate_card_version,
@@ -1023,6 +1031,7 @@ impl Ledger {
                     agent: agent.clone(),
                     amount: *amount_milli,
                     draws: *draws,
+                    created_at_ms: *created_at_ms,
                     expires_at_ms: *expires_at_ms,
                     idempotency_key: idempotency_key.clone(),
                     rate_card_version: *rate_card_version,
@@ -1066,12 +1075,8 @@ impl Ledger {
                 count_usage_keys(cell, tenant, new_keys, now);
             }
             Event::Released { reservation } => {
-                if let Some(hold) = env.open.remove(&reservation.seq) {
+                if env.release_open(tenant.as_deref_mut(), reservation.seq, now, retention, max_resolved).is_some() {
                     self.open_total.fetch_sub(1, Ordering::Relaxed);
-                    env.unhold(tenant.as_deref_mut(), hold.draws);
-                    env.agent_resolved(&hold.agent, hold.amount, 0, max_agents);
-                    let resolution = Resolution::Released { released: hold.amount };
-                    env.remember(reservation.seq, Resolved { hold, resolution }, now, retention, max_resolved);
                 } else {
                     let record = env.resolved.get_mut(&reservation.seq).filter(|r| r.resolution == Resolution::Expired);
                     let record =
@@ -1094,6 +1099,20 @@ impl Ledger {
                     retention,
                     max_resolved,
                 );
+            }
+            Event::ReleasedAll { agent, through_seq, count, released_milli, .. } => {
+                let (seqs, milli) = holds::released_by(env, agent.as_ref(), *through_seq);
+                if (seqs.len() as u64, milli) != (*count, *released_milli) {
+                    return Err(format!(
+                        "a release of {count} holds of {released_milli} milli finds {} holds of {milli} milli",
+                        seqs.len()
+                    ));
+                }
+                for seq in seqs {
+                    env.release_open(tenant.as_deref_mut(), seq, now, retention, max_resolved)
+                        .expect("selected among the open holds");
+                }
+                self.open_total.fetch_sub(*count, Ordering::Relaxed);
             }
             Event::Purchased { .. }
             | Event::TenantPolicySet { .. }

@@ -203,7 +203,8 @@ impl Ledger {
             }
             Event::PayAsYouGoSet { environment, .. }
             | Event::EnvironmentAlertsSet { environment, .. }
-            | Event::AgentLimitSet { environment, .. } => {
+            | Event::AgentLimitSet { environment, .. }
+            | Event::ReleasedAll { environment, .. } => {
                 let cell = self.named_capacity_cell(environment).map_err(|e| fail(e.to_string()))?;
                 self.replay_on(&cell, seq, now, event).map_err(fail)?;
             }

@@ -114,6 +114,11 @@ pub enum Step {
     Release {
         pick: Pick,
     },
+    /// Releases every open hold of an environment, or of one agent in it.
+    ReleaseAll {
+        env: usize,
+        agent: Option<usize>,
+    },
     /// Advances the clock; with `sweep`, expires what is due as the server's sweeper would.
     Advance {
         ms: u64,
@@ -221,6 +226,7 @@ pub fn step(shape: Shape) -> impl Strategy<Value = Step> {
         2 => (any::<Index>(), any::<bool>()).prop_map(|(pick, changed)| Step::Retry { pick, changed }),
         5 => (pick(), actual()).prop_map(|(pick, actual)| Step::Commit { pick, actual }),
         3 => pick().prop_map(|pick| Step::Release { pick }),
+        admin => (0..envs, proptest::option::of(0..3usize)).prop_map(|(env, agent)| Step::ReleaseAll { env, agent }),
         3 => (0..=80u64, prop_oneof![3 => Just(true), 1 => Just(false)])
             .prop_map(|(ms, sweep)| Step::Advance { ms, sweep }),
         1 => (0..=80u64).prop_map(|ms| Step::NextMonth { ms }),
@@ -301,6 +307,7 @@ pub fn command(r: &impl Resolve, step: &Step) -> Command {
             Command::Commit { reservation, usage: Usage::Milli(actual_milli) }
         }
         Step::Release { pick } => Command::Release { reservation: r.reservation(pick) },
+        Step::ReleaseAll { env: e, agent: g } => Command::ReleaseAll { environment: env(*e), agent: g.map(agent) },
         Step::SetGrace { tenant: t, percent } => {
             Command::SetTenantPolicy { tenant: tenant(*t), grace_percent: *percent, time_zone: "UTC".into() }
         }
