@@ -145,9 +145,10 @@ impl Ledger {
         let mut fired: Vec<(AlertKind, Option<AgentId>, u32, Milli, Milli, String)> = Vec::new();
         let environment = books.cell.id.clone();
 
-        let balance = books.balance();
-        let level = balance.state;
+        // On the hot path: the level alone, without building a balance, unless it changed.
+        let level = super::balance_state(books.available().saturating_total(), &books.env);
         if level != books.env.alert_level {
+            let balance = books.balance();
             // The alert names the new level: LOW also when a depleted environment gets some capacity back.
             let kind = level_kind(level);
             books.env.alert_level = level;
