@@ -19,7 +19,18 @@ fn main() -> ExitCode {
     if args.peek().is_some_and(|first| first == "admin") {
         return quotad::admin_cli::main(args.skip(1));
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `--help` and `--version` print and succeed; anything else is a usage error, like a bad value.
+        Err(error) if !error.use_stderr() => {
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     init_tracing(cli.log_format);
     let config = match Config::load(cli) {
         Ok(config) => config,

@@ -291,6 +291,23 @@ async fn an_invalid_config_file_exits_64_naming_the_key() {
 }
 
 #[tokio::test]
+async fn a_bad_flag_exits_64_and_help_exits_0() {
+    // Proves that an unknown flag and a value the flag parser refuses are usage errors (64), like a bad
+    // config value, and that --help prints to stdout and succeeds.
+    for args in [&["--no-such-flag"][..], &["--listen", "not-an-address"], &["--durability", "sometimes"]] {
+        let output = bounded("quotad with a bad flag", quotad_command().args(args).output()).await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains("error:"), "{args:?}: {stderr}");
+    }
+    let mut help = quotad_command();
+    help.arg("--help").stdout(std::process::Stdio::piped());
+    let output = bounded("quotad --help", help.output()).await.unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("--durability"));
+}
+
+#[tokio::test]
 async fn state_is_served_until_shutdown_and_the_run_result_is_ok() {
     // Proves the in-process shutdown path used by every other test: calls succeed while running and
     // `run` returns Ok once the shutdown future resolves.
