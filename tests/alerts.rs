@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use common::*;
 use quotad::{
     clock::ManualClock,
-    config::{Config, Settings},
-    durability::{journal::Durability, store::StorageConfig},
+    durability::journal::Durability,
     proto::{
         Alert, AlertKind, CheckAndReserveRequest, ListAlertsRequest, SetAgentLimitRequest, SetEnvironmentAlertsRequest,
         SetTenantPolicyRequest, WatchAlertsRequest, quota_admin_client::QuotaAdminClient,
@@ -249,19 +248,6 @@ async fn a_watcher_that_never_reads_neither_blocks_reservations_nor_queues_witho
     }
 }
 
-fn config_on(dir: &Path) -> Config {
-    let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
-    config.storage = Some(StorageConfig {
-        dir: dir.to_owned(),
-        durability: Durability::Write,
-        fsync_interval: Duration::from_millis(10),
-        snapshot_interval: Duration::from_secs(3600),
-        recover_from_older_snapshot: false,
-        max_segment_bytes: 64 * 1024 * 1024,
-    });
-    config
-}
-
 #[tokio::test]
 async fn alerts_are_neither_repeated_nor_lost_across_restarts() {
     // Proves: the recent-alerts log and the levels already alerted survive a restart from the log and
@@ -269,14 +255,14 @@ async fn alerts_are_neither_repeated_nor_lost_across_restarts() {
     // new crossing after it does.
     let dir = tempfile::Builder::new().prefix("alerts-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let clock = Arc::new(ManualClock::new(START_MS));
-    let server = spawn_server_with_config(config_on(dir.path()), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(dir.path(), Durability::Write), clock.clone()).await;
     server.bootstrap("acme", "acme-prod", 100).await;
     server.reserve("acme-prod", 85).await;
     let before = alerts(&server, "acme").await;
     assert_eq!(before.len(), 1);
     server.shutdown().await.unwrap();
 
-    let server = spawn_server_with_config(config_on(dir.path()), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(dir.path(), Durability::Write), clock.clone()).await;
     assert_eq!(alerts(&server, "acme").await, before, "the log survives");
     server.reserve("acme-prod", 5).await;
     assert_eq!(alerts(&server, "acme").await, before, "still low: nothing new");
@@ -285,7 +271,7 @@ async fn alerts_are_neither_repeated_nor_lost_across_restarts() {
     assert_eq!(after.last().map(Alert::kind), Some(AlertKind::EnvironmentDepleted));
     server.shutdown().await.unwrap();
 
-    let server = spawn_server_with_config(config_on(dir.path()), clock).await;
+    let server = spawn_server_with_config(config_on(dir.path(), Durability::Write), clock).await;
     assert_eq!(alerts(&server, "acme").await, after);
     server.shutdown().await.unwrap();
 }

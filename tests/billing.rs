@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use common::*;
 use quotad::{
     clock::ManualClock,
-    config::{Config, Settings},
-    durability::{journal::Durability, store::StorageConfig},
+    durability::journal::Durability,
     proto::{
         AgentLimit, CheckAndReserveRequest, ListAgentLimitsRequest, SetAgentLimitRequest, SetTenantPolicyRequest,
         TenantCapacity,
@@ -256,19 +255,6 @@ async fn agent_limit_requests_are_validated() {
     error_info(&status, "NOT_A_CAPACITY_ENVIRONMENT");
 }
 
-fn config_on(dir: &Path) -> Config {
-    let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
-    config.storage = Some(StorageConfig {
-        dir: dir.to_owned(),
-        durability: Durability::Write,
-        fsync_interval: Duration::from_millis(10),
-        snapshot_interval: Duration::from_secs(3600),
-        recover_from_older_snapshot: false,
-        max_segment_bytes: 64 * 1024 * 1024,
-    });
-    config
-}
-
 #[tokio::test]
 async fn policies_limits_and_periods_survive_a_restart() {
     // Proves: a tenant's grace and time zone, agent limits and the agents' use, and the current period
@@ -276,7 +262,7 @@ async fn policies_limits_and_periods_survive_a_restart() {
     // boundary still starts a new period.
     let dir = tempfile::Builder::new().prefix("billing-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let clock = Arc::new(ManualClock::new(START_MS));
-    let server = spawn_server_with_config(config_on(dir.path()), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(dir.path(), Durability::Write), clock.clone()).await;
     server.bootstrap("acme", "acme-prod", 1_000).await;
     set_policy(&server, "acme", 150, "Europe/Paris").await.unwrap();
     set_limit(&server, limit_request("acme-prod", "bot", 300, true)).await.unwrap();
@@ -288,7 +274,7 @@ async fn policies_limits_and_periods_survive_a_restart() {
     server.shutdown().await.unwrap();
 
     for restart in ["from the shutdown snapshot", "again"] {
-        let server = spawn_server_with_config(config_on(dir.path()), clock.clone()).await;
+        let server = spawn_server_with_config(config_on(dir.path(), Durability::Write), clock.clone()).await;
         assert_eq!(server.tenant("acme").await, tenant, "{restart}");
         assert_eq!(agent_limits(&server, "acme-prod").await, limits, "{restart}");
         assert_eq!(server.balance("acme-prod").await, balance, "{restart}");
@@ -299,7 +285,7 @@ async fn policies_limits_and_periods_survive_a_restart() {
     }
 
     clock.set_ms(PARIS_JANUARY_MS);
-    let server = spawn_server_with_config(config_on(dir.path()), clock).await;
+    let server = spawn_server_with_config(config_on(dir.path(), Durability::Write), clock).await;
     let january = server.balance("acme-prod").await;
     assert_eq!((january.period.as_str(), january.allocation_used_milli), ("2027-01", 0));
     server.try_reserve(reserve_for("acme-prod", "bot", 250)).await.expect("the agent's use started again");

@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
+use std::{collections::HashSet, path::Path, sync::Arc};
 
 use common::*;
 use quotad::{
     clock::ManualClock,
-    config::{Config, Settings},
-    durability::{journal::Durability, store::StorageConfig},
+    durability::journal::Durability,
     proto::{
         CheckAndReserveRequest, ListReservationsRequest, ListReservationsResponse, ReleaseAllRequest,
         ReleaseAllResponse, Reservation, Source,
@@ -246,19 +245,6 @@ async fn releasing_everything_resolves_each_hold_as_a_release_and_repeats_as_not
     assert_eq!(server.balance("acme-prod").await, after);
 }
 
-fn config_on(dir: &Path) -> Config {
-    let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
-    config.storage = Some(StorageConfig {
-        dir: dir.to_owned(),
-        durability: Durability::Write,
-        fsync_interval: Duration::from_millis(10),
-        snapshot_interval: Duration::from_secs(3600),
-        recover_from_older_snapshot: false,
-        max_segment_bytes: 64 * 1024 * 1024,
-    });
-    config
-}
-
 /// Removes the newest snapshot, so that the next start restores the one before it and replays the log
 /// written since.
 fn remove_newest_snapshot(dir: &Path) {
@@ -278,7 +264,7 @@ async fn holds_and_a_release_all_survive_a_restart_from_the_snapshot_and_the_log
     // reservations, and that a replayed ReleaseAll releases exactly the holds it released live.
     let dir = tempfile::Builder::new().prefix("holds-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
     let clock = Arc::new(ManualClock::new(START_MS));
-    let server = spawn_server_with_config(config_on(&dir), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(&dir, Durability::Write), clock.clone()).await;
     server.bootstrap("acme", "acme-prod", 1_000).await;
     server.reserve_for("acme-prod", AGENT, 3, 600).await;
     clock.advance_ms(1_000);
@@ -287,7 +273,7 @@ async fn holds_and_a_release_all_survive_a_restart_from_the_snapshot_and_the_log
     server.shutdown().await.unwrap();
 
     // Restored from the shutdown snapshot; what follows is logged after it.
-    let server = spawn_server_with_config(config_on(&dir), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(&dir, Durability::Write), clock.clone()).await;
     assert_eq!(server.list("acme-prod", "").await, in_snapshot);
     clock.advance_ms(1_000);
     let logged = server.reserve_for("acme-prod", AGENT, 5, 300).await;
@@ -300,7 +286,7 @@ async fn holds_and_a_release_all_survive_a_restart_from_the_snapshot_and_the_log
     server.shutdown().await.unwrap();
 
     remove_newest_snapshot(&dir);
-    let server = spawn_server_with_config(config_on(&dir), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(&dir, Durability::Write), clock.clone()).await;
     let replayed = server.list("acme-prod", "").await;
     assert_eq!(replayed, open_after, "the same holds, with the same times");
     assert_eq!(replayed[1].created_at_unix_ms, START_MS + 2_000, "a replayed hold keeps its creation time");

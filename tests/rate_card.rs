@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use common::*;
 use quotad::{
     clock::ManualClock,
-    config::{Config, Settings},
-    durability::{journal::Durability, store::StorageConfig},
+    config::Settings,
+    durability::journal::Durability,
     proto::{CommitRequest, GetRateCardRequest, RateCard, ScenarioRate, SetRateCardRequest},
 };
 use tonic::{Code, Status};
@@ -145,25 +145,12 @@ async fn the_number_of_versions_is_bounded() {
     assert_eq!(try_get(&server, 0).await.unwrap().version, 3);
 }
 
-fn config_on(dir: &Path) -> Config {
-    let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
-    config.storage = Some(StorageConfig {
-        dir: dir.to_owned(),
-        durability: Durability::Write,
-        fsync_interval: Duration::from_millis(10),
-        snapshot_interval: Duration::from_secs(3600),
-        recover_from_older_snapshot: false,
-        max_segment_bytes: 64 * 1024 * 1024,
-    });
-    config
-}
-
 #[tokio::test]
 async fn versions_and_the_versions_of_holds_survive_a_restart() {
     // Proves that added versions, and the version each open hold was priced at, are restored.
     let dir = tempfile::Builder::new().prefix("rate-card-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
     let clock = Arc::new(ManualClock::new(START_MS));
-    let server = spawn_server_with_config(config_on(&dir), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(&dir, Durability::Write), clock.clone()).await;
     server.bootstrap("acme", "env", 1_000).await;
     let mut request = reserve_usage_request("env", &[("classic_answer", 1)]);
     request.ttl_seconds = 3_600;
@@ -172,7 +159,7 @@ async fn versions_and_the_versions_of_holds_survive_a_restart() {
     server.shutdown().await.unwrap();
 
     clock.advance_ms(10);
-    let server = spawn_server_with_config(config_on(&dir), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(&dir, Durability::Write), clock.clone()).await;
     assert_eq!(try_get(&server, 2).await.unwrap(), added);
     assert_eq!(try_get(&server, 0).await.unwrap(), added);
     assert_eq!(commit_usage(&server, &hold.reservation_id, &[("classic_answer", 2)]).await, 2_000);

@@ -4,27 +4,14 @@
 
 mod common;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use common::*;
 use quotad::{
     clock::ManualClock,
     config::{Config, Settings},
-    durability::{journal::Durability, store::StorageConfig},
+    durability::journal::Durability,
 };
-
-fn config_on(dir: &Path, durability: Durability) -> Config {
-    let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
-    config.storage = Some(StorageConfig {
-        dir: dir.to_owned(),
-        durability,
-        fsync_interval: Duration::from_millis(10),
-        snapshot_interval: Duration::from_secs(3600),
-        recover_from_older_snapshot: false,
-        max_segment_bytes: 64 * 1024 * 1024,
-    });
-    config
-}
 
 fn data_dir() -> std::path::PathBuf {
     tempfile::Builder::new().prefix("recovery-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep()

@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use common::*;
 use quotad::{
     clock::ManualClock,
-    config::{Config, Settings},
-    durability::{journal::Durability, store::StorageConfig},
+    durability::journal::Durability,
     proto::{CommitRequest, GetUsageRequest, GetUsageResponse, GroupBy, Source, UsageRow},
 };
 use tonic::{Code, Status};
@@ -306,26 +305,13 @@ async fn bad_requests_name_the_field() {
     assert!(try_usage(&server, usage_request("acme", &all)).await.is_ok(), "each dimension once is fine");
 }
 
-fn config_on(dir: &Path) -> Config {
-    let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
-    config.storage = Some(StorageConfig {
-        dir: dir.to_owned(),
-        durability: Durability::Write,
-        fsync_interval: Duration::from_millis(10),
-        snapshot_interval: Duration::from_secs(3600),
-        recover_from_older_snapshot: false,
-        max_segment_bytes: 64 * 1024 * 1024,
-    });
-    config
-}
-
 #[tokio::test]
 async fn a_restart_reproduces_the_same_report_but_refusals_from_zero() {
     // Proves that the roll-ups are rebuilt exactly from the snapshot and the log, over two days, and that
     // refused counts (not logged) start again from zero, as documented.
     let dir = tempfile::Builder::new().prefix("usage-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
     let clock = Arc::new(ManualClock::new(START_MS));
-    let server = spawn_server_with_config(config_on(&dir), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(&dir, Durability::Write), clock.clone()).await;
     server.bootstrap("acme", "env", 1_000).await;
     let reservation = server.try_reserve(reserve_usage_request("env", &[("agent_action", 2)])).await.unwrap();
     let items = usage_items(&[("agent_action", 1), ("ai_tools_basic", 3)]);
@@ -340,7 +326,7 @@ async fn a_restart_reproduces_the_same_report_but_refusals_from_zero() {
     assert_eq!(before.iter().map(|r| r.reservations_refused).sum::<u64>(), 1);
     server.shutdown().await.unwrap();
 
-    let server = spawn_server_with_config(config_on(&dir), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(&dir, Durability::Write), clock.clone()).await;
     let after = usage(&server, "acme", &all).await;
     let logged = |rows: &[UsageRow]| {
         rows.iter()
@@ -358,7 +344,7 @@ async fn a_restart_reproduces_the_same_report_but_refusals_from_zero() {
     server.commit(&reservation.reservation_id, 1).await;
     let before = usage(&server, "acme", &all).await;
     server.shutdown().await.unwrap();
-    let server = spawn_server_with_config(config_on(&dir), clock.clone()).await;
+    let server = spawn_server_with_config(config_on(&dir, Durability::Write), clock.clone()).await;
     assert_eq!(logged(&usage(&server, "acme", &all).await), logged(&before));
     server.shutdown().await.unwrap();
 }

@@ -10,6 +10,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use quotad::{
     clock::ManualClock,
     config::{Config, Settings},
+    durability::{journal::Durability, store::StorageConfig},
     ledger::MILLI_PER_MESSAGE,
     proto::{
         AllocateCapacityRequest, Balance, CheckAndReserveRequest, CheckAndReserveResponse, CommitRequest,
@@ -104,6 +105,20 @@ pub fn quotad_binary() -> tokio::process::Command {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     command
+}
+
+/// A config that keeps its state in `dir` in `durability` mode, snapshots only at shutdown.
+pub fn config_on(dir: &std::path::Path, durability: Durability) -> Config {
+    let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
+    config.storage = Some(StorageConfig {
+        dir: dir.to_owned(),
+        durability,
+        fsync_interval: Duration::from_millis(10),
+        snapshot_interval: Duration::from_secs(3600),
+        recover_from_older_snapshot: false,
+        max_segment_bytes: 64 * 1024 * 1024,
+    });
+    config
 }
 
 /// A new HTTP/2 connection to `addr`.
