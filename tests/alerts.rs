@@ -137,6 +137,43 @@ async fn agents_budgets_and_tenants_alert_at_their_thresholds() {
 }
 
 #[tokio::test]
+async fn agent_and_budget_thresholds_alert_again_in_the_next_period() {
+    // Proves: a new billing period re-arms agent and budget alerts with the use they measure, so an
+    // agent over its limit, or a budget past a threshold, in two months in a row alerts in both.
+    let server = spawn_server().await;
+    server.purchase("acme", 1).await;
+    server.allocate("acme", "acme-payg", 0, false).await;
+    server.set_payg("acme-payg", true, 100).await;
+    let limit = SetAgentLimitRequest {
+        environment_id: "acme-payg".into(),
+        agent_id: "bot".into(),
+        monthly_limit_messages: 50,
+        ..Default::default()
+    };
+    server.admin.clone().set_agent_limit(limit).await.unwrap();
+    for (agent, messages) in [("bot", 60), ("other", 30)] {
+        let held = server.try_reserve(hold("acme-payg", agent, messages)).await.unwrap();
+        server.commit(&held.reservation_id, messages).await;
+    }
+    // Held just before the month ends and committed in the next: the first event of December is the
+    // commit that crosses the thresholds again.
+    server.clock.set_ms(NEXT_PERIOD_MS - 60_000);
+    let mut grants = Vec::new();
+    for (agent, messages) in [("bot", 60), ("other", 30)] {
+        // A small hold; the commit takes the rest from what December has available.
+        grants.push((server.try_reserve(hold("acme-payg", agent, 1)).await.unwrap().reservation_id, messages));
+    }
+    server.clock.set_ms(NEXT_PERIOD_MS);
+    for (reservation, messages) in grants {
+        server.commit(&reservation, messages).await;
+    }
+    let log = alerts(&server, "acme").await;
+    let of = |kind: AlertKind| log.iter().filter(|a| a.kind() == kind).map(|a| a.threshold_percent).collect::<Vec<_>>();
+    assert_eq!(of(AlertKind::AgentOverLimit), [100, 100], "{log:#?}");
+    assert_eq!(of(AlertKind::BudgetThreshold), [80, 80], "90 of 100 in each month: {log:#?}");
+}
+
+#[tokio::test]
 async fn a_lower_low_threshold_is_configurable_and_validated() {
     // Proves: SetEnvironmentAlerts moves the LOW threshold (and budget thresholds); bad values are
     // INVALID_ARGUMENT naming the field and change nothing.

@@ -126,6 +126,28 @@ async fn a_tenant_time_zone_moves_its_period_boundaries() {
 }
 
 #[tokio::test]
+async fn a_time_zone_further_west_extends_the_month_instead_of_starting_it_again() {
+    // Proves: when a tenant moves to a zone behind UTC, midnight UTC on the first does not start the
+    // same month over (which would give it its capacity twice); the next month starts at midnight in
+    // the new zone.
+    let server = spawn_server().await;
+    server.bootstrap("acme", "acme-prod", 100).await;
+    let all = server.reserve("acme-prod", 100).await;
+    server.commit(&all.reservation_id, 100).await;
+    set_policy(&server, "acme", 0, "Pacific/Honolulu").await.unwrap();
+
+    server.clock.set_ms(NEXT_PERIOD_MS);
+    let still_november = server.balance("acme-prod").await;
+    assert_eq!((still_november.period.as_str(), still_november.allocation_used_milli), ("2026-11", milli(100)));
+    expect_depleted(server.try_reserve(reserve_request("acme-prod", 1)).await, "acme-prod", milli(1), 0);
+    // Midnight in Honolulu (UTC-10).
+    server.clock.set_ms(NEXT_PERIOD_MS + 10 * 3_600_000);
+    let december = server.balance("acme-prod").await;
+    assert_eq!((december.period.as_str(), december.allocation_used_milli), ("2026-12", 0));
+    assert_eq!(server.tenant("acme").await.period, "2026-12");
+}
+
+#[tokio::test]
 async fn overage_grace_lets_the_pool_run_past_the_purchase_then_refuses() {
     // Proves: with 125% grace, environments drawing on the pool go on until allocations plus pool use
     // reach 125% of the purchase, what is drawn past 100% is reported as grace use, and then requests

@@ -165,7 +165,13 @@ impl Tenant {
         if now < self.period.end_ms {
             return false;
         }
-        self.period = period::period_at(now, &self.time_zone);
+        let next = period::period_at(now, &self.time_zone);
+        if next.month_index <= self.period.month_index {
+            // A time zone further west took effect: the same month goes on until it ends there.
+            self.period.end_ms = next.end_ms;
+            return false;
+        }
+        self.period = next;
         self.pool_used = 0;
         super::alerts::rearm_tenant(self);
         true
@@ -309,11 +315,19 @@ impl Environment {
         if now < self.period.end_ms {
             return false;
         }
+        if tenant.period.month_index <= self.period.month_index {
+            // The tenant's month was extended (a time zone further west), not replaced.
+            self.period = tenant.period;
+            return false;
+        }
         self.period = tenant.period;
         self.used = Draws::default();
         self.overage = 0;
+        // Use starts again from zero, and so do the thresholds it crosses.
+        self.budget_alerted = 0;
         for agent in self.agents.values_mut() {
             agent.used = 0;
+            agent.alerted = 0;
         }
         self.agents.retain(|_, agent| !agent.is_idle());
         true
