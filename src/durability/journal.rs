@@ -279,10 +279,13 @@ impl Journal {
         }
         let mut progress = self.shared.progress.subscribe();
         if progress.borrow().durable_end <= seq && self.lead_kick() {
+            // If this waiter is dropped while it yields (a cancelled call), the guard still wakes the
+            // writer: the others wait for this kick, and no later waiter may lead while one is scheduled.
+            let lead = KickOnDrop(Some(self));
             // Let the requests that are ready now append theirs first, so that one write serves them all.
             tokio::task::yield_now().await;
-            if !self.inline.as_ref().is_some_and(|inline| inline.write_pending(true)) {
-                self.kick();
+            if self.inline.as_ref().is_some_and(|inline| inline.write_pending(true)) {
+                lead.written();
             }
         }
         let progress = *progress
@@ -362,6 +365,24 @@ impl Journal {
             if handle.join().is_err() {
                 error!("the write-ahead log writer panicked");
             }
+        }
+    }
+}
+
+/// The scheduled wake of the writer by the waiter that leads a batch, made when it is dropped unless
+/// the leader wrote the batch itself.
+struct KickOnDrop<'a>(Option<&'a Journal>);
+
+impl KickOnDrop<'_> {
+    fn written(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KickOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(journal) = self.0 {
+            journal.kick();
         }
     }
 }
@@ -1547,6 +1568,27 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), written).await.expect("written without a waiter").unwrap();
         journal.close();
         assert_eq!(read_all(dir.path()), vec![(1, b"awaited".to_vec()), (2, b"unawaited".to_vec())]);
+    }
+
+    /// A leader dropped while it yields (its call cancelled) used to leave the wake scheduled for good:
+    /// no later waiter led, and batches waited for the writer's periodic look.
+    #[tokio::test]
+    async fn a_cancelled_leader_still_wakes_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = open_test(dir.path(), Durability::Fsync, LARGE);
+        let first = journal.append(b"first");
+        {
+            let mut cancelled = pin!(journal.wait_durable(first));
+            assert!(is_pending(cancelled.as_mut()), "the leader yields before it wakes the writer");
+        }
+        {
+            let pending = journal.shared.pending.lock();
+            assert!(!pending.kick_scheduled, "no wake is left scheduled by a leader that is gone");
+            assert!(pending.kicked || pending.buf.is_empty(), "the writer was woken for the batch");
+        }
+        journal.wait_durable(journal.append(b"second")).await.unwrap();
+        journal.close();
+        assert_eq!(read_all(dir.path()).len(), 2);
     }
 
     #[tokio::test]
