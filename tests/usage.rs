@@ -285,13 +285,15 @@ async fn bad_requests_name_the_field() {
         request
     };
     type Case = (fn(&mut GetUsageRequest), &'static str);
-    let cases: [Case; 9] = [
+    let cases: [Case; 10] = [
         (|r| r.tenant_id = String::new(), "tenant_id"),
         (|r| r.environment_id = "x".repeat(129), "environment_id"),
         (|r| r.agent_id = "bad agent".into(), "agent_id"),
         (|r| r.from = "2026-02-30".into(), "from"),
         (|r| r.to = "2026/11/01".into(), "to"),
         (|r| (r.from, r.to) = ("2026-11-10".into(), "2026-11-09".into()), "from"),
+        // Only `to`, before the start of the current month that `from` defaults to.
+        (|r| r.to = "2026-10-31".into(), "to"),
         (|r| r.group_by = vec![GroupBy::Unspecified as i32], "group_by[0]"),
         (|r| r.group_by = vec![GroupBy::Day as i32, 42], "group_by[1]"),
         (|r| r.group_by = vec![GroupBy::Day as i32, GroupBy::Agent as i32, GroupBy::Day as i32], "group_by[2]"),

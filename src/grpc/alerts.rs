@@ -99,10 +99,15 @@ impl Watch {
         alert.tenant == self.tenant && (self.environment.is_none() || alert.environment == self.environment)
     }
 
-    /// Queues `alerts`; `false` once the client has gone.
-    async fn send_all(&self, alerts: Vec<proto::Alert>) -> bool {
+    /// Queues `alerts`; `false` once the client has gone or the server stops (a client that does not
+    /// read must not keep the watch open past shutdown).
+    async fn send_all(&self, alerts: Vec<proto::Alert>, stop: &CancellationToken) -> bool {
         for alert in alerts {
-            if self.queue.send(Ok(alert)).await.is_err() {
+            let sent = tokio::select! {
+                sent = self.queue.send(Ok(alert)) => sent.is_ok(),
+                () = stop.cancelled() => false,
+            };
+            if !sent {
                 return false;
             }
         }
@@ -112,7 +117,7 @@ impl Watch {
 
 /// Sends the current levels, then live alerts until the client goes or the server stops.
 async fn forward(context: Arc<Context>, mut watch: Watch, initial: Vec<proto::Alert>) {
-    if !watch.send_all(initial).await {
+    if !watch.send_all(initial, &context.alerts.stop).await {
         return;
     }
     loop {
@@ -123,7 +128,7 @@ async fn forward(context: Arc<Context>, mut watch: Watch, initial: Vec<proto::Al
         };
         match alert {
             Ok(alert) if watch.wants(&alert) => {
-                if !watch.send_all(vec![self::alert(&alert, false)]).await {
+                if !watch.send_all(vec![self::alert(&alert, false)], &context.alerts.stop).await {
                     return;
                 }
             }
@@ -134,11 +139,11 @@ async fn forward(context: Arc<Context>, mut watch: Watch, initial: Vec<proto::Al
                 match current_levels(&context, &watch.tenant, watch.environment.as_ref()) {
                     Ok(levels) => catch_up.extend(levels),
                     Err(status) => {
-                        let _ = watch.queue.send(Err(status)).await;
+                        let _ = watch.queue.try_send(Err(status));
                         return;
                     }
                 }
-                if !watch.send_all(catch_up).await {
+                if !watch.send_all(catch_up, &context.alerts.stop).await {
                     return;
                 }
             }

@@ -21,7 +21,12 @@ pub fn get_usage(context: &Context, request: proto::GetUsageRequest) -> Result<p
     let from = optional_day("from", &request.from)?;
     let to = optional_day("to", &request.to)?;
     let group_by = group_by(&request.group_by)?;
+    let from_given = from.is_some();
     let range = UsageRange::new(from, to, context.clock.now_ms()).map_err(|error| match error {
+        // With `from` left out, the start of the month is after the `to` the client gave.
+        RangeError::FromAfterTo { from, to } if !from_given => {
+            FieldError::new("to", format!("is {to}, before {from}, the start of the current month `from` defaults to"))
+        }
         RangeError::FromAfterTo { .. } | RangeError::TooOld { .. } => FieldError::new("from", error.to_string()),
     })?;
     let query = UsageQuery { tenant, environment, agent, range, group_by };
