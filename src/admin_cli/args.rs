@@ -175,7 +175,7 @@ pub struct SetTenantPolicyArgs {
 pub struct SetEnvironmentAlertsArgs {
     #[arg(long, visible_alias = "environment")]
     pub environment_id: String,
-    /// LOW fires at this percentage of allocation plus budget left, 1 to 100; 0 = 20.
+    /// LOW fires at this percentage of allocation plus pay-as-you-go budget, 1 to 100; 0 = 20.
     #[arg(long, default_value_t = 0)]
     pub low_percent: u32,
     /// Pay-as-you-go budget thresholds in percent, e.g. `50,80,100`; none = 80 and 100.
