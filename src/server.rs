@@ -182,10 +182,16 @@ async fn expire_due(context: &Context) {
         let now = context.clock.now_ms();
         let due = context.ledger.due_expiries(now, EXPIRY_CHUNK);
         let done = due.len() < EXPIRY_CHUNK;
+        let expired_any = !due.is_empty();
         for reservation in due {
             if let Err(error) = context.ledger.apply(&Command::Expire { reservation }, now) {
                 tracing::error!(%error, "expiry failed");
             }
+        }
+        // Waiting writes the expiries now, as a request's wait would; while the log fails, they are
+        // written once it works again.
+        if expired_any && let Some(store) = &context.store {
+            let _ = store.wait_durable().await;
         }
         if done {
             return;

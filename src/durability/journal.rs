@@ -66,9 +66,11 @@ const _: () = assert!(RETRY_INITIAL.as_nanos() <= RETRY_MAX.as_nanos());
 /// A batch buffer larger than this (a backlog built up while the disk failed) is freed after use
 /// rather than kept for the next batch.
 const MAX_RETAINED_BATCH_BYTES: usize = 16 * 1024 * 1024;
-/// How long records nobody waits for (expiries, a bootstrap) may sit in the buffer before the writer
-/// takes them on its own.
+/// How long records nobody waits for (a bootstrap) may sit in the buffer before the writer takes them on
+/// its own, and how often the idle writer looks for them: appends do not wake it, and the expiry sweeper
+/// waits for its records like a request.
 const UNAWAITED_FLUSH_DELAY: Duration = Duration::from_millis(5);
+const IDLE_POLL: Duration = Duration::from_millis(100);
 
 /// The knobs of the writer; tests shorten the retry delays.
 #[derive(Clone, Copy, Debug)]
@@ -1023,9 +1025,9 @@ fn serve<S: Storage>(writer: &Mutex<Writer<S>>, shared: &Shared) -> Result<(), G
 }
 
 /// Waits until there is something for the writer thread to do, or until `sync_due_at`. Appends do not
-/// wake the writer (the first waiter does), so it also looks at the buffer every
-/// [`UNAWAITED_FLUSH_DELAY`] on its own: records nobody waits for, such as expiries, are written after
-/// at most about twice that, even if they were appended while it slept.
+/// wake the writer (the first waiter does), so it also looks at the buffer every [`IDLE_POLL`] on its
+/// own: records nobody waits for are written within about that long, even if they were appended while
+/// it slept.
 fn wait_for_work(shared: &Shared, sync_due_at: Option<Instant>) {
     let mut pending = shared.pending.lock();
     let mut unawaited_since: Option<Instant> = None;
@@ -1040,7 +1042,7 @@ fn wait_for_work(shared: &Shared, sync_due_at: Option<Instant>) {
         if [sync_due_at, flush_at].into_iter().flatten().any(|at| at <= now) {
             break;
         }
-        let deadline = [sync_due_at, flush_at, Some(now + UNAWAITED_FLUSH_DELAY)].into_iter().flatten().min();
+        let deadline = [sync_due_at, flush_at, Some(now + IDLE_POLL)].into_iter().flatten().min();
         shared.wake.wait_until(&mut pending, deadline.expect("the poll is always there"));
     }
     pending.sync_wanted = false;
