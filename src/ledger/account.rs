@@ -315,12 +315,15 @@ impl Environment {
         if now < self.period.end_ms {
             return false;
         }
-        if tenant.period.month_index <= self.period.month_index {
-            // The tenant's month was extended (a time zone further west), not replaced.
-            self.period = tenant.period;
+        // The tenant's period, unless the tenant is already past `now`: at recovery it may have been
+        // copied into the snapshot after a period began that events still to replay precede.
+        let next = if tenant.period.contains(now) { tenant.period } else { period::period_at(now, &tenant.time_zone) };
+        if next.month_index <= self.period.month_index {
+            // The month was extended (a time zone further west), not replaced.
+            self.period = next;
             return false;
         }
-        self.period = tenant.period;
+        self.period = next;
         self.used = Draws::default();
         self.overage = 0;
         // Use starts again from zero, and so do the thresholds it crosses.

@@ -95,6 +95,42 @@ pub struct UsageBook {
     /// from zero again after a restart.
     #[serde(skip)]
     refused: Refusals,
+    /// The keys of the day last seen, derived from time alone (so not kept in snapshots): events of the
+    /// same day format no keys, and rows are pruned once a month.
+    #[serde(skip)]
+    calendar: Calendar,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Calendar {
+    day_start_ms: u64,
+    day_end_ms: u64,
+    day: String,
+    month: String,
+    /// The month whose retention was last applied.
+    pruned_month: String,
+}
+
+impl Calendar {
+    fn advance(&mut self, now: u64) {
+        if (self.day_start_ms..self.day_end_ms).contains(&now) {
+            return;
+        }
+        self.day_start_ms = now - now % MS_PER_DAY;
+        self.day_end_ms = self.day_start_ms.saturating_add(MS_PER_DAY);
+        self.day = period::day_of(now);
+        self.month = period::period_of(now);
+    }
+}
+
+const MS_PER_DAY: u64 = 86_400_000;
+
+/// The entry of `key` in a map keyed by `String`, made only when missing.
+fn entry<'a, V: Default>(map: &'a mut BTreeMap<String, V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 #[derive(Debug, Clone, Default)]
@@ -106,7 +142,13 @@ struct Refusals {
 impl UsageBook {
     /// How many of `(agent, scenario)` keys are not yet in the month of `now`.
     pub fn new_keys<'a>(&self, now: u64, agent: &AgentId, scenarios: impl IntoIterator<Item = &'a str>) -> u64 {
-        let known = self.monthly.get(&period::period_of(now)).and_then(|keys| keys.get(agent));
+        let cached = (self.calendar.day_start_ms..self.calendar.day_end_ms).contains(&now);
+        let month = if cached {
+            std::borrow::Cow::Borrowed(self.calendar.month.as_str())
+        } else {
+            period::period_of(now).into()
+        };
+        let known = self.monthly.get(month.as_ref()).and_then(|keys| keys.get(agent));
         let mut fresh: Vec<&str> =
             scenarios.into_iter().filter(|s| known.is_none_or(|k| !k.contains_key(*s))).collect();
         fresh.sort_unstable();
@@ -139,11 +181,11 @@ impl UsageBook {
         // Only the refusal counts: refusals are not logged, so the logged rows must change only with
         // logged events, or a restored ledger would differ.
         self.prune_refused(now);
+        self.calendar.advance(now);
         let other = AgentId::new(OTHER_AGENT).expect("a valid id");
-        for (counts, key) in
-            [(&mut self.refused.daily, period::day_of(now)), (&mut self.refused.monthly, period::period_of(now))]
-        {
-            let agents = counts.entry(key).or_default();
+        let Self { refused, calendar, .. } = self;
+        for (counts, key) in [(&mut refused.daily, &calendar.day), (&mut refused.monthly, &calendar.month)] {
+            let agents = entry(counts, key);
             let named = agents.contains_key(agent) || (agents.len() as u64) < max_agents;
             let count = agents.entry(if named { agent.clone() } else { other.clone() }).or_default();
             *count = count.saturating_add(1);
@@ -156,16 +198,24 @@ impl UsageBook {
     }
 
     fn add(&mut self, now: u64, agent: &AgentId, scenario: &str, change: impl Fn(&mut Tally)) -> u64 {
-        let month = self.monthly.entry(period::period_of(now)).or_default().entry(agent.clone()).or_default();
+        self.calendar.advance(now);
+        let Self { daily, monthly, calendar, .. } = self;
+        let month = entry(monthly, &calendar.month).entry(agent.clone()).or_default();
         let new_key = !month.contains_key(scenario);
-        change(month.entry(scenario.to_owned()).or_default());
-        let day = self.daily.entry(period::day_of(now)).or_default().entry(agent.clone()).or_default();
-        change(day.entry(scenario.to_owned()).or_default());
+        change(entry(month, scenario));
+        let day = entry(daily, &calendar.day).entry(agent.clone()).or_default();
+        change(entry(day, scenario));
         u64::from(new_key)
     }
 
-    /// Drops the rows older than what is kept at `now`.
+    /// Drops the rows older than what is kept at `now`. What is kept depends on the month alone, so
+    /// this runs once a month (and after a restart, on the first event).
     fn prune(&mut self, now: u64) {
+        self.calendar.advance(now);
+        if self.calendar.pruned_month == self.calendar.month {
+            return;
+        }
+        self.calendar.pruned_month.clone_from(&self.calendar.month);
         let (first_day, first_month) = retained_from(now);
         drop_before(&mut self.daily, &first_day);
         drop_before(&mut self.monthly, &first_month);
@@ -173,6 +223,9 @@ impl UsageBook {
     }
 
     fn prune_refused(&mut self, now: u64) {
+        if self.refused.daily.is_empty() && self.refused.monthly.is_empty() {
+            return;
+        }
         let (first_day, first_month) = retained_from(now);
         drop_before(&mut self.refused.daily, &first_day);
         drop_before(&mut self.refused.monthly, &first_month);
