@@ -15,7 +15,7 @@
 #
 #   BENCH_DURATION=2 BENCH_REPEATS=1 BENCH_BIG_ENVIRONMENTS=5000 BENCH_RECOVERY_PAIRS=20000 bench/durability.sh
 #
-# About 5 minutes with the defaults on a quiet machine. Each run records the cores used by quotad, by
+# About 9 minutes with the defaults on a quiet machine. Each run records the cores used by quotad, by
 # the load generator and by everything else; a run that other work disturbed is run again (bounded).
 # Results (JSON of every run, quotad logs, summary.txt) stay in $BENCH_OUT (default: a new temp dir).
 set -euo pipefail
@@ -23,7 +23,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DURATION=${BENCH_DURATION:-10}          # seconds recorded per run
 WARMUP=${BENCH_WARMUP:-1}               # seconds of unrecorded load before each run
-REPEATS=${BENCH_REPEATS:-3}             # rounds of the interleaved modes and snapshot runs
+REPEATS=${BENCH_REPEATS:-5}             # rounds of the interleaved modes and snapshot runs (medians)
 CONCURRENCY=${BENCH_CONCURRENCY:-64}
 CONNECTIONS=${BENCH_CONNECTIONS:-4}
 ENVIRONMENTS=${BENCH_ENVIRONMENTS:-64}  # environments the mode runs spread their load over
