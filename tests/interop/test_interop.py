@@ -36,6 +36,7 @@ RPC_TIMEOUT_S = 10.0
 #                  then pay-as-you-go up to 50; `roundtrip-app` is linked to it.
 #   depletion-env: 10 allocated, no pool, no pay-as-you-go.
 #   invalid-env:   10 allocated; bad requests are sent to it and must change nothing.
+#   alerts-env:    10 allocated; an agent limit and the alert stream.
 CONFIG_TOML = """\
 pack_size_messages = 100
 shutdown_grace_seconds = 5
@@ -59,8 +60,12 @@ messages = 10
 [[bootstrap.environments]]
 id = "invalid-env"
 messages = 10
+
+[[bootstrap.environments]]
+id = "alerts-env"
+messages = 10
 """
-TENANT_POOL_MESSAGES = 300 - 60 - 10 - 10
+TENANT_POOL_MESSAGES = 300 - 60 - 10 - 10 - 10
 MILLI = 1_000
 
 LISTENING = re.compile(r"\blistening\b.*\baddress=(\S+:\d+)")
@@ -202,6 +207,11 @@ def channel(server):
 @pytest.fixture(scope="session")
 def quota(pb, channel):
     return pb.grpc.QuotaStub(channel)
+
+
+@pytest.fixture(scope="session")
+def admin(pb, channel):
+    return pb.grpc.QuotaAdminStub(channel)
 
 
 def _balance(pb, quota, environment_id):
@@ -361,3 +371,38 @@ def test_invalid_argument_names_the_field_and_changes_nothing(pb, quota, field, 
     assert details.bad_request is not None, f"no BadRequest in {details.status}"
     assert [v.field for v in details.bad_request.field_violations] == [field]
     assert _balance(pb, quota, "invalid-env") == before
+
+
+def test_agent_limit_refusal_and_the_alert_stream(pb, quota, admin):
+    """An agent limit refuses with AGENT_LIMIT_REACHED, and WatchAlerts streams to a grpcio client the
+    environment's current level, then the alert that a reservation fires."""
+    admin.SetAgentLimit(
+        pb.msg.SetAgentLimitRequest(
+            environment_id="alerts-env", agent_id="capped-agent", monthly_limit_messages=3, stop_when_exceeded=True
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        quota.CheckAndReserve(
+            pb.msg.CheckAndReserveRequest(environment_id="alerts-env", agent_id="capped-agent", messages=4),
+            timeout=RPC_TIMEOUT_S,
+        )
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+    details = _details(refused.value)
+    assert details.info is not None and details.info.reason == "AGENT_LIMIT_REACHED", details.status
+
+    stream = admin.WatchAlerts(
+        pb.msg.WatchAlertsRequest(tenant_id="interop", environment_id="alerts-env"), timeout=RPC_TIMEOUT_S
+    )
+    try:
+        current = next(stream)
+        assert current.initial and current.kind == pb.msg.ALERT_KIND_ENVIRONMENT_RESTORED, current
+        quota.CheckAndReserve(
+            pb.msg.CheckAndReserveRequest(environment_id="alerts-env", agent_id="other-agent", messages=10),
+            timeout=RPC_TIMEOUT_S,
+        )
+        fired = next(stream)
+        assert not fired.initial and fired.kind == pb.msg.ALERT_KIND_ENVIRONMENT_DEPLETED, fired
+        assert fired.balance.available_milli == 0 and fired.tenant_id == "interop"
+    finally:
+        stream.cancel()
