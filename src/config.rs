@@ -12,7 +12,7 @@ use crate::{
         journal::Durability,
         store::{DEFAULT_MAX_SEGMENT_BYTES, StorageConfig},
     },
-    grpc::Policy,
+    grpc::{self, Policy},
     ledger::{
         self, Command, EnvironmentId, Ledger, MILLI_PER_MESSAGE, TenantId,
         pricing::{Rate, RateCard},
@@ -41,6 +41,7 @@ const MAX_USAGE_ITEMS_CEILING: usize = 1_024;
 /// Rate card versions are kept in memory and in every snapshot, each up to 256 scenarios.
 const MAX_RATE_CARD_VERSIONS_CEILING: usize = 100_000;
 const MAX_AGENTS_PER_ENVIRONMENT_CEILING: usize = 1_000_000;
+const MAX_ALERT_WATCHES_CEILING: usize = 100_000;
 
 const _: () = assert!(DEFAULT_TTL_SECONDS <= DEFAULT_MAX_TTL_SECONDS);
 const _: () = assert!(DEFAULT_MAX_USAGE_ITEMS <= MAX_USAGE_ITEMS_CEILING);
@@ -105,6 +106,7 @@ pub struct Settings {
     pub max_usage_keys_per_tenant: u64,
     pub max_rate_card_versions: usize,
     pub max_agents_per_environment: usize,
+    pub max_alert_watches: usize,
     /// Replaces the whole default rate card when given; it is rate card version 1.
     pub rate_card: Option<BTreeMap<String, Rate>>,
     /// Tenants created at startup on empty state.
@@ -130,6 +132,7 @@ impl Default for Settings {
             max_usage_keys_per_tenant: ledger::usage::DEFAULT_MAX_USAGE_KEYS_PER_TENANT,
             max_rate_card_versions: ledger::DEFAULT_MAX_RATE_CARD_VERSIONS,
             max_agents_per_environment: ledger::DEFAULT_MAX_AGENTS_PER_ENVIRONMENT,
+            max_alert_watches: grpc::DEFAULT_MAX_ALERT_WATCHES,
             rate_card: None,
             bootstrap: Vec::new(),
         }
@@ -318,6 +321,9 @@ impl Config {
                 "must be between 1 and 1000000",
             ));
         }
+        if !(1..=MAX_ALERT_WATCHES_CEILING).contains(&s.max_alert_watches) {
+            return Err(invalid("max_alert_watches", &s.max_alert_watches, "must be between 1 and 100000"));
+        }
         let policy = Policy {
             pack_milli,
             default_ttl_seconds: s.default_ttl_seconds,
@@ -326,6 +332,7 @@ impl Config {
             max_amount_milli,
             max_packs_per_purchase: s.max_packs_per_purchase,
             max_budget_milli,
+            max_alert_watches: s.max_alert_watches,
         };
         let limits = ledger::Limits {
             max_open_reservations_per_environment: s.max_open_reservations_per_environment,

@@ -12,7 +12,7 @@ use crate::{
     clock::Clock,
     config::Config,
     durability::store::{Store, StoreError},
-    grpc::{AdminService, AlertHub, Context, MAX_ALERT_WATCHES, QuotaService},
+    grpc::{AdminService, AlertHub, Context, QuotaService},
     ledger::{Command, Discard, Ledger},
     proto::{self, quota_admin_server::QuotaAdminServer, quota_server::QuotaServer},
 };
@@ -51,7 +51,7 @@ pub async fn run(
     let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
     let (ledger, store) = open_ledger(&config, clock.as_ref()).await?;
     let background = CancellationToken::new();
-    let alerts = Arc::new(AlertHub::new(MAX_ALERT_WATCHES, background.clone()));
+    let alerts = Arc::new(AlertHub::new(config.policy.max_alert_watches, background.clone()));
     ledger.set_alert_sink(alerts.clone());
     let context = Arc::new(Context { ledger, clock, policy: config.policy.clone(), store, alerts });
     // Expire what ran out while the server was down before the first request is served.

@@ -8,7 +8,10 @@ use common::*;
 use prost::Message;
 use quotad::{
     config::Settings,
-    proto::{CheckAndReserveRequest, PurchaseCapacityRequest},
+    proto::{
+        CheckAndReserveRequest, ListAgentLimitsRequest, ListAlertsRequest, PurchaseCapacityRequest,
+        SetAgentLimitRequest, WatchAlertsRequest,
+    },
 };
 use tonic::{Code, Status};
 
@@ -175,4 +178,81 @@ async fn the_transport_limit_is_configurable() {
     expect_code(server.try_reserve(request_of_size(2_048)).await, Code::InvalidArgument);
     expect_code(server.try_reserve(request_of_size(2_049)).await, Code::OutOfRange);
     server.reserve("env", 1).await;
+}
+
+#[tokio::test]
+async fn alert_watches_are_capped_across_the_server_and_a_closed_one_frees_its_place() {
+    // Proves that with max_alert_watches = 2, the first and second watches open and a third is
+    // RESOURCE_EXHAUSTED with reason TOO_MANY_ALERT_WATCHES and the limit, and that closing a watch lets
+    // a new one open.
+    let server = spawn_server_with(Settings { max_alert_watches: 2, ..Settings::default() }).await;
+    server.bootstrap("acme", "acme-prod", 100).await;
+    let watch = || {
+        let mut admin = server.admin.clone();
+        async move {
+            let request = WatchAlertsRequest { tenant_id: "acme".into(), environment_id: String::new() };
+            admin.watch_alerts(request).await.map(tonic::Response::into_inner)
+        }
+    };
+    let first = watch().await.expect("N-1 watches open");
+    let _second = watch().await.expect("N watches open");
+    let status = expect_code(watch().await, Code::ResourceExhausted);
+    assert_eq!(metadata_u64(&error_info(&status, "TOO_MANY_ALERT_WATCHES"), "limit"), 2);
+
+    drop(first);
+    let reopened = tokio::time::timeout(WAIT_DEADLINE, async {
+        loop {
+            match watch().await {
+                Ok(stream) => return stream,
+                Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(reopened.is_ok(), "a closed watch never freed its place");
+}
+
+#[tokio::test]
+async fn agents_with_limits_are_capped_per_environment() {
+    // Proves that with max_agents_per_environment = 2, limits for a first and a second agent are set and
+    // one for a third is RESOURCE_EXHAUSTED with reason TOO_MANY_AGENTS, changing nothing.
+    let server = spawn_server_with(Settings { max_agents_per_environment: 2, ..Settings::default() }).await;
+    server.bootstrap("acme", "acme-prod", 100).await;
+    let set = |agent: &'static str| {
+        let mut admin = server.admin.clone();
+        async move {
+            let request = SetAgentLimitRequest {
+                environment_id: "acme-prod".into(),
+                agent_id: agent.into(),
+                monthly_limit_messages: 10,
+                ..Default::default()
+            };
+            admin.set_agent_limit(request).await
+        }
+    };
+    set("a0").await.expect("N-1 agents");
+    set("a1").await.expect("N agents");
+    let status = expect_code(set("a2").await, Code::ResourceExhausted);
+    assert_eq!(metadata_u64(&error_info(&status, "TOO_MANY_AGENTS"), "limit"), 2);
+    let request = ListAgentLimitsRequest { environment_id: "acme-prod".into() };
+    let listed = server.admin.clone().list_agent_limits(request).await.unwrap().into_inner();
+    assert_eq!(listed.agents.len(), 2, "the refused limit changed nothing");
+}
+
+#[tokio::test]
+async fn alert_pages_are_at_most_1000() {
+    // Proves ListAlerts' page_size at its limit (1,000) and one over it (INVALID_ARGUMENT naming it).
+    let server = spawn_server().await;
+    server.bootstrap("acme", "acme-prod", 100).await;
+    let list = |page_size| {
+        let mut admin = server.admin.clone();
+        async move {
+            let request = ListAlertsRequest { tenant_id: "acme".into(), page_size, ..Default::default() };
+            admin.list_alerts(request).await
+        }
+    };
+    list(1_000).await.expect("the limit itself");
+    let status = expect_code(list(1_001).await, Code::InvalidArgument);
+    assert!(status.message().starts_with("page_size: is 1001"), "{}", status.message());
 }

@@ -12,7 +12,10 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::{Context, convert, status::FieldError};
+use super::{
+    Context, convert,
+    status::{self, FieldError},
+};
 use crate::{
     ledger::{
         EnvironmentId, LedgerError, TenantId,
@@ -29,8 +32,8 @@ const BROADCAST_BUFFER: usize = 1_024;
 const WATCH_QUEUE: usize = 64;
 pub const DEFAULT_ALERTS_PAGE: u32 = 100;
 pub const MAX_ALERTS_PAGE: u32 = 1_000;
-/// Alert watches open at once, across the server.
-pub const MAX_ALERT_WATCHES: usize = 1_024;
+/// Alert watches open at once, across the server, unless configured otherwise.
+pub const DEFAULT_MAX_ALERT_WATCHES: usize = 1_024;
 
 /// Fans alerts out to watches, and caps how many watches are open.
 pub struct AlertHub {
@@ -75,9 +78,8 @@ pub fn list_alerts(context: &Context, request: proto::ListAlertsRequest) -> Resu
 pub fn watch_alerts(context: &Arc<Context>, request: proto::WatchAlertsRequest) -> Result<AlertStream, Status> {
     let (tenant, environment) = watch_scope(context, &request.tenant_id, &request.environment_id)?;
     let hub = &context.alerts;
-    let permit = hub.watches.clone().try_acquire_owned().map_err(|_| {
-        Status::resource_exhausted(format!("{} alert watches are open, the server's limit", hub.max_watches))
-    })?;
+    let permit =
+        hub.watches.clone().try_acquire_owned().map_err(|_| status::too_many_alert_watches(hub.max_watches))?;
     // Subscribed before the current levels are read, so that nothing fired in between is missed.
     let live = hub.alerts.subscribe();
     let initial = current_levels(context, &tenant, environment.as_ref())?;

@@ -13,7 +13,7 @@ mod status;
 use std::sync::Arc;
 
 pub use admin::AdminService;
-pub use alerts::{AlertHub, MAX_ALERT_WATCHES};
+pub use alerts::{AlertHub, DEFAULT_MAX_ALERT_WATCHES};
 pub use quota::QuotaService;
 
 use crate::{
@@ -32,6 +32,8 @@ pub struct Policy {
     pub max_amount_milli: Milli,
     pub max_packs_per_purchase: u64,
     pub max_budget_milli: Milli,
+    /// `WatchAlerts` streams open at once, across the server.
+    pub max_alert_watches: usize,
 }
 
 /// What every service shares: the ledger, the clock that stamps commands, the policy, and the store

@@ -34,6 +34,16 @@ impl From<FieldError> for Status {
     }
 }
 
+/// Every `WatchAlerts` stream the server allows is open.
+pub fn too_many_alert_watches(limit: usize) -> Status {
+    refusal(
+        Code::ResourceExhausted,
+        format!("{limit} alert watches are open, the server's limit: close one, or watch several environments in one"),
+        "TOO_MANY_ALERT_WATCHES",
+        HashMap::from([("limit".to_owned(), limit.to_string())]),
+    )
+}
+
 /// The write-ahead log cannot be written: nothing new is granted until it can.
 pub fn log_unavailable() -> Status {
     refusal(
