@@ -36,6 +36,20 @@ async fn next(stream: &mut Streaming<Alert>) -> Alert {
     bounded("the next alert", stream.message()).await.unwrap().expect("the watch is open")
 }
 
+/// `acme-payg`: no allocation, pay-as-you-go with a budget of 100 messages, and agent `bot` limited to
+/// 50 messages a month.
+async fn capped_bot_on_payg(server: &TestServer) {
+    server.allocate("acme", "acme-payg", 0, false).await;
+    server.set_payg("acme-payg", true, 100).await;
+    let limit = SetAgentLimitRequest {
+        environment_id: "acme-payg".into(),
+        agent_id: "bot".into(),
+        monthly_limit_messages: 50,
+        ..Default::default()
+    };
+    server.admin.clone().set_agent_limit(limit).await.unwrap();
+}
+
 fn hold(environment: &str, agent: &str, messages: u64) -> CheckAndReserveRequest {
     CheckAndReserveRequest { agent_id: agent.into(), ttl_seconds: 3_600, ..reserve_request(environment, messages) }
 }
@@ -89,15 +103,7 @@ async fn agents_budgets_and_tenants_alert_at_their_thresholds() {
     let pack = server.pack_messages;
     server.purchase("acme", 1).await;
     server.allocate("acme", "acme-prod", 0, true).await;
-    server.allocate("acme", "acme-payg", 0, false).await;
-    server.set_payg("acme-payg", true, 100).await;
-    let limit = SetAgentLimitRequest {
-        environment_id: "acme-payg".into(),
-        agent_id: "bot".into(),
-        monthly_limit_messages: 50,
-        ..Default::default()
-    };
-    server.admin.clone().set_agent_limit(limit).await.unwrap();
+    capped_bot_on_payg(&server).await;
 
     for messages in [39, 1, 5, 10, 1] {
         let held = server.try_reserve(hold("acme-payg", "bot", messages)).await.unwrap();
@@ -142,15 +148,7 @@ async fn agent_and_budget_thresholds_alert_again_in_the_next_period() {
     // agent over its limit, or a budget past a threshold, in two months in a row alerts in both.
     let server = spawn_server().await;
     server.purchase("acme", 1).await;
-    server.allocate("acme", "acme-payg", 0, false).await;
-    server.set_payg("acme-payg", true, 100).await;
-    let limit = SetAgentLimitRequest {
-        environment_id: "acme-payg".into(),
-        agent_id: "bot".into(),
-        monthly_limit_messages: 50,
-        ..Default::default()
-    };
-    server.admin.clone().set_agent_limit(limit).await.unwrap();
+    capped_bot_on_payg(&server).await;
     for (agent, messages) in [("bot", 60), ("other", 30)] {
         let held = server.try_reserve(hold("acme-payg", agent, messages)).await.unwrap();
         server.commit(&held.reservation_id, messages).await;
