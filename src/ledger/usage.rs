@@ -149,10 +149,13 @@ impl UsageBook {
             period::period_of(now).into()
         };
         let known = self.monthly.get(month.as_ref()).and_then(|keys| keys.get(agent));
-        let mut fresh: Vec<&str> =
-            scenarios.into_iter().filter(|s| known.is_none_or(|k| !k.contains_key(*s))).collect();
-        fresh.sort_unstable();
-        fresh.dedup();
+        // Allocates only for keys that are new, which is rare: this runs for every reservation and commit.
+        let mut fresh: Vec<&str> = Vec::new();
+        for scenario in scenarios {
+            if known.is_none_or(|k| !k.contains_key(scenario)) && !fresh.contains(&scenario) {
+                fresh.push(scenario);
+            }
+        }
         fresh.len() as u64
     }
 
