@@ -17,6 +17,7 @@ use crate::{
         self, Command, EnvironmentId, Ledger, MILLI_PER_MESSAGE, TenantId,
         pricing::{Rate, RateCard},
     },
+    transport::{self, TransportLimits, tls::ServerTls},
 };
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -42,12 +43,28 @@ const MAX_USAGE_ITEMS_CEILING: usize = 1_024;
 const MAX_RATE_CARD_VERSIONS_CEILING: usize = 100_000;
 const MAX_AGENTS_PER_ENVIRONMENT_CEILING: usize = 1_000_000;
 const MAX_ALERT_WATCHES_CEILING: usize = 100_000;
+// Transport ceilings: each keeps what one client can make the server hold (connections, streams,
+// header bytes, time) within a bound, whatever the config says.
+const MAX_CONNECTIONS_CEILING: usize = 100_000;
+const MAX_CONCURRENT_STREAMS_CEILING: u32 = 10_000;
+const MAX_HEADER_LIST_BYTES_FLOOR: u32 = 1_024;
+const MAX_HEADER_LIST_BYTES_CEILING: u32 = 1_024 * 1_024;
+const HTTP2_KEEPALIVE_INTERVAL_SECONDS_CEILING: u64 = 7_200;
+const HTTP2_KEEPALIVE_TIMEOUT_SECONDS_CEILING: u64 = 600;
+const TCP_KEEPALIVE_SECONDS_CEILING: u64 = 7_200;
+const HANDSHAKE_TIMEOUT_SECONDS_CEILING: u64 = 300;
+const REQUEST_TIMEOUT_SECONDS_CEILING: u64 = 3_600;
+const MAX_CONNECTION_AGE_SECONDS_CEILING: u64 = 30 * 86_400;
 
 const _: () = assert!(DEFAULT_TTL_SECONDS <= DEFAULT_MAX_TTL_SECONDS);
 const _: () = assert!(DEFAULT_MAX_USAGE_ITEMS <= MAX_USAGE_ITEMS_CEILING);
 const _: () = assert!(ledger::DEFAULT_MAX_RATE_CARD_VERSIONS <= MAX_RATE_CARD_VERSIONS_CEILING);
 const _: () = assert!(DEFAULT_MAX_REQUEST_BYTES <= MAX_REQUEST_BYTES_CEILING);
 const _: () = assert!(DEFAULT_RESOLVED_RETENTION_SECONDS >= DEFAULT_MAX_TTL_SECONDS as u64);
+const _: () = assert!(grpc::DEFAULT_MAX_ALERT_WATCHES_PER_TENANT <= grpc::DEFAULT_MAX_ALERT_WATCHES);
+const _: () = assert!(transport::DEFAULT_MAX_CONNECTIONS <= MAX_CONNECTIONS_CEILING);
+const _: () = assert!(transport::DEFAULT_MAX_CONCURRENT_STREAMS <= MAX_CONCURRENT_STREAMS_CEILING);
+const _: () = assert!(transport::DEFAULT_MAX_HEADER_LIST_BYTES <= MAX_HEADER_LIST_BYTES_CEILING);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -84,6 +101,15 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, env = "QUOTAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve TLS with this certificate chain (PEM; the server's certificate first). Needs `--tls-key`.
+    #[arg(long, env = "QUOTAD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "QUOTAD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: every client must present a certificate that chains to a CA in this PEM file.
+    #[arg(long, env = "QUOTAD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// The contents of the TOML file; every key is optional.
@@ -107,6 +133,17 @@ pub struct Settings {
     pub max_rate_card_versions: usize,
     pub max_agents_per_environment: usize,
     pub max_alert_watches: usize,
+    pub max_alert_watches_per_tenant: usize,
+    pub max_connections: usize,
+    pub max_concurrent_streams_per_connection: u32,
+    pub max_header_list_bytes: u32,
+    pub http2_keepalive_interval_seconds: u64,
+    pub http2_keepalive_timeout_seconds: u64,
+    pub tcp_keepalive_seconds: u64,
+    pub handshake_timeout_seconds: u64,
+    pub request_timeout_seconds: u64,
+    /// 0: no limit.
+    pub max_connection_age_seconds: u64,
     /// Replaces the whole default rate card when given; it is rate card version 1.
     pub rate_card: Option<BTreeMap<String, Rate>>,
     /// Tenants created at startup on empty state.
@@ -133,6 +170,16 @@ impl Default for Settings {
             max_rate_card_versions: ledger::DEFAULT_MAX_RATE_CARD_VERSIONS,
             max_agents_per_environment: ledger::DEFAULT_MAX_AGENTS_PER_ENVIRONMENT,
             max_alert_watches: grpc::DEFAULT_MAX_ALERT_WATCHES,
+            max_alert_watches_per_tenant: grpc::DEFAULT_MAX_ALERT_WATCHES_PER_TENANT,
+            max_connections: transport::DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_streams_per_connection: transport::DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_header_list_bytes: transport::DEFAULT_MAX_HEADER_LIST_BYTES,
+            http2_keepalive_interval_seconds: transport::DEFAULT_HTTP2_KEEPALIVE_INTERVAL_SECONDS,
+            http2_keepalive_timeout_seconds: transport::DEFAULT_HTTP2_KEEPALIVE_TIMEOUT_SECONDS,
+            tcp_keepalive_seconds: transport::DEFAULT_TCP_KEEPALIVE_SECONDS,
+            handshake_timeout_seconds: transport::DEFAULT_HANDSHAKE_TIMEOUT_SECONDS,
+            request_timeout_seconds: transport::DEFAULT_REQUEST_TIMEOUT_SECONDS,
+            max_connection_age_seconds: transport::DEFAULT_MAX_CONNECTION_AGE_SECONDS,
             rate_card: None,
             bootstrap: Vec::new(),
         }
@@ -176,6 +223,8 @@ pub enum ConfigError {
     RateCard(#[from] ledger::pricing::RateCardError),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+    #[error("{0}")]
+    Tls(#[from] transport::tls::TlsError),
 }
 
 /// Everything the server needs, validated.
@@ -193,6 +242,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Applied in order to empty state at startup.
     pub bootstrap: Vec<Command>,
+    pub transport: TransportLimits,
+    /// `None` serves plaintext.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for Config {
@@ -237,6 +289,8 @@ impl Config {
             recover_from_older_snapshot: cli.recover_from_older_snapshot,
             max_segment_bytes: DEFAULT_MAX_SEGMENT_BYTES,
         });
+        config.tls =
+            ServerTls::from_flags(cli.tls_cert.as_deref(), cli.tls_key.as_deref(), cli.tls_client_ca.as_deref())?;
         Ok(config)
     }
 
@@ -324,6 +378,15 @@ impl Config {
         if !(1..=MAX_ALERT_WATCHES_CEILING).contains(&s.max_alert_watches) {
             return Err(invalid("max_alert_watches", &s.max_alert_watches, "must be between 1 and 100000"));
         }
+        // Above max_alert_watches it leaves the server-wide cap alone, so lowering that one needs no other change.
+        if !(1..=MAX_ALERT_WATCHES_CEILING).contains(&s.max_alert_watches_per_tenant) {
+            return Err(invalid(
+                "max_alert_watches_per_tenant",
+                &s.max_alert_watches_per_tenant,
+                "must be between 1 and 100000",
+            ));
+        }
+        let transport = transport_limits(s)?;
         let policy = Policy {
             pack_milli,
             default_ttl_seconds: s.default_ttl_seconds,
@@ -333,6 +396,7 @@ impl Config {
             max_packs_per_purchase: s.max_packs_per_purchase,
             max_budget_milli,
             max_alert_watches: s.max_alert_watches,
+            max_alert_watches_per_tenant: s.max_alert_watches_per_tenant,
         };
         let limits = ledger::Limits {
             max_open_reservations_per_environment: s.max_open_reservations_per_environment,
@@ -361,8 +425,74 @@ impl Config {
             max_request_bytes: s.max_request_bytes,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds),
             bootstrap,
+            transport,
+            tls: None,
         })
     }
+}
+
+/// The transport limits of `settings`, each checked against its range.
+fn transport_limits(s: &Settings) -> Result<TransportLimits, ConfigError> {
+    fn within<T: PartialOrd + Copy + std::fmt::Display>(
+        key: &'static str,
+        value: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError> {
+        if (min..=max).contains(&value) {
+            return Ok(value);
+        }
+        Err(ConfigError::Invalid { key, value: value.to_string(), reason: format!("must be between {min} and {max}") })
+    }
+    let seconds = |key, value, max| within(key, value, 1, max).map(Duration::from_secs);
+    let http2_keepalive_interval = seconds(
+        "http2_keepalive_interval_seconds",
+        s.http2_keepalive_interval_seconds,
+        HTTP2_KEEPALIVE_INTERVAL_SECONDS_CEILING,
+    )?;
+    let http2_keepalive_timeout = seconds(
+        "http2_keepalive_timeout_seconds",
+        s.http2_keepalive_timeout_seconds,
+        HTTP2_KEEPALIVE_TIMEOUT_SECONDS_CEILING,
+    )?;
+    let max_connection_age = match within(
+        "max_connection_age_seconds",
+        s.max_connection_age_seconds,
+        0,
+        MAX_CONNECTION_AGE_SECONDS_CEILING,
+    )? {
+        0 => None,
+        age => Some(Duration::from_secs(age)),
+    };
+    Ok(TransportLimits {
+        max_connections: within("max_connections", s.max_connections, 1, MAX_CONNECTIONS_CEILING)?,
+        max_concurrent_streams: within(
+            "max_concurrent_streams_per_connection",
+            s.max_concurrent_streams_per_connection,
+            1,
+            MAX_CONCURRENT_STREAMS_CEILING,
+        )?,
+        max_header_list_bytes: within(
+            "max_header_list_bytes",
+            s.max_header_list_bytes,
+            MAX_HEADER_LIST_BYTES_FLOOR,
+            MAX_HEADER_LIST_BYTES_CEILING,
+        )?,
+        http2_keepalive_interval,
+        http2_keepalive_timeout,
+        tcp_keepalive: seconds("tcp_keepalive_seconds", s.tcp_keepalive_seconds, TCP_KEEPALIVE_SECONDS_CEILING)?,
+        handshake_timeout: seconds(
+            "handshake_timeout_seconds",
+            s.handshake_timeout_seconds,
+            HANDSHAKE_TIMEOUT_SECONDS_CEILING,
+        )?,
+        request_timeout: seconds(
+            "request_timeout_seconds",
+            s.request_timeout_seconds,
+            REQUEST_TIMEOUT_SECONDS_CEILING,
+        )?,
+        max_connection_age,
+    })
 }
 
 fn bootstrap_commands(tenants: &[BootstrapTenant], pack_milli: u64) -> Result<Vec<Command>, ConfigError> {
@@ -465,6 +595,36 @@ mod tests {
         let storage = load(&["--durability", "fsync", "--recover-from-older-snapshot"]).unwrap().storage.unwrap();
         assert_eq!(storage.durability, Durability::Fsync);
         assert!(storage.recover_from_older_snapshot);
+    }
+
+    #[test]
+    fn transport_limits_have_defaults_and_are_refused_outside_their_ranges() {
+        assert_eq!(Config::default().transport, TransportLimits::default());
+        assert_eq!(Config::default().policy.max_alert_watches_per_tenant, grpc::DEFAULT_MAX_ALERT_WATCHES_PER_TENANT);
+        let ranges: [(&str, u64, u64); 10] = [
+            ("max_connections", 1, 100_000),
+            ("max_concurrent_streams_per_connection", 1, 10_000),
+            ("max_header_list_bytes", 1_024, 1_048_576),
+            ("http2_keepalive_interval_seconds", 1, 7_200),
+            ("http2_keepalive_timeout_seconds", 1, 600),
+            ("tcp_keepalive_seconds", 1, 7_200),
+            ("handshake_timeout_seconds", 1, 300),
+            ("request_timeout_seconds", 1, 3_600),
+            ("max_connection_age_seconds", 0, 2_592_000),
+            ("max_alert_watches_per_tenant", 1, 100_000),
+        ];
+        for (key, min, max) in ranges {
+            parse(&format!("{key} = {min}")).unwrap_or_else(|e| panic!("{key} = {min}: {e}"));
+            parse(&format!("{key} = {max}")).unwrap_or_else(|e| panic!("{key} = {max}: {e}"));
+            for bad in [min.checked_sub(1), Some(max + 1)].into_iter().flatten() {
+                let err = parse(&format!("{key} = {bad}")).expect_err(key).to_string();
+                assert!(err.starts_with(&format!("{key} = {bad}: must be between")), "{err}");
+            }
+        }
+        let limits = parse("max_connection_age_seconds = 600\nrequest_timeout_seconds = 5").unwrap().transport;
+        assert_eq!(limits.max_connection_age, Some(Duration::from_secs(600)));
+        assert_eq!(limits.request_timeout, Duration::from_secs(5));
+        assert_eq!(parse("max_connection_age_seconds = 0").unwrap().transport.max_connection_age, None);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - [`grpc`]: the `quota.v1` services; decoding, validation and the one mapping of errors to statuses.
 //! - [`config`]: command-line flags, environment overrides and the TOML config file.
 //! - [`server`]: startup, health, reflection, the expiry sweeper and graceful shutdown.
+//! - [`transport`]: accepting connections (TLS, mutual TLS, a cap and a handshake deadline) and the
+//!   HTTP/2 limits they are served with.
 //! - [`clock`]: the wall clock, and a manual clock for tests.
 //! - [`shutdown`]: the signal future that starts a graceful shutdown.
 //! - [`admin_cli`]: `quotad admin`, the admin command line: a gRPC client of a running quotad.
@@ -17,6 +19,7 @@ pub mod grpc;
 pub mod ledger;
 pub mod server;
 pub mod shutdown;
+pub mod transport;
 
 /// Code generated from `proto/quota/v1/quota.proto`.
 pub mod proto {

@@ -4,17 +4,17 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tokio_util::{either::Either, sync::CancellationToken};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     clock::Clock,
     config::Config,
     durability::store::{Store, StoreError},
-    grpc::{AdminService, AlertHub, Context, QuotaService},
+    grpc::{AdminService, AlertHub, Context, QuotaService, RequestDeadlineLayer},
     ledger::{Command, Discard, Ledger},
     proto::{self, quota_admin_server::QuotaAdminServer, quota_server::QuotaServer},
+    transport,
 };
 
 /// How often expired holds are looked for. Holds are released within this long of their expiry
@@ -51,7 +51,11 @@ pub async fn run(
     let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
     let (ledger, store) = open_ledger(&config, clock.as_ref()).await?;
     let background = CancellationToken::new();
-    let alerts = Arc::new(AlertHub::new(config.policy.max_alert_watches, background.clone()));
+    let alerts = Arc::new(AlertHub::new(
+        config.policy.max_alert_watches,
+        config.policy.max_alert_watches_per_tenant,
+        background.clone(),
+    ));
     ledger.set_alert_sink(alerts.clone());
     let context = Arc::new(Context { ledger, clock, policy: config.policy.clone(), store, alerts });
     // Expire what ran out while the server was down before the first request is served.
@@ -84,16 +88,30 @@ pub async fn run(
             let _ = draining_tx.send(());
         }
     };
-    let serve = Server::builder()
+    let limits = config.transport;
+    let router = limits
+        .server_builder()
+        .layer(RequestDeadlineLayer::new(limits.request_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(quota)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+        .add_service(admin);
+    // The accept path owns the listener: connection cap, handshake deadline, TLS when configured.
+    let serve = match &config.tls {
+        None => Either::Left(router.serve_with_incoming_shutdown(transport::plaintext(listener, &limits), signal)),
+        Some(tls) => Either::Right(
+            router.serve_with_incoming_shutdown(transport::secure(listener, &limits, tls.acceptor()), signal),
+        ),
+    };
+    let tls = match &config.tls {
+        None => "off",
+        Some(tls) if tls.is_mutual() => "mutual",
+        Some(_) => "on",
+    };
 
     set_health(&health, ServingStatus::Serving).await;
-    tracing::info!(address = %local_addr, "listening");
+    tracing::info!(address = %local_addr, tls = %tls, "listening");
     let grace = config.shutdown_grace;
     tokio::select! {
         result = serve => result?,

@@ -1,6 +1,7 @@
 //! Server-side limits through the real server: the open-reservation caps per environment and in total
-//! (RESOURCE_EXHAUSTED with reason TOO_MANY_OPEN_RESERVATIONS, distinct from QUOTA_DEPLETED), and the
-//! transport's request size limit, each at N−1, N and N+1.
+//! (RESOURCE_EXHAUSTED with reason TOO_MANY_OPEN_RESERVATIONS, distinct from QUOTA_DEPLETED), the
+//! transport's request size limit, and alert watches across the server and per tenant, each at N−1, N
+//! and N+1.
 
 mod common;
 
@@ -197,7 +198,9 @@ async fn alert_watches_are_capped_across_the_server_and_a_closed_one_frees_its_p
     let first = watch().await.expect("N-1 watches open");
     let _second = watch().await.expect("N watches open");
     let status = expect_code(watch().await, Code::ResourceExhausted);
-    assert_eq!(metadata_u64(&error_info(&status, "TOO_MANY_ALERT_WATCHES"), "limit"), 2);
+    let info = error_info(&status, "TOO_MANY_ALERT_WATCHES");
+    assert_eq!(metadata_u64(&info, "limit"), 2);
+    assert_eq!(info.metadata.get("scope").map(String::as_str), Some("server"), "{info:?}");
 
     drop(first);
     let reopened = tokio::time::timeout(WAIT_DEADLINE, async {
@@ -255,4 +258,43 @@ async fn alert_pages_are_at_most_1000() {
     list(1_000).await.expect("the limit itself");
     let status = expect_code(list(1_001).await, Code::InvalidArgument);
     assert!(status.message().starts_with("page_size: is 1001"), "{}", status.message());
+}
+
+/// Opens a watch of `tenant`'s alerts on a connection of the server's admin client.
+async fn watch_tenant(server: &TestServer, tenant: &str) -> Result<tonic::Streaming<quotad::proto::Alert>, Status> {
+    let request = WatchAlertsRequest { tenant_id: tenant.into(), environment_id: String::new() };
+    server.admin.clone().watch_alerts(request).await.map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn alert_watches_are_capped_per_tenant_and_a_closed_one_frees_its_place() {
+    // Proves that with max_alert_watches_per_tenant = 2 a tenant's first and second watches open and a
+    // third is RESOURCE_EXHAUSTED with reason TOO_MANY_ALERT_WATCHES naming the tenant scope, the tenant
+    // and the limit, while another tenant still opens one; closing one of the tenant's watches lets a
+    // new one open.
+    let server = spawn_server_with(Settings { max_alert_watches_per_tenant: 2, ..Settings::default() }).await;
+    server.bootstrap("acme", "acme-prod", 100).await;
+    server.bootstrap("beta", "beta-prod", 100).await;
+    let first = watch_tenant(&server, "acme").await.expect("N-1 watches open");
+    let _second = watch_tenant(&server, "acme").await.expect("N watches open");
+    let status = expect_code(watch_tenant(&server, "acme").await, Code::ResourceExhausted);
+    let info = error_info(&status, "TOO_MANY_ALERT_WATCHES");
+    assert_eq!(metadata_u64(&info, "limit"), 2);
+    assert_eq!(info.metadata.get("scope").map(String::as_str), Some("tenant"), "{info:?}");
+    assert_eq!(info.metadata.get("tenant_id").map(String::as_str), Some("acme"), "{info:?}");
+    assert!(status.message().contains("max_alert_watches_per_tenant"), "{status:?}");
+    let _other_tenant = watch_tenant(&server, "beta").await.expect("another tenant is not capped by acme's watches");
+
+    drop(first);
+    let reopened = tokio::time::timeout(WAIT_DEADLINE, async {
+        loop {
+            match watch_tenant(&server, "acme").await {
+                Ok(stream) => return stream,
+                Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(reopened.is_ok(), "a closed watch never freed its tenant's place");
 }

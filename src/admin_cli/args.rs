@@ -2,7 +2,10 @@
 //! `balance`), and the parsers of the values that have a syntax of their own (`--rate`,
 //! `--effective-at`, `--server`). Flags are the proto field names in kebab case.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::{
+    path::PathBuf,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
@@ -41,7 +44,7 @@ pub struct AdminArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
-    /// The quotad to call: `http://host:port` (or `host:port`).
+    /// The quotad to call: `http://host:port`, `https://host:port` with `--tls-ca`, or `host:port`.
     #[arg(long, global = true, env = "QUOTAD_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
     /// Sent as `authorization: Bearer <token>` with every call; never printed.
@@ -53,6 +56,15 @@ pub struct GlobalArgs {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// Call over TLS, trusting the CA certificates in this PEM file (the server's `https://` address).
+    #[arg(long, global = true, env = "QUOTAD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this client's certificate chain (PEM). Needs `--tls-key` and `--tls-ca`.
+    #[arg(long, global = true, env = "QUOTAD_CLIENT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Mutual TLS: the private key of `--tls-cert` (PEM).
+    #[arg(long, global = true, env = "QUOTAD_CLIENT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -503,13 +515,20 @@ fn split_utc_offset(text: &str) -> Option<(&str, i64)> {
     Some((local, sign * (hours * 3_600 + minutes * 60)))
 }
 
-/// `http://host:port` as given, or `host:port` with `http://` put in front; quotad serves plaintext
-/// gRPC only, so `https://` is refused rather than failing later with a transport error.
-pub fn server_uri(server: &str) -> Result<String, String> {
-    if server.starts_with("https://") {
-        return Err(format!("--server {server}: TLS is not supported; quotad serves plaintext gRPC (http://)"));
+/// The address as given, or `host:port` with the scheme put in front: `https://` when calling over TLS
+/// (`--tls-ca`), `http://` otherwise. A scheme that disagrees with the TLS options is refused rather
+/// than failing later with a transport error.
+pub fn server_uri(server: &str, tls: bool) -> Result<String, String> {
+    let scheme = if tls { "https://" } else { "http://" };
+    if server.starts_with("https://") && !tls {
+        return Err(format!(
+            "--server {server}: TLS needs --tls-ca, the CA certificate (PEM) that signed the server's certificate"
+        ));
     }
-    let uri = if server.starts_with("http://") { server.to_owned() } else { format!("http://{server}") };
+    if server.starts_with("http://") && tls {
+        return Err(format!("--server {server}: --tls-ca calls over TLS, at an https:// address"));
+    }
+    let uri = if server.contains("://") { server.to_owned() } else { format!("{scheme}{server}") };
     match uri.parse::<tonic::transport::Uri>() {
         Ok(parsed) if parsed.host().is_some() => Ok(uri),
         _ => Err(format!("--server {server}: not a server address (expected http://host:port)")),
@@ -547,11 +566,14 @@ mod tests {
     }
 
     #[test]
-    fn servers_get_a_scheme_and_tls_is_refused() {
-        assert_eq!(server_uri("127.0.0.1:50051").unwrap(), "http://127.0.0.1:50051");
-        assert_eq!(server_uri("http://quotad.internal:50051").unwrap(), "http://quotad.internal:50051");
-        assert!(server_uri("https://quotad.internal").unwrap_err().contains("TLS"));
-        assert!(server_uri("http://").is_err());
+    fn servers_get_the_scheme_that_fits_the_tls_options() {
+        assert_eq!(server_uri("127.0.0.1:50051", false).unwrap(), "http://127.0.0.1:50051");
+        assert_eq!(server_uri("127.0.0.1:50051", true).unwrap(), "https://127.0.0.1:50051");
+        assert_eq!(server_uri("http://quotad.internal:50051", false).unwrap(), "http://quotad.internal:50051");
+        assert_eq!(server_uri("https://quotad.internal", true).unwrap(), "https://quotad.internal");
+        assert!(server_uri("https://quotad.internal", false).unwrap_err().contains("--tls-ca"));
+        assert!(server_uri("http://quotad.internal", true).unwrap_err().contains("https://"));
+        assert!(server_uri("http://", false).is_err());
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! The calls `quotad admin` makes: one connection, one request per subcommand (several for
 //! `reservations --all`, a stream for `watch-alerts`), each bounded by `--timeout` and carrying the
-//! bearer token when one is given.
+//! bearer token when one is given; over TLS when `--tls-ca` is given.
 
 use std::{future::Future, io::Write, time::Duration};
 
 use tonic::{
     Code, Request, Response, Status,
     metadata::{AsciiMetadataValue, MetadataKey},
-    transport::{Channel, Endpoint},
+    transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
 use super::{
@@ -28,6 +28,7 @@ const MAX_PAGES_FOLLOWED: usize = 100_000;
 pub struct Client {
     channel: Channel,
     server: String,
+    tls: bool,
     /// `Bearer <token>`, marked sensitive so that it is never printed by a `Debug` of the request.
     authorization: Option<AsciiMetadataValue>,
     timeout: Duration,
@@ -37,13 +38,22 @@ impl Client {
     /// Connects, within `timeout`. A server that does not answer is [`Failure::Unreachable`].
     pub async fn connect(
         server: &str,
+        tls: Option<ClientTlsConfig>,
         authorization: Option<AsciiMetadataValue>,
         timeout: Duration,
     ) -> Result<Self, Failure> {
-        let endpoint = Endpoint::from_shared(server.to_owned())
+        let mut endpoint = Endpoint::from_shared(server.to_owned())
             .map_err(|e| Failure::Usage(format!("--server {server}: {e}")))?
             .connect_timeout(timeout)
             .tcp_nodelay(true);
+        let tls = match tls {
+            None => false,
+            Some(config) => {
+                endpoint =
+                    endpoint.tls_config(config).map_err(|e| Failure::Usage(format!("--tls-ca: {}", chain(&e))))?;
+                true
+            }
+        };
         let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
             Ok(Ok(channel)) => channel,
             Ok(Err(error)) => return Err(Failure::Unreachable(format!("cannot reach {server}: {}", chain(&error)))),
@@ -52,7 +62,7 @@ impl Client {
                 return Err(Failure::Unreachable(format!("cannot reach {server}: no connection within {waited}")));
             }
         };
-        Ok(Self { channel, server: server.to_owned(), authorization, timeout })
+        Ok(Self { channel, server: server.to_owned(), tls, authorization, timeout })
     }
 
     fn admin(&self) -> QuotaAdminClient<Channel> {
@@ -86,11 +96,19 @@ impl Client {
     }
 
     /// A status the transport made up because the connection failed (it carries the transport error
-    /// as its source) means the server is out of reach; any other status is the server's answer.
+    /// as its source) means the server is out of reach: UNAVAILABLE, or, when TLS refused the
+    /// connection after its handshake, UNKNOWN or CANCELLED (a connection closed under the call). Any
+    /// other status is the server's answer.
     fn failure(&self, status: Status) -> Failure {
+        let hint = if self.tls {
+            " (a server with mutual TLS closes the connection of a client without an accepted certificate: \
+             --tls-cert, --tls-key)"
+        } else {
+            ""
+        };
         match std::error::Error::source(&status) {
-            Some(cause) if status.code() == Code::Unavailable => {
-                Failure::Unreachable(format!("lost {}: {}: {}", self.server, status.message(), chain(cause)))
+            Some(cause) if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) => {
+                Failure::Unreachable(format!("lost {}: {}: {}{hint}", self.server, status.message(), chain(cause)))
             }
             _ => Failure::Status(status),
         }

@@ -89,9 +89,16 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 }
 
 async fn run(args: AdminArgs) -> Result<(), Failure> {
-    let server = args::server_uri(&args.global.server).map_err(Failure::Usage)?;
-    let authorization = args.global.token.as_deref().map(bearer).transpose()?;
-    let client = Client::connect(&server, authorization, args.global.timeout).await?;
+    let global = &args.global;
+    let tls = crate::transport::tls::client_tls(
+        global.tls_ca.as_deref(),
+        global.tls_cert.as_deref(),
+        global.tls_key.as_deref(),
+    )
+    .map_err(|e| Failure::Usage(e.to_string()))?;
+    let server = args::server_uri(&global.server, tls.is_some()).map_err(Failure::Usage)?;
+    let authorization = global.token.as_deref().map(bearer).transpose()?;
+    let client = Client::connect(&server, tls, authorization, global.timeout).await?;
     calls::run(&client, args.command, args.global.format, &mut std::io::stdout().lock()).await
 }
 

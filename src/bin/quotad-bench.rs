@@ -89,11 +89,14 @@ fn setup_plan(plan: &Plan, environments: usize) -> SetupPlan {
 /// Opens `--connections` HTTP/2 connections: each `connect` is its own TCP connection, and every clone
 /// of a `Channel` multiplexes its streams on that one.
 async fn connect(plan: &Plan) -> Result<Vec<Channel>, String> {
-    let endpoint = Endpoint::from_shared(plan.server.clone())
+    let mut endpoint = Endpoint::from_shared(plan.server.clone())
         .map_err(|e| format!("--server {}: {e}", plan.server))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(plan.timeout)
         .tcp_nodelay(true);
+    if let Some(tls) = &plan.tls {
+        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("--tls-ca: {}", chain(&e)))?;
+    }
     let mut channels = Vec::with_capacity(plan.connections);
     for _ in 0..plan.connections {
         let channel =

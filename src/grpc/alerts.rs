@@ -5,7 +5,9 @@
 //! client reads too slowly falls behind in the broadcast buffer instead of holding anything up, and is
 //! then sent a LAGGED marker and the current levels, never an unbounded backlog.
 
-use std::{pin::Pin, sync::Arc};
+use std::{collections::HashMap, pin::Pin, sync::Arc};
+
+use parking_lot::Mutex;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -34,23 +36,65 @@ pub const DEFAULT_ALERTS_PAGE: u32 = 100;
 pub const MAX_ALERTS_PAGE: u32 = 1_000;
 /// Alert watches open at once, across the server, unless configured otherwise.
 pub const DEFAULT_MAX_ALERT_WATCHES: usize = 1_024;
+/// Alert watches one tenant may have open at once, unless configured otherwise: so that one tenant's
+/// clients cannot take every watch the server allows.
+pub const DEFAULT_MAX_ALERT_WATCHES_PER_TENANT: usize = 64;
 
-/// Fans alerts out to watches, and caps how many watches are open.
+/// Fans alerts out to watches, and caps how many watches are open, in all and per tenant.
 pub struct AlertHub {
     alerts: broadcast::Sender<Arc<Alert>>,
     watches: Arc<Semaphore>,
     max_watches: usize,
+    tenant_watches: Arc<TenantWatches>,
     /// Ends every watch when the server stops, so that open streams do not hold up the drain.
     stop: CancellationToken,
 }
 
 impl AlertHub {
-    pub fn new(max_watches: usize, stop: CancellationToken) -> Self {
+    pub fn new(max_watches: usize, max_watches_per_tenant: usize, stop: CancellationToken) -> Self {
         Self {
             alerts: broadcast::Sender::new(BROADCAST_BUFFER),
             watches: Arc::new(Semaphore::new(max_watches)),
             max_watches,
+            tenant_watches: Arc::new(TenantWatches { open: Mutex::default(), limit: max_watches_per_tenant }),
             stop,
+        }
+    }
+}
+
+/// Open watches per tenant. A tenant's count goes when its last watch ends, so there are never more
+/// counts than open watches.
+struct TenantWatches {
+    open: Mutex<HashMap<TenantId, usize>>,
+    limit: usize,
+}
+
+impl TenantWatches {
+    fn acquire(self: &Arc<Self>, tenant: &TenantId) -> Result<TenantWatchSlot, Status> {
+        let mut open = self.open.lock();
+        let count = open.entry(tenant.clone()).or_default();
+        if *count >= self.limit {
+            return Err(status::too_many_tenant_alert_watches(tenant, self.limit));
+        }
+        *count += 1;
+        Ok(TenantWatchSlot { watches: self.clone(), tenant: tenant.clone() })
+    }
+}
+
+/// One of a tenant's watches, counted until it is dropped.
+struct TenantWatchSlot {
+    watches: Arc<TenantWatches>,
+    tenant: TenantId,
+}
+
+impl Drop for TenantWatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.watches.open.lock();
+        if let Some(count) = open.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.tenant);
+            }
         }
     }
 }
@@ -78,13 +122,15 @@ pub fn list_alerts(context: &Context, request: proto::ListAlertsRequest) -> Resu
 pub fn watch_alerts(context: &Arc<Context>, request: proto::WatchAlertsRequest) -> Result<AlertStream, Status> {
     let (tenant, environment) = watch_scope(context, &request.tenant_id, &request.environment_id)?;
     let hub = &context.alerts;
+    let tenant_slot = hub.tenant_watches.acquire(&tenant)?;
     let permit =
         hub.watches.clone().try_acquire_owned().map_err(|_| status::too_many_alert_watches(hub.max_watches))?;
     // Subscribed before the current levels are read, so that nothing fired in between is missed.
     let live = hub.alerts.subscribe();
     let initial = current_levels(context, &tenant, environment.as_ref())?;
     let (queue, stream) = mpsc::channel(WATCH_QUEUE);
-    tokio::spawn(forward(context.clone(), Watch { tenant, environment, live, queue, _permit: permit }, initial));
+    let watch = Watch { tenant, environment, live, queue, _permit: permit, _tenant_slot: tenant_slot };
+    tokio::spawn(forward(context.clone(), watch, initial));
     Ok(Box::pin(ReceiverStream::new(stream)))
 }
 
@@ -94,6 +140,7 @@ struct Watch {
     live: broadcast::Receiver<Arc<Alert>>,
     queue: mpsc::Sender<Result<proto::Alert, Status>>,
     _permit: OwnedSemaphorePermit,
+    _tenant_slot: TenantWatchSlot,
 }
 
 impl Watch {

@@ -5,6 +5,7 @@ mod admin;
 mod alerts;
 mod billing;
 mod convert;
+mod deadline;
 mod holds;
 mod quota;
 mod reports;
@@ -13,7 +14,8 @@ mod status;
 use std::sync::Arc;
 
 pub use admin::AdminService;
-pub use alerts::{AlertHub, DEFAULT_MAX_ALERT_WATCHES};
+pub use alerts::{AlertHub, DEFAULT_MAX_ALERT_WATCHES, DEFAULT_MAX_ALERT_WATCHES_PER_TENANT};
+pub use deadline::RequestDeadlineLayer;
 pub use quota::QuotaService;
 
 use crate::{
@@ -34,6 +36,8 @@ pub struct Policy {
     pub max_budget_milli: Milli,
     /// `WatchAlerts` streams open at once, across the server.
     pub max_alert_watches: usize,
+    /// `WatchAlerts` streams one tenant may have open at once (within `max_alert_watches`).
+    pub max_alert_watches_per_tenant: usize,
 }
 
 /// What every service shares: the ledger, the clock that stamps commands, the policy, and the store

@@ -1,12 +1,12 @@
 //! The one mapping from errors to gRPC statuses. Every refusal carries a `google.rpc.ErrorInfo`
 //! (domain `quotad`) whose reason a client can branch on; bad fields also carry a `BadRequest`.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::ledger::{LedgerError, OpenReservationScope};
+use crate::ledger::{LedgerError, OpenReservationScope, TenantId};
 
 pub const DOMAIN: &str = "quotad";
 
@@ -40,7 +40,38 @@ pub fn too_many_alert_watches(limit: usize) -> Status {
         Code::ResourceExhausted,
         format!("{limit} alert watches are open, the server's limit: close one, or watch several environments in one"),
         "TOO_MANY_ALERT_WATCHES",
-        HashMap::from([("limit".to_owned(), limit.to_string())]),
+        HashMap::from([("scope".to_owned(), "server".to_owned()), ("limit".to_owned(), limit.to_string())]),
+    )
+}
+
+/// Every `WatchAlerts` stream one tenant may have is open.
+pub fn too_many_tenant_alert_watches(tenant: &TenantId, limit: usize) -> Status {
+    refusal(
+        Code::ResourceExhausted,
+        format!(
+            "tenant {tenant} has {limit} alert watches open, its limit (max_alert_watches_per_tenant): close one, or \
+             watch several environments in one"
+        ),
+        "TOO_MANY_ALERT_WATCHES",
+        HashMap::from([
+            ("scope".to_owned(), "tenant".to_owned()),
+            ("tenant_id".to_owned(), tenant.to_string()),
+            ("limit".to_owned(), limit.to_string()),
+        ]),
+    )
+}
+
+/// A call outlived the server's deadline (`request_timeout_seconds`).
+pub fn request_timed_out(limit: Duration) -> Status {
+    refusal(
+        Code::DeadlineExceeded,
+        format!(
+            "the call took longer than {}, the server's request_timeout_seconds; a change may still have been \
+             applied: retry with the same idempotency key or reservation id",
+            humantime::format_duration(limit)
+        ),
+        "REQUEST_TIMEOUT",
+        HashMap::from([("limit_ms".to_owned(), limit.as_millis().to_string())]),
     )
 }
 

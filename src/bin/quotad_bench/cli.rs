@@ -5,6 +5,8 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
+use quotad::transport::tls::client_tls;
+use tonic::transport::ClientTlsConfig;
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -86,9 +88,18 @@ impl Scenario {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Args {
-    /// The quotad to load (`http://host:port`).
+    /// The quotad to load (`http://host:port`, or `https://host:port` with `--tls-ca`).
     #[arg(long, default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// Connect over TLS, trusting the CA certificates in this PEM file.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: the client certificate chain (PEM). Needs `--tls-key` and `--tls-ca`.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Mutual TLS: the private key of `--tls-cert` (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
     /// What one operation is.
     #[arg(long, value_enum, default_value_t = Scenario::ReserveCommit)]
     pub scenario: Scenario,
@@ -153,6 +164,8 @@ pub enum Limit {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub server: String,
+    /// `Some` for an `https://` server.
+    pub tls: Option<ClientTlsConfig>,
     pub scenario: Scenario,
     pub concurrency: usize,
     pub connections: usize,
@@ -197,11 +210,17 @@ impl Args {
         range("timeout (ms)", self.timeout.as_millis(), 1, MAX_TIMEOUT.as_millis())?;
         range("tenant (bytes)", self.tenant.len() as u128, 1, MAX_TENANT_BYTES as u128)?;
         range("allocation-messages", u128::from(self.allocation_messages), 0, u128::from(u64::MAX / 1_000))?;
-        if !self.server.starts_with("http://") && !self.server.starts_with("https://") {
-            return Err(format!("--server {}: must start with http:// (or https://)", self.server));
+        let tls = client_tls(self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())
+            .map_err(|e| e.to_string())?;
+        match (self.server.split_once("://").map(|(scheme, _)| scheme), &tls) {
+            (Some("http"), None) | (Some("https"), Some(_)) => {}
+            (Some("https"), None) => return Err(format!("--server {}: https:// needs --tls-ca", self.server)),
+            (Some("http"), Some(_)) => return Err(format!("--server {}: --tls-ca needs https://", self.server)),
+            _ => return Err(format!("--server {}: must start with http:// (or https://)", self.server)),
         }
         Ok(Plan {
             server: self.server,
+            tls,
             scenario: self.scenario,
             concurrency: self.concurrency,
             connections: self.connections.min(self.concurrency),
@@ -257,6 +276,8 @@ mod tests {
         assert!(plan(&["--requests", "0"]).is_err());
         assert!(plan(&["--duration", "1s", "--requests", "5"]).is_err());
         assert!(plan(&["--server", "127.0.0.1:50051"]).is_err());
+        assert!(plan(&["--server", "https://127.0.0.1:50051"]).unwrap_err().contains("--tls-ca"));
+        assert!(plan(&["--tls-cert", "client.pem"]).unwrap_err().contains("--tls-key"));
     }
 
     #[test]
