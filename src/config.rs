@@ -2,12 +2,13 @@
 //! for pack size, rate card, limits and bootstrap tenants. Everything has an embedded default, so
 //! `quotad` runs with no file at all.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::{
+    auth::AdminToken,
     durability::{
         journal::Durability,
         store::{DEFAULT_MAX_SEGMENT_BYTES, StorageConfig},
@@ -42,6 +43,8 @@ const MAX_USAGE_ITEMS_CEILING: usize = 1_024;
 const MAX_RATE_CARD_VERSIONS_CEILING: usize = 100_000;
 const MAX_AGENTS_PER_ENVIRONMENT_CEILING: usize = 1_000_000;
 const MAX_ALERT_WATCHES_CEILING: usize = 100_000;
+/// Keys are kept in memory and in every snapshot, and listed a page at a time.
+const MAX_API_KEYS_PER_TENANT_CEILING: usize = 100_000;
 
 const _: () = assert!(DEFAULT_TTL_SECONDS <= DEFAULT_MAX_TTL_SECONDS);
 const _: () = assert!(DEFAULT_MAX_USAGE_ITEMS <= MAX_USAGE_ITEMS_CEILING);
@@ -53,6 +56,15 @@ const _: () = assert!(DEFAULT_RESOLVED_RETENTION_SECONDS >= DEFAULT_MAX_TTL_SECO
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Whether calls must carry credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Agent calls need an API key, admin calls the admin token.
+    On,
+    /// Every call is served without credentials: for local development only.
+    Off,
 }
 
 /// quotad: the quota authority that agent runtimes call before and after each AI call.
@@ -84,6 +96,18 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, env = "QUOTAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// `on`: agent calls need an API key and admin calls the admin token; `off`: every call is open, for
+    /// local development only.
+    #[arg(long, env = "QUOTAD_AUTH", value_enum, default_value_t = AuthMode::On)]
+    pub auth: AuthMode,
+    /// File holding the admin token (16 to 1024 visible ASCII characters; surrounding whitespace is
+    /// trimmed). The token may also come from the environment variable QUOTAD_ADMIN_TOKEN, not both.
+    #[arg(long, env = "QUOTAD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// QUOTAD_ADMIN_TOKEN: the admin token itself, from the environment only (a flag would show it to
+    /// every user of `ps`).
+    #[arg(skip = std::env::var_os("QUOTAD_ADMIN_TOKEN"))]
+    pub admin_token_env: Option<OsString>,
 }
 
 /// The contents of the TOML file; every key is optional.
@@ -107,6 +131,8 @@ pub struct Settings {
     pub max_rate_card_versions: usize,
     pub max_agents_per_environment: usize,
     pub max_alert_watches: usize,
+    pub max_api_keys_per_tenant: usize,
+    pub max_open_reservations_per_api_key: u64,
     /// Replaces the whole default rate card when given; it is rate card version 1.
     pub rate_card: Option<BTreeMap<String, Rate>>,
     /// Tenants created at startup on empty state.
@@ -133,6 +159,8 @@ impl Default for Settings {
             max_rate_card_versions: ledger::DEFAULT_MAX_RATE_CARD_VERSIONS,
             max_agents_per_environment: ledger::DEFAULT_MAX_AGENTS_PER_ENVIRONMENT,
             max_alert_watches: grpc::DEFAULT_MAX_ALERT_WATCHES,
+            max_api_keys_per_tenant: ledger::api_keys::DEFAULT_MAX_API_KEYS_PER_TENANT,
+            max_open_reservations_per_api_key: ledger::api_keys::DEFAULT_MAX_OPEN_RESERVATIONS_PER_API_KEY,
             rate_card: None,
             bootstrap: Vec::new(),
         }
@@ -176,6 +204,36 @@ pub enum ConfigError {
     RateCard(#[from] ledger::pricing::RateCardError),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+    #[error(
+        "--listen {0} is not a loopback address, so admin calls need a token: set --admin-token-file or \
+         QUOTAD_ADMIN_TOKEN"
+    )]
+    AdminTokenRequired(SocketAddr),
+}
+
+/// Who may call what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Off: every call is served without credentials.
+    pub enabled: bool,
+    /// Admin calls must send it. Without one (and `enabled`), admin calls are served unauthenticated,
+    /// and only on a loopback address.
+    pub admin_token: Option<AdminToken>,
+}
+
+impl AuthConfig {
+    pub fn off() -> Self {
+        Self { enabled: false, admin_token: None }
+    }
+
+    pub fn on(admin_token: Option<AdminToken>) -> Self {
+        Self { enabled: true, admin_token }
+    }
+
+    /// Whether admin calls are served without credentials: allowed on a loopback address only.
+    pub fn admin_open(&self) -> bool {
+        self.enabled && self.admin_token.is_none()
+    }
 }
 
 /// Everything the server needs, validated.
@@ -193,6 +251,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Applied in order to empty state at startup.
     pub bootstrap: Vec<Command>,
+    /// On by default, without an admin token.
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -215,6 +275,7 @@ impl Config {
         };
         let mut config = Self::from_settings(cli.listen, settings)?;
         config.log_format = cli.log_format;
+        config.auth = auth_config(&cli)?;
         if cli.fsync_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "--fsync-interval",
@@ -324,6 +385,13 @@ impl Config {
         if !(1..=MAX_ALERT_WATCHES_CEILING).contains(&s.max_alert_watches) {
             return Err(invalid("max_alert_watches", &s.max_alert_watches, "must be between 1 and 100000"));
         }
+        if !(1..=MAX_API_KEYS_PER_TENANT_CEILING).contains(&s.max_api_keys_per_tenant) {
+            return Err(invalid("max_api_keys_per_tenant", &s.max_api_keys_per_tenant, "must be between 1 and 100000"));
+        }
+        // A cap above max_open_reservations_total never binds, which is harmless.
+        if s.max_open_reservations_per_api_key == 0 {
+            return Err(invalid("max_open_reservations_per_api_key", &0, "must be at least 1"));
+        }
         let policy = Policy {
             pack_milli,
             default_ttl_seconds: s.default_ttl_seconds,
@@ -343,6 +411,8 @@ impl Config {
             max_usage_keys_per_tenant: s.max_usage_keys_per_tenant,
             max_rate_card_versions: s.max_rate_card_versions,
             max_agents_per_environment: s.max_agents_per_environment,
+            max_api_keys_per_tenant: s.max_api_keys_per_tenant,
+            max_open_reservations_per_api_key: s.max_open_reservations_per_api_key,
             ..ledger::Limits::default()
         };
         let bootstrap = bootstrap_commands(&s.bootstrap, pack_milli)?;
@@ -361,8 +431,44 @@ impl Config {
             max_request_bytes: s.max_request_bytes,
             shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds),
             bootstrap,
+            auth: AuthConfig::on(None),
         })
     }
+}
+
+/// `--auth` and the admin token, from its file or `QUOTAD_ADMIN_TOKEN`. No error shows the token.
+fn auth_config(cli: &Cli) -> Result<AuthConfig, ConfigError> {
+    let invalid = |key, value: String, reason: String| ConfigError::Invalid { key, value, reason };
+    let admin_token = match (&cli.admin_token_file, &cli.admin_token_env) {
+        (Some(path), Some(_)) => {
+            return Err(invalid(
+                "--admin-token-file",
+                path.display().to_string(),
+                "QUOTAD_ADMIN_TOKEN is set too; set only one of them".into(),
+            ));
+        }
+        (Some(path), None) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let token = AdminToken::new(&text)
+                .map_err(|e| invalid("--admin-token-file", path.display().to_string(), format!("the token {e}")))?;
+            Some(token)
+        }
+        (None, Some(value)) => {
+            let hidden = || "(not shown)".to_owned();
+            let text = value.to_str().ok_or_else(|| invalid("QUOTAD_ADMIN_TOKEN", hidden(), "is not UTF-8".into()))?;
+            Some(AdminToken::new(text).map_err(|e| invalid("QUOTAD_ADMIN_TOKEN", hidden(), e.to_string()))?)
+        }
+        (None, None) => None,
+    };
+    let auth = match cli.auth {
+        AuthMode::On => AuthConfig::on(admin_token),
+        AuthMode::Off => AuthConfig::off(),
+    };
+    if auth.admin_open() && !cli.listen.ip().is_loopback() {
+        return Err(ConfigError::AdminTokenRequired(cli.listen));
+    }
+    Ok(auth)
 }
 
 fn bootstrap_commands(tenants: &[BootstrapTenant], pack_milli: u64) -> Result<Vec<Command>, ConfigError> {
@@ -465,6 +571,69 @@ mod tests {
         let storage = load(&["--durability", "fsync", "--recover-from-older-snapshot"]).unwrap().storage.unwrap();
         assert_eq!(storage.durability, Durability::Fsync);
         assert!(storage.recover_from_older_snapshot);
+    }
+
+    /// Parses flags as `load` does, with `QUOTAD_ADMIN_TOKEN` as given rather than from the environment.
+    fn load_with_token_env(args: &[&str], token: Option<&str>) -> Result<Config, ConfigError> {
+        let mut cli = Cli::try_parse_from(["quotad"].iter().chain(args)).expect("flags parse");
+        cli.admin_token_env = token.map(OsString::from);
+        Config::load(cli)
+    }
+
+    #[test]
+    fn auth_is_on_by_default_and_admin_calls_are_open_on_loopback_only() {
+        let config = load_with_token_env(&[], None).unwrap();
+        assert_eq!(config.auth, AuthConfig::on(None));
+        assert!(config.auth.admin_open());
+        let err = load_with_token_env(&["--listen", "0.0.0.0:50051"], None).unwrap_err();
+        assert!(matches!(err, ConfigError::AdminTokenRequired(_)), "{err}");
+        assert!(err.to_string().contains("--admin-token-file"), "{err}");
+        assert!(load_with_token_env(&["--listen", "[::1]:50051"], None).is_ok());
+        let off = load_with_token_env(&["--listen", "0.0.0.0:50051", "--auth", "off"], None).unwrap();
+        assert_eq!(off.auth, AuthConfig::off());
+        let token = "a-token-of-20-bytes!";
+        let secured = load_with_token_env(&["--listen", "0.0.0.0:50051"], Some(token)).unwrap();
+        assert!(secured.auth.enabled && secured.auth.admin_token.as_ref().is_some_and(|t| t.matches(token)));
+    }
+
+    #[test]
+    fn the_admin_token_file_is_trimmed_checked_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let short = file("short", "fifteen-bytes!!\n");
+        let err = load_with_token_env(&["--admin-token-file", &short], None).unwrap_err().to_string();
+        assert!(err.contains("--admin-token-file") && err.contains("15 bytes"), "{err}");
+        assert!(!err.contains("fifteen-bytes!!"), "the token is shown: {err}");
+        let exact = file("exact", "  sixteen-bytes!!!\n");
+        let config = load_with_token_env(&["--admin-token-file", &exact], None).unwrap();
+        assert!(config.auth.admin_token.unwrap().matches("sixteen-bytes!!!"));
+        let empty = file("empty", "\n");
+        let err = load_with_token_env(&["--admin-token-file", &empty], None).unwrap_err().to_string();
+        assert!(err.contains("is empty"), "{err}");
+        let err = load_with_token_env(&["--admin-token-file", &exact], Some("sixteen-bytes!!!")).unwrap_err();
+        assert!(err.to_string().contains("set only one"), "{err}");
+        let err = load_with_token_env(&[], Some("too-short")).unwrap_err().to_string();
+        assert!(err.contains("QUOTAD_ADMIN_TOKEN") && !err.contains("too-short"), "{err}");
+        let missing = dir.path().join("missing").display().to_string();
+        assert!(matches!(load_with_token_env(&["--admin-token-file", &missing], None), Err(ConfigError::Read { .. })));
+    }
+
+    #[test]
+    fn api_key_limits_are_config_keys() {
+        let config = parse("max_api_keys_per_tenant = 3\nmax_open_reservations_per_api_key = 7").unwrap();
+        assert_eq!((config.limits.max_api_keys_per_tenant, config.limits.max_open_reservations_per_api_key), (3, 7));
+        assert_eq!(Config::default().limits.max_api_keys_per_tenant, 1_000);
+        assert!(parse("max_api_keys_per_tenant = 100000").is_ok());
+        for bad in
+            ["max_api_keys_per_tenant = 0", "max_api_keys_per_tenant = 100001", "max_open_reservations_per_api_key = 0"]
+        {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(bad.split(' ').next().unwrap()), "{err}");
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 mod admin;
 mod alerts;
+mod api_keys;
+mod auth;
 mod billing;
 mod convert;
 mod holds;
@@ -14,6 +16,8 @@ use std::sync::Arc;
 
 pub use admin::AdminService;
 pub use alerts::{AlertHub, DEFAULT_MAX_ALERT_WATCHES};
+pub use api_keys::{MAX_API_KEY_DESCRIPTION_BYTES, MAX_API_KEY_ENVIRONMENTS};
+pub use auth::{AdminGate, Caller, QuotaGate};
 pub use quota::QuotaService;
 
 use crate::{
