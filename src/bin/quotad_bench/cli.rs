@@ -140,6 +140,10 @@ pub struct Args {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Sent as `authorization: Bearer <token>` with every call: the admin token (setup and load), or an
+    /// API key's secret (load with `--no-setup`). None for a quotad with `--auth off`.
+    #[arg(long, env = "QUOTAD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// When recording stops.
@@ -168,6 +172,7 @@ pub struct Plan {
     pub ttl_seconds: u32,
     pub timeout: Duration,
     pub json: Option<PathBuf>,
+    pub token: Option<String>,
 }
 
 impl Args {
@@ -216,6 +221,7 @@ impl Args {
             ttl_seconds: self.ttl_seconds,
             timeout: self.timeout,
             json: self.json,
+            token: self.token,
         })
     }
 }
