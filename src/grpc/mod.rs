@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub use admin::AdminService;
 pub use alerts::{AlertHub, DEFAULT_MAX_ALERT_WATCHES};
 pub use api_keys::{MAX_API_KEY_DESCRIPTION_BYTES, MAX_API_KEY_ENVIRONMENTS};
-pub use auth::{AdminGate, Caller, QuotaGate};
+pub use auth::{AdminGate, QuotaGate};
 pub use quota::QuotaService;
 
 use crate::{

@@ -6,7 +6,7 @@
 //! in constant time. When a key was last used is kept in memory only, to the second.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     fmt,
     ops::Bound,
     sync::{
@@ -164,8 +164,8 @@ impl Ledger {
         Ok(ApiKeyPage { keys, next_after })
     }
 
-    /// Decides and applies the creation of a key of `tenant` that may use `environments`, each of which
-    /// must exist and draw on an environment of the tenant.
+    /// Decides and applies the creation of `record`'s key: its tenant must exist and have room for
+    /// another key, and each environment it lists must exist and draw on an environment of the tenant.
     pub(super) fn create_api_key(&self, record: ApiKeyRecord, now: u64) -> Result<ApiKeyView, LedgerError> {
         let _admin = self.admin.lock();
         if !self.tenants.contains_key(&record.tenant) {
@@ -184,7 +184,6 @@ impl Ledger {
         if self.api_keys.contains_key(&record.id) {
             return Err(LedgerError::ApiKeyIdTaken(record.id));
         }
-        let record = ApiKeyRecord { created_at_ms: now, ..record };
         self.sink.record(now, &Event::ApiKeyCreated { key: record.clone() });
         Ok(self.insert_api_key(record).view())
     }
@@ -266,9 +265,13 @@ impl Ledger {
         let listed = &key.record.environments;
         listed.is_empty()
             || listed.contains(&cell.id)
-            || listed.iter().any(|environment| {
-                matches!(self.environments.get(environment).as_deref(), Some(Slot::App { target: Some(target), .. }) if *target == cell.id)
-            })
+            || listed.iter().any(|environment| self.links_to(environment, &cell.id))
+    }
+
+    /// Whether `app` is an app environment linked to `capacity` now.
+    fn links_to(&self, app: &EnvironmentId, capacity: &EnvironmentId) -> bool {
+        let slot = self.environments.get(app);
+        matches!(slot.as_deref(), Some(Slot::App { target: Some(target), .. }) if target == capacity)
     }
 
     /// Counts a new hold against `key`, or refuses it at the key's cap. Taken under the environment's
@@ -332,8 +335,8 @@ impl Ledger {
         Ok(())
     }
 
-    fn open_holds_by_key(&self) -> std::collections::HashMap<ApiKeyId, u64> {
-        let mut counts = std::collections::HashMap::new();
+    fn open_holds_by_key(&self) -> HashMap<ApiKeyId, u64> {
+        let mut counts = HashMap::new();
         // Collected first: no dashmap guard is held while an environment is locked.
         let cells: Vec<Arc<CapacityCell>> = self
             .environments
@@ -368,5 +371,89 @@ impl Ledger {
         self.open_total.fetch_sub(1, Ordering::Relaxed);
         self.key_hold_resolved(api_key.as_ref());
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::ledger::{Command, EventSink, Limits, Outcome, Usage};
+
+    /// Counts the events it is given.
+    #[derive(Default)]
+    struct Count(Mutex<u64>);
+
+    impl EventSink for Count {
+        fn record(&self, _now: u64, _event: &Event) -> u64 {
+            let mut count = self.0.lock();
+            *count += 1;
+            *count
+        }
+    }
+
+    fn id(text: &str) -> ApiKeyId {
+        ApiKeyId::new(text).unwrap()
+    }
+
+    fn create(key: &str) -> Command {
+        Command::CreateApiKey {
+            id: id(key),
+            tenant: TenantId::new("t").unwrap(),
+            environments: Vec::new(),
+            description: String::new(),
+            secret_hash: SecretHash([7; 32]),
+        }
+    }
+
+    fn ledger(sink: Arc<Count>) -> Ledger {
+        let ledger = Ledger::with_sink(Limits::default(), sink);
+        let tenant = TenantId::new("t").unwrap();
+        let environment = EnvironmentId::new("e").unwrap();
+        for command in [
+            Command::PurchaseCapacity { tenant: tenant.clone(), amount_milli: 10_000, idempotency_key: None },
+            Command::AllocateCapacity { tenant, environment, amount_milli: 10_000, draw_from_tenant_pool: false },
+        ] {
+            ledger.apply(&command, 0).unwrap();
+        }
+        ledger
+    }
+
+    /// A second key with a taken id is refused before anything is logged, and the first key is untouched.
+    #[test]
+    fn a_taken_key_id_is_refused_and_logs_nothing() {
+        let sink = Arc::new(Count::default());
+        let ledger = ledger(sink.clone());
+        let Ok(Outcome::ApiKey(first)) = ledger.apply(&create("k"), 5) else { panic!("created") };
+        assert_eq!((first.created_at_ms, first.open_reservations), (5, 0));
+        let logged = *sink.0.lock();
+        assert_eq!(ledger.apply(&create("k"), 6), Err(LedgerError::ApiKeyIdTaken(id("k"))));
+        assert_eq!(*sink.0.lock(), logged);
+        assert_eq!(ledger.api_key("k").unwrap().view(), first);
+        assert_eq!(ledger.verify(), Ok(()));
+    }
+
+    /// A request authenticated with a key that is revoked before the ledger applies it is refused as a
+    /// wrong secret is, and the key's hash matches only itself.
+    #[test]
+    fn a_key_revoked_after_authentication_is_no_longer_valid() {
+        let ledger = ledger(Arc::new(Count::default()));
+        ledger.apply(&create("k"), 0).unwrap();
+        let key = ledger.api_key("k").unwrap();
+        assert!(key.verify(&SecretHash([7; 32])) && !key.verify(&SecretHash([8; 32])));
+        ledger.apply(&Command::RevokeApiKey { id: id("k") }, 0).unwrap();
+        let reserve = Command::Reserve {
+            environment: EnvironmentId::new("e").unwrap(),
+            agent: crate::ledger::AgentId::new("a").unwrap(),
+            usage: Usage::Milli(1_000),
+            idempotency_key: None,
+            expires_at_ms: 60_000,
+            api_key: Some(id("k")),
+        };
+        assert_eq!(ledger.apply(&reserve, 0), Err(LedgerError::ApiKeyNoLongerValid));
+        assert_eq!(ledger.open_reservations(), 0);
+        assert_eq!(ledger.apply(&Command::RevokeApiKey { id: id("k") }, 0), Err(LedgerError::UnknownApiKey(id("k"))));
+        assert_eq!(ledger.verify(), Ok(()));
     }
 }

@@ -9,7 +9,8 @@
 //! commands, which change which environments exist and how they relate, are serialised on one admin
 //! lock that the hot path (reserve, commit, release, expire, balance) never takes. The rate card
 //! versions have a read-write lock of their own, read by the hot path inside an environment's lock
-//! and written only under the admin lock.
+//! and written only under the admin lock. API keys are read by every request that carries one and
+//! created and revoked only under the admin lock.
 
 mod account;
 pub mod alerts;
@@ -26,7 +27,7 @@ mod restore;
 pub mod usage;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -276,7 +277,7 @@ pub struct Ledger {
     /// API keys by id: read by every authenticated request, written only under `admin`.
     api_keys: DashMap<ApiKeyId, Arc<ApiKey>>,
     /// Invariant: the ids of `api_keys`, by tenant. For the per-tenant cap and listing; admin only.
-    api_keys_by_tenant: DashMap<TenantId, std::collections::BTreeSet<ApiKeyId>>,
+    api_keys_by_tenant: DashMap<TenantId, BTreeSet<ApiKeyId>>,
 }
 
 impl Ledger {

@@ -461,7 +461,9 @@ def test_an_api_key_in_grpcio_metadata(pb, secured_server):
         details = _details(outside.value)
         assert details.info is not None and details.info.reason == "OUTSIDE_KEY_SCOPE", details.status
 
-        listed = admin.ListApiKeys(pb.msg.ListApiKeysRequest(tenant_id="interop"), metadata=as_admin, timeout=RPC_TIMEOUT_S)
+        listed = admin.ListApiKeys(
+            pb.msg.ListApiKeysRequest(tenant_id="interop"), metadata=as_admin, timeout=RPC_TIMEOUT_S
+        )
         assert [k.key_id for k in listed.api_keys] == [key.key_id]
         assert listed.api_keys[0].secret == ""
         assert listed.api_keys[0].last_used_unix_ms > 0
