@@ -2,7 +2,7 @@
 //! for pack size, rate card, limits and bootstrap tenants. Everything has an embedded default, so
 //! `quotad` runs with no file at all.
 
-use std::{collections::BTreeMap, ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, ffi::OsString, fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
@@ -106,8 +106,18 @@ pub struct Cli {
     pub admin_token_file: Option<PathBuf>,
     /// QUOTAD_ADMIN_TOKEN: the admin token itself, from the environment only (a flag would show it to
     /// every user of `ps`).
-    #[arg(skip = std::env::var_os("QUOTAD_ADMIN_TOKEN"))]
-    pub admin_token_env: Option<OsString>,
+    #[arg(skip = std::env::var_os("QUOTAD_ADMIN_TOKEN").map(Hidden))]
+    pub admin_token_env: Option<Hidden>,
+}
+
+/// A secret read from the environment; its `Debug` does not show it.
+#[derive(Clone)]
+pub struct Hidden(pub OsString);
+
+impl fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hidden(..)")
+    }
 }
 
 /// The contents of the TOML file; every key is optional.
@@ -454,7 +464,7 @@ fn auth_config(cli: &Cli) -> Result<AuthConfig, ConfigError> {
                 .map_err(|e| invalid("--admin-token-file", path.display().to_string(), format!("the token {e}")))?;
             Some(token)
         }
-        (None, Some(value)) => {
+        (None, Some(Hidden(value))) => {
             let hidden = || "(not shown)".to_owned();
             let text = value.to_str().ok_or_else(|| invalid("QUOTAD_ADMIN_TOKEN", hidden(), "is not UTF-8".into()))?;
             Some(AdminToken::new(text).map_err(|e| invalid("QUOTAD_ADMIN_TOKEN", hidden(), e.to_string()))?)
@@ -576,7 +586,8 @@ mod tests {
     /// Parses flags as `load` does, with `QUOTAD_ADMIN_TOKEN` as given rather than from the environment.
     fn load_with_token_env(args: &[&str], token: Option<&str>) -> Result<Config, ConfigError> {
         let mut cli = Cli::try_parse_from(["quotad"].iter().chain(args)).expect("flags parse");
-        cli.admin_token_env = token.map(OsString::from);
+        cli.admin_token_env = token.map(|token| Hidden(token.into()));
+        assert!(!format!("{cli:?}").contains(token.unwrap_or("(none)")), "the token is shown: {cli:?}");
         Config::load(cli)
     }
 
