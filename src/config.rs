@@ -2,12 +2,13 @@
 //! for pack size, rate card, limits and bootstrap tenants. Everything has an embedded default, so
 //! `quotad` runs with no file at all.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, ffi::OsString, fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::{
+    auth::AdminToken,
     durability::{
         journal::Durability,
         store::{DEFAULT_MAX_SEGMENT_BYTES, StorageConfig},
@@ -55,6 +56,8 @@ const TCP_KEEPALIVE_SECONDS_CEILING: u64 = 7_200;
 const HANDSHAKE_TIMEOUT_SECONDS_CEILING: u64 = 300;
 const REQUEST_TIMEOUT_SECONDS_CEILING: u64 = 3_600;
 const MAX_CONNECTION_AGE_SECONDS_CEILING: u64 = 30 * 86_400;
+/// Keys are kept in memory and in every snapshot, and listed a page at a time.
+const MAX_API_KEYS_PER_TENANT_CEILING: usize = 100_000;
 
 const _: () = assert!(DEFAULT_TTL_SECONDS <= DEFAULT_MAX_TTL_SECONDS);
 const _: () = assert!(DEFAULT_MAX_USAGE_ITEMS <= MAX_USAGE_ITEMS_CEILING);
@@ -70,6 +73,15 @@ const _: () = assert!(transport::DEFAULT_MAX_HEADER_LIST_BYTES <= MAX_HEADER_LIS
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Whether calls must carry credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Agent calls need an API key, admin calls the admin token.
+    On,
+    /// Every call is served without credentials: for local development only.
+    Off,
 }
 
 /// quotad: the quota authority that agent runtimes call before and after each AI call.
@@ -110,6 +122,28 @@ pub struct Cli {
     /// Mutual TLS: every client must present a certificate that chains to a CA in this PEM file.
     #[arg(long, env = "QUOTAD_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// `on`: agent calls need an API key and admin calls the admin token; `off`: every call is open, for
+    /// local development only.
+    #[arg(long, env = "QUOTAD_AUTH", value_enum, default_value_t = AuthMode::On)]
+    pub auth: AuthMode,
+    /// File holding the admin token (16 to 1024 visible ASCII characters; surrounding whitespace is
+    /// trimmed). The token may also come from the environment variable QUOTAD_ADMIN_TOKEN, not both.
+    #[arg(long, env = "QUOTAD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// QUOTAD_ADMIN_TOKEN: the admin token itself, from the environment only (a flag would show it to
+    /// every user of `ps`).
+    #[arg(skip = std::env::var_os("QUOTAD_ADMIN_TOKEN").map(Hidden))]
+    pub admin_token_env: Option<Hidden>,
+}
+
+/// A secret read from the environment; its `Debug` does not show it.
+#[derive(Clone)]
+pub struct Hidden(pub OsString);
+
+impl fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hidden(..)")
+    }
 }
 
 /// The contents of the TOML file; every key is optional.
@@ -144,6 +178,8 @@ pub struct Settings {
     pub request_timeout_seconds: u64,
     /// 0: no limit.
     pub max_connection_age_seconds: u64,
+    pub max_api_keys_per_tenant: usize,
+    pub max_open_reservations_per_api_key: u64,
     /// Replaces the whole default rate card when given; it is rate card version 1.
     pub rate_card: Option<BTreeMap<String, Rate>>,
     /// Tenants created at startup on empty state.
@@ -180,6 +216,8 @@ impl Default for Settings {
             handshake_timeout_seconds: transport::DEFAULT_HANDSHAKE_TIMEOUT_SECONDS,
             request_timeout_seconds: transport::DEFAULT_REQUEST_TIMEOUT_SECONDS,
             max_connection_age_seconds: transport::DEFAULT_MAX_CONNECTION_AGE_SECONDS,
+            max_api_keys_per_tenant: ledger::api_keys::DEFAULT_MAX_API_KEYS_PER_TENANT,
+            max_open_reservations_per_api_key: ledger::api_keys::DEFAULT_MAX_OPEN_RESERVATIONS_PER_API_KEY,
             rate_card: None,
             bootstrap: Vec::new(),
         }
@@ -225,6 +263,36 @@ pub enum ConfigError {
     Bootstrap(String),
     #[error("{0}")]
     Tls(#[from] transport::tls::TlsError),
+    #[error(
+        "--listen {0} is not a loopback address, so admin calls need a token: set --admin-token-file or \
+         QUOTAD_ADMIN_TOKEN"
+    )]
+    AdminTokenRequired(SocketAddr),
+}
+
+/// Who may call what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Off: every call is served without credentials.
+    pub enabled: bool,
+    /// Admin calls must send it. Without one (and `enabled`), admin calls are served unauthenticated,
+    /// and only on a loopback address.
+    pub admin_token: Option<AdminToken>,
+}
+
+impl AuthConfig {
+    pub fn off() -> Self {
+        Self { enabled: false, admin_token: None }
+    }
+
+    pub fn on(admin_token: Option<AdminToken>) -> Self {
+        Self { enabled: true, admin_token }
+    }
+
+    /// Whether admin calls are served without credentials: allowed on a loopback address only.
+    pub fn admin_open(&self) -> bool {
+        self.enabled && self.admin_token.is_none()
+    }
 }
 
 /// Everything the server needs, validated.
@@ -245,6 +313,8 @@ pub struct Config {
     pub transport: TransportLimits,
     /// `None` serves plaintext.
     pub tls: Option<ServerTls>,
+    /// On by default, without an admin token.
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -267,6 +337,7 @@ impl Config {
         };
         let mut config = Self::from_settings(cli.listen, settings)?;
         config.log_format = cli.log_format;
+        config.auth = auth_config(&cli)?;
         if cli.fsync_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "--fsync-interval",
@@ -387,6 +458,13 @@ impl Config {
             ));
         }
         let transport = transport_limits(s)?;
+        if !(1..=MAX_API_KEYS_PER_TENANT_CEILING).contains(&s.max_api_keys_per_tenant) {
+            return Err(invalid("max_api_keys_per_tenant", &s.max_api_keys_per_tenant, "must be between 1 and 100000"));
+        }
+        // A cap above max_open_reservations_total never binds, which is harmless.
+        if s.max_open_reservations_per_api_key == 0 {
+            return Err(invalid("max_open_reservations_per_api_key", &0, "must be at least 1"));
+        }
         let policy = Policy {
             pack_milli,
             default_ttl_seconds: s.default_ttl_seconds,
@@ -407,6 +485,8 @@ impl Config {
             max_usage_keys_per_tenant: s.max_usage_keys_per_tenant,
             max_rate_card_versions: s.max_rate_card_versions,
             max_agents_per_environment: s.max_agents_per_environment,
+            max_api_keys_per_tenant: s.max_api_keys_per_tenant,
+            max_open_reservations_per_api_key: s.max_open_reservations_per_api_key,
             ..ledger::Limits::default()
         };
         let bootstrap = bootstrap_commands(&s.bootstrap, pack_milli)?;
@@ -427,6 +507,7 @@ impl Config {
             bootstrap,
             transport,
             tls: None,
+            auth: AuthConfig::on(None),
         })
     }
 }
@@ -493,6 +574,41 @@ fn transport_limits(s: &Settings) -> Result<TransportLimits, ConfigError> {
         )?,
         max_connection_age,
     })
+}
+
+/// `--auth` and the admin token, from its file or `QUOTAD_ADMIN_TOKEN`. No error shows the token.
+fn auth_config(cli: &Cli) -> Result<AuthConfig, ConfigError> {
+    let invalid = |key, value: String, reason: String| ConfigError::Invalid { key, value, reason };
+    let admin_token = match (&cli.admin_token_file, &cli.admin_token_env) {
+        (Some(path), Some(_)) => {
+            return Err(invalid(
+                "--admin-token-file",
+                path.display().to_string(),
+                "QUOTAD_ADMIN_TOKEN is set too; set only one of them".into(),
+            ));
+        }
+        (Some(path), None) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let token = AdminToken::new(&text)
+                .map_err(|e| invalid("--admin-token-file", path.display().to_string(), format!("the token {e}")))?;
+            Some(token)
+        }
+        (None, Some(Hidden(value))) => {
+            let hidden = || "(not shown)".to_owned();
+            let text = value.to_str().ok_or_else(|| invalid("QUOTAD_ADMIN_TOKEN", hidden(), "is not UTF-8".into()))?;
+            Some(AdminToken::new(text).map_err(|e| invalid("QUOTAD_ADMIN_TOKEN", hidden(), e.to_string()))?)
+        }
+        (None, None) => None,
+    };
+    let auth = match cli.auth {
+        AuthMode::On => AuthConfig::on(admin_token),
+        AuthMode::Off => AuthConfig::off(),
+    };
+    if auth.admin_open() && !cli.listen.ip().is_loopback() {
+        return Err(ConfigError::AdminTokenRequired(cli.listen));
+    }
+    Ok(auth)
 }
 
 fn bootstrap_commands(tenants: &[BootstrapTenant], pack_milli: u64) -> Result<Vec<Command>, ConfigError> {
@@ -595,6 +711,70 @@ mod tests {
         let storage = load(&["--durability", "fsync", "--recover-from-older-snapshot"]).unwrap().storage.unwrap();
         assert_eq!(storage.durability, Durability::Fsync);
         assert!(storage.recover_from_older_snapshot);
+    }
+
+    /// Parses flags as `load` does, with `QUOTAD_ADMIN_TOKEN` as given rather than from the environment.
+    fn load_with_token_env(args: &[&str], token: Option<&str>) -> Result<Config, ConfigError> {
+        let mut cli = Cli::try_parse_from(["quotad"].iter().chain(args)).expect("flags parse");
+        cli.admin_token_env = token.map(|token| Hidden(token.into()));
+        assert!(!format!("{cli:?}").contains(token.unwrap_or("(none)")), "the token is shown: {cli:?}");
+        Config::load(cli)
+    }
+
+    #[test]
+    fn auth_is_on_by_default_and_admin_calls_are_open_on_loopback_only() {
+        let config = load_with_token_env(&[], None).unwrap();
+        assert_eq!(config.auth, AuthConfig::on(None));
+        assert!(config.auth.admin_open());
+        let err = load_with_token_env(&["--listen", "0.0.0.0:50051"], None).unwrap_err();
+        assert!(matches!(err, ConfigError::AdminTokenRequired(_)), "{err}");
+        assert!(err.to_string().contains("--admin-token-file"), "{err}");
+        assert!(load_with_token_env(&["--listen", "[::1]:50051"], None).is_ok());
+        let off = load_with_token_env(&["--listen", "0.0.0.0:50051", "--auth", "off"], None).unwrap();
+        assert_eq!(off.auth, AuthConfig::off());
+        let token = "a-token-of-20-bytes!";
+        let secured = load_with_token_env(&["--listen", "0.0.0.0:50051"], Some(token)).unwrap();
+        assert!(secured.auth.enabled && secured.auth.admin_token.as_ref().is_some_and(|t| t.matches(token)));
+    }
+
+    #[test]
+    fn the_admin_token_file_is_trimmed_checked_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let short = file("short", "fifteen-bytes!!\n");
+        let err = load_with_token_env(&["--admin-token-file", &short], None).unwrap_err().to_string();
+        assert!(err.contains("--admin-token-file") && err.contains("15 bytes"), "{err}");
+        assert!(!err.contains("fifteen-bytes!!"), "the token is shown: {err}");
+        let exact = file("exact", "  sixteen-bytes!!!\n");
+        let config = load_with_token_env(&["--admin-token-file", &exact], None).unwrap();
+        assert!(config.auth.admin_token.unwrap().matches("sixteen-bytes!!!"));
+        let empty = file("empty", "\n");
+        let err = load_with_token_env(&["--admin-token-file", &empty], None).unwrap_err().to_string();
+        assert!(err.contains("is empty"), "{err}");
+        let err = load_with_token_env(&["--admin-token-file", &exact], Some("sixteen-bytes!!!")).unwrap_err();
+        assert!(err.to_string().contains("set only one"), "{err}");
+        let err = load_with_token_env(&[], Some("too-short")).unwrap_err().to_string();
+        assert!(err.contains("QUOTAD_ADMIN_TOKEN") && !err.contains("too-short"), "{err}");
+        let missing = dir.path().join("missing").display().to_string();
+        assert!(matches!(load_with_token_env(&["--admin-token-file", &missing], None), Err(ConfigError::Read { .. })));
+    }
+
+    #[test]
+    fn api_key_limits_are_config_keys() {
+        let config = parse("max_api_keys_per_tenant = 3\nmax_open_reservations_per_api_key = 7").unwrap();
+        assert_eq!((config.limits.max_api_keys_per_tenant, config.limits.max_open_reservations_per_api_key), (3, 7));
+        assert_eq!(Config::default().limits.max_api_keys_per_tenant, 1_000);
+        assert!(parse("max_api_keys_per_tenant = 100000").is_ok());
+        for bad in
+            ["max_api_keys_per_tenant = 0", "max_api_keys_per_tenant = 100001", "max_open_reservations_per_api_key = 0"]
+        {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(bad.split(' ').next().unwrap()), "{err}");
+        }
     }
 
     #[test]

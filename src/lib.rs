@@ -3,6 +3,7 @@
 //! - [`ledger`]: the accounting core; rules only, no I/O, no async, time passed in.
 //! - [`durability`]: the write-ahead log and snapshot formats, and the log writer with group commit.
 //! - [`grpc`]: the `quota.v1` services; decoding, validation and the one mapping of errors to statuses.
+//! - [`auth`]: credentials: drawing API key secrets and reading them back, the admin token; hashes only.
 //! - [`config`]: command-line flags, environment overrides and the TOML config file.
 //! - [`server`]: startup, health, reflection, the expiry sweeper and graceful shutdown.
 //! - [`transport`]: accepting connections (TLS, mutual TLS, a cap and a handshake deadline) and the
@@ -12,6 +13,7 @@
 //! - [`admin_cli`]: `quotad admin`, the admin command line: a gRPC client of a running quotad.
 
 pub mod admin_cli;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod durability;

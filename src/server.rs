@@ -5,13 +5,14 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::{either::Either, sync::CancellationToken};
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     clock::Clock,
     config::Config,
     durability::store::{Store, StoreError},
-    grpc::{AdminService, AlertHub, Context, QuotaService, RequestDeadlineLayer},
+    grpc::{AdminGate, AdminService, AlertHub, Context, QuotaGate, QuotaService, RequestDeadlineLayer},
     ledger::{Command, Discard, Ledger},
     proto::{self, quota_admin_server::QuotaAdminServer, quota_server::QuotaServer},
     transport,
@@ -38,6 +39,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("{0} is not a loopback address, so admin calls need a token; none is configured")]
+    AdminTokenRequired(std::net::SocketAddr),
 }
 
 /// Serves quotad on `listener` until `shutdown` resolves, then drains in-flight calls for at most the
@@ -49,6 +52,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
+    check_auth(&config, local_addr)?;
     let (ledger, store) = open_ledger(&config, clock.as_ref()).await?;
     let background = CancellationToken::new();
     let alerts = Arc::new(AlertHub::new(
@@ -65,10 +69,15 @@ pub async fn run(
     set_health(&health, ServingStatus::NotServing).await;
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let quota =
-        QuotaServer::new(QuotaService::new(context.clone())).max_decoding_message_size(config.max_request_bytes);
-    let admin =
-        QuotaAdminServer::new(AdminService::new(context.clone())).max_decoding_message_size(config.max_request_bytes);
+    let auth = Arc::new(config.auth.clone());
+    let quota = InterceptedService::new(
+        QuotaServer::new(QuotaService::new(context.clone())).max_decoding_message_size(config.max_request_bytes),
+        QuotaGate::new(context.clone(), auth.clone()),
+    );
+    let admin = InterceptedService::new(
+        QuotaAdminServer::new(AdminService::new(context.clone())).max_decoding_message_size(config.max_request_bytes),
+        AdminGate::new(auth),
+    );
 
     let sweeper = tokio::spawn(sweep_expiries(context.clone(), background.clone()));
     let snapshotter = tokio::spawn(take_snapshots(context.clone(), background.clone()));
@@ -127,6 +136,23 @@ pub async fn run(
     let _ = tokio::join!(sweeper, snapshotter, log_health);
     close_store(context).await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Refuses to serve admin calls without a token beyond loopback (the configuration refuses it too,
+/// for the address it names; this checks the address actually bound), and says what is open.
+fn check_auth(config: &Config, local_addr: std::net::SocketAddr) -> Result<(), ServeError> {
+    if !config.auth.enabled {
+        tracing::warn!("authentication is off: every call is served without credentials (for local development only)");
+    } else if config.auth.admin_open() {
+        if !local_addr.ip().is_loopback() {
+            return Err(ServeError::AdminTokenRequired(local_addr));
+        }
+        tracing::warn!(
+            "no admin token is configured: admin calls are served without credentials to local callers; set \
+             --admin-token-file or QUOTAD_ADMIN_TOKEN"
+        );
+    }
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! `quotad admin`, the admin command line, through the real binary against a real server on an
 //! ephemeral port: the admin flow and what it prints in each format, errors and their exit codes,
-//! and the bearer token on every call.
+//! the bearer token on every call, and API keys.
 
 mod common;
 
@@ -373,4 +373,60 @@ async fn the_token_is_sent_as_a_bearer_header_and_never_printed() {
         assert!(!run.stdout.contains(TOKEN) && !run.stderr.contains(TOKEN), "the token was printed: {run:?}");
     }
     serving.abort();
+}
+
+#[tokio::test]
+async fn api_keys_are_created_listed_and_revoked_and_the_secret_is_printed_once() {
+    // Proves that against a server with authentication on, `api-key create` prints the new key with its
+    // secret on stdout, that the secret works for agent calls (`balance --token`), that `api-key list`
+    // shows the key without it, and that after `api-key revoke` the secret is refused; admin commands
+    // without the admin token are UNAUTHENTICATED.
+    use std::sync::Arc;
+
+    use quotad::{
+        auth::AdminToken,
+        clock::ManualClock,
+        config::{AuthConfig, Config, Settings},
+    };
+    const ADMIN_TOKEN: &str = "cli-admin-token-0123456789";
+    let config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
+    let config = Config { auth: AuthConfig::on(Some(AdminToken::new(ADMIN_TOKEN).unwrap())), ..config };
+    let server = spawn_server_as_configured(config, Arc::new(ManualClock::new(START_MS))).await;
+    let url = url(server.addr);
+    fn with_token<'a>(args: &[&'a str]) -> Vec<&'a str> {
+        [&["--token", ADMIN_TOKEN][..], args].concat()
+    }
+    admin_ok(&url, &with_token(&["purchase", "--tenant", "acme", "--packs", "1"])).await;
+    admin_ok(&url, &with_token(&["allocate", "--tenant", "acme", "--environment", "acme-prod", "--messages", "10"]))
+        .await;
+
+    let created = admin_ok(
+        &url,
+        &with_token(&["api-key", "create", "--tenant", "acme", "--environment", "acme-prod", "--description", "cli"]),
+    )
+    .await;
+    let created = table_record(&created);
+    let (key_id, secret) = (created["key_id"].clone(), created["secret"].clone());
+    assert!(secret.starts_with(&format!("qk_{key_id}_")), "{created:?}");
+    assert_eq!((created["tenant_id"].as_str(), created["environment_ids"].as_str()), ("acme", "acme-prod"));
+
+    let balance = table_record(&admin_ok(&url, &["balance", "acme-prod", "--token", &secret]).await);
+    assert_eq!(balance["allocated"], "10.000");
+    let listed = admin_ok(&url, &with_token(&["api-key", "list", "--tenant", "acme", "--format", "json"])).await;
+    assert!(!listed.contains(&secret[20..]), "the list shows the secret: {listed}");
+    let listed = json(&listed);
+    assert_eq!(listed[0]["key_id"], key_id.as_str());
+    assert_eq!(listed[0]["environment_ids"], serde_json::json!(["acme-prod"]));
+    assert_eq!(listed[0]["last_used_unix_ms"], START_MS);
+    assert!(listed[0].get("secret").is_none(), "{listed}");
+
+    let without = admin(&url, &["api-key", "list", "--tenant", "acme"]).await;
+    assert_eq!(without.code, 1, "{without:?}");
+    assert!(without.stderr.starts_with("quotad admin: api-key: UNAUTHENTICATED: "), "{without:?}");
+    let revoked = json(&admin_ok(&url, &with_token(&["api-key", "revoke", &key_id, "--format", "json"])).await);
+    assert_eq!(revoked["key_id"], key_id.as_str());
+    let refused = admin(&url, &["balance", "acme-prod", "--token", &secret]).await;
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.starts_with("quotad admin: balance: UNAUTHENTICATED: "), "{refused:?}");
+    assert!(!refused.stderr.contains(&secret[20..]), "{refused:?}");
 }

@@ -98,6 +98,7 @@ async fn open_holds_are_listed_oldest_first_with_what_each_one_holds() {
         created_at_unix_ms: START_MS + 1_500,
         expires_at_unix_ms: START_MS + 1_500 + 600_000,
         rate_card_version: 1,
+        api_key_id: String::new(),
     };
     assert_eq!(all[1], expected_second);
     assert_eq!(draws(&all[1].draws), [(Source::EnvironmentAllocation, milli(4)), (Source::PayAsYouGo, milli(3))]);

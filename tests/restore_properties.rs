@@ -17,9 +17,11 @@ use std::sync::{
 };
 
 use proptest::prelude::*;
+use proptest::sample::Index;
 use quotad::ledger::{
-    Balance, Command, EnvironmentId, Event, EventSink, Ledger, LedgerError, Limits, Milli, Outcome, Quote,
+    ApiKeyId, Balance, Command, EnvironmentId, Event, EventSink, Ledger, LedgerError, Limits, Milli, Outcome, Quote,
     ReservationId, RestoreError, SnapshotItem, TenantCapacity, TenantId, Usage,
+    api_keys::ApiKeyPage,
     usage::{Dimension, UsageQuery, UsageRange, UsageRow},
 };
 
@@ -49,6 +51,9 @@ fn limits() -> Limits {
         max_agents_per_environment: 2,
         // Few usage keys, so that use beyond them, reported under `other`, is part of what is restored.
         max_usage_keys_per_tenant: 3,
+        // Few API keys with few holds each, so that both caps are reached.
+        max_api_keys_per_tenant: 2,
+        max_open_reservations_per_api_key: 2,
         ..Limits::default()
     }
 }
@@ -140,6 +145,7 @@ fn state(ledger: &Ledger) -> BTreeMap<String, serde_json::Value> {
             SnapshotItem::App { id, .. } => format!("app {id}"),
             SnapshotItem::RateCard(card) => format!("rate card {}", card.version),
             SnapshotItem::Alerts { tenant, .. } => format!("alerts {tenant}"),
+            SnapshotItem::ApiKey(key) => format!("api key {}", key.id),
         };
         let value = serde_json::to_value(&item).expect("a snapshot item serialises");
         assert!(state.insert(name.clone(), value).is_none(), "{name} exported twice");
@@ -156,6 +162,15 @@ struct Observed {
     tenants: Vec<Result<TenantCapacity, LedgerError>>,
     usage: Vec<Result<Vec<UsageRow>, LedgerError>>,
     open: u64,
+    /// Each tenant's keys with their open-hold counts.
+    api_keys: Vec<Result<ApiKeyPage, LedgerError>>,
+    /// The balance of every environment through each key id a scenario may create.
+    scoped: Vec<Result<Balance, LedgerError>>,
+}
+
+/// The ids `Driver` gives the keys it creates, in order; more than any scenario creates are unused.
+fn api_key_id(i: usize) -> ApiKeyId {
+    ApiKeyId::new(&format!("k{i}")).unwrap()
 }
 
 /// A tenant's usage this month in full detail, without the refusal counts: refusals are not logged,
@@ -183,10 +198,15 @@ fn observe(ledger: &Ledger, now: u64) -> Observed {
     Observed {
         balances: names.iter().map(|name| ledger.balance(name, now)).collect(),
         quotes,
-        dry_runs: names.iter().map(|name| ledger.dry_run(name, &agent(0), &Usage::Milli(1_000), now)).collect(),
+        dry_runs: names.iter().map(|name| ledger.dry_run(name, &agent(0), &Usage::Milli(1_000), None, now)).collect(),
         usage: TENANTS.iter().map(|t| logged_usage(ledger, &TenantId::new(t).unwrap(), now)).collect(),
         tenants: TENANTS.iter().map(|t| ledger.tenant(&TenantId::new(t).unwrap(), now)).collect(),
         open: ledger.open_reservations(),
+        api_keys: TENANTS.iter().map(|t| ledger.api_keys(&TenantId::new(t).unwrap(), None, 100)).collect(),
+        scoped: (0..6)
+            .flat_map(|i| names.iter().map(move |name| (api_key_id(i), name)))
+            .map(|(key, name)| ledger.balance_for(name, Some(&key), now))
+            .collect(),
     }
 }
 
@@ -244,6 +264,7 @@ fn step(lean: Lean) -> impl Strategy<Value = Step> {
         envs: ENVS.len(),
         ttl_ms: 1..=200,
         near_low: false,
+        api_keys: 1,
     })
 }
 
@@ -285,11 +306,13 @@ struct Driver {
     committed: HashMap<ReservationId, Milli>,
     /// Purchases and reservations sent with an idempotency key, with the reservation's TTL.
     keyed: Vec<(Command, u64)>,
+    /// API keys created so far: their ids are `api_key_id(0..api_keys)`.
+    api_keys: usize,
 }
 
 impl Driver {
     fn new() -> Self {
-        Self { now: START_MS, issued: Vec::new(), committed: HashMap::new(), keyed: Vec::new() }
+        Self { now: START_MS, issued: Vec::new(), committed: HashMap::new(), keyed: Vec::new(), api_keys: 0 }
     }
 
     fn reservation(&self, pick: &Pick) -> ReservationId {
@@ -363,6 +386,8 @@ impl Driver {
             _ => {
                 let command = command(&Against { driver: self, a: ledgers[0] }, step);
                 self.keyed.extend(kept(step, &command));
+                // Every creation takes an id, granted or not, so ids are never reused.
+                self.api_keys += usize::from(matches!(command, Command::CreateApiKey { .. }));
                 self.apply(ledgers, &command)?;
             }
         }
@@ -398,7 +423,7 @@ impl Driver {
             (Ok(Outcome::Reserved(g)), _) if !g.replayed => {
                 self.issued.push((g.reservation.clone(), g.amount_milli));
             }
-            (Ok(Outcome::Committed(s)), Command::Commit { reservation, usage: Usage::Milli(actual_milli) })
+            (Ok(Outcome::Committed(s)), Command::Commit { reservation, usage: Usage::Milli(actual_milli), .. })
                 if !s.replayed =>
             {
                 self.committed.entry(reservation.clone()).or_insert(*actual_milli);
@@ -456,6 +481,14 @@ impl Resolve for Against<'_> {
 
     fn reserve_amount(&self, e: &EnvironmentId, amount: &Amount) -> Milli {
         self.driver.reserve_amount(self.a, e, amount)
+    }
+
+    fn api_key(&self, pick: &Index) -> Option<ApiKeyId> {
+        (self.driver.api_keys > 0).then(|| api_key_id(pick.index(self.driver.api_keys)))
+    }
+
+    fn next_api_key_id(&self) -> ApiKeyId {
+        api_key_id(self.driver.api_keys)
     }
 }
 
@@ -604,7 +637,7 @@ fn a_tenant_and_environment_created_mid_export_are_restored() {
         Step::Allocate { tenant: 2, env: 3, amount: Allocation::Exactly(4_000), pool: false },
     ];
     let use_it = vec![
-        Step::Reserve { env: 3, agent: 0, amount: Amount::Exactly(3_000), key: None, ttl_ms: 100 },
+        Step::Reserve { env: 3, agent: 0, amount: Amount::Exactly(3_000), key: None, ttl_ms: 100, api_key: None },
         Step::Commit { pick: Pick::Recent(0), actual: Actual::Above(2_000) },
     ];
     let scenario = Scenario { phase1: setup, during: vec![onboarding], phase2: vec![], phase3: use_it };

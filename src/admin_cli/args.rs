@@ -107,6 +107,53 @@ pub enum Command {
     /// Prints the current alert level, then each alert as it fires, one line each, until the server
     /// ends the stream or Ctrl-C (exit 0) (WatchAlerts).
     WatchAlerts(WatchAlertsArgs),
+    /// Creates, revokes and lists the API keys agent runtimes call with.
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Creates an API key for one tenant, optionally limited to some of its environments, and prints
+    /// its secret: this once, never again (CreateApiKey).
+    Create(CreateApiKeyArgs),
+    /// Revokes an API key: the next call that sends it is refused (RevokeApiKey).
+    Revoke(RevokeApiKeyArgs),
+    /// A tenant's API keys with their scope, creation and last use; never their secrets (ListApiKeys).
+    List(ListApiKeysArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateApiKeyArgs {
+    #[arg(long, visible_alias = "tenant")]
+    pub tenant_id: String,
+    /// An environment the key may use (capacity or linked app environment of the tenant), e.g.
+    /// `acme-prod,acme-sales-app`; none = every environment of the tenant.
+    #[arg(long, visible_alias = "environment", value_delimiter = ',')]
+    pub environment_id: Vec<String>,
+    /// What the key is for, at most 256 bytes.
+    #[arg(long, default_value = "")]
+    pub description: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeApiKeyArgs {
+    pub key_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ListApiKeysArgs {
+    #[arg(long, visible_alias = "tenant")]
+    pub tenant_id: String,
+    /// Keys per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`.
+    #[arg(long, default_value_t = 0)]
+    pub page_size: u32,
+    /// The page to start from, as printed on stderr after a page that has more.
+    #[arg(long, default_value = "")]
+    pub page_token: String,
+    /// Follow the pages to the last one and print them as one list.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -453,6 +500,18 @@ impl From<AlertsArgs> for proto::ListAlertsRequest {
     }
 }
 
+impl From<CreateApiKeyArgs> for proto::CreateApiKeyRequest {
+    fn from(args: CreateApiKeyArgs) -> Self {
+        Self { tenant_id: args.tenant_id, environment_ids: args.environment_id, description: args.description }
+    }
+}
+
+impl From<RevokeApiKeyArgs> for proto::RevokeApiKeyRequest {
+    fn from(args: RevokeApiKeyArgs) -> Self {
+        Self { key_id: args.key_id }
+    }
+}
+
 impl From<WatchAlertsArgs> for proto::WatchAlertsRequest {
     fn from(args: WatchAlertsArgs) -> Self {
         Self { tenant_id: args.tenant_id, environment_id: args.environment_id }
@@ -610,6 +669,18 @@ mod tests {
         let args = parse(&["rate-card", "--version", "3"]).unwrap();
         let Command::RateCard(card) = args.command else { panic!("not rate-card") };
         assert_eq!(card.card_version, 3);
+    }
+
+    #[test]
+    fn api_key_commands_parse() {
+        let args = parse(&["api-key", "create", "--tenant", "acme", "--environment", "acme-prod,acme-app"]).unwrap();
+        let Command::ApiKey(ApiKeyCommand::Create(create)) = args.command else { panic!("not api-key create") };
+        assert_eq!(create.environment_id, ["acme-prod", "acme-app"]);
+        assert!(parse(&["api-key", "create"]).is_err(), "--tenant-id is required");
+        let args = parse(&["api-key", "revoke", "0123456789abcdef"]).unwrap();
+        assert!(matches!(args.command, Command::ApiKey(ApiKeyCommand::Revoke(r)) if r.key_id == "0123456789abcdef"));
+        assert!(parse(&["api-key", "list", "--tenant-id", "acme", "--all"]).is_ok());
+        assert!(parse(&["api-key", "rotate"]).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tonic::{
 
 use super::{
     Failure,
-    args::{Command, ReservationsArgs, WatchAlertsArgs},
+    args::{ApiKeyCommand, Command, ListApiKeysArgs, ReservationsArgs, WatchAlertsArgs},
     records,
     render::{Format, Output, Record, RowStream},
 };
@@ -168,6 +168,13 @@ pub async fn run(client: &Client, command: Command, format: Format, out: &mut im
             Output::Rows { template, rows: list.alerts.iter().map(records::alert).collect() }
         }
         Command::WatchAlerts(args) => return watch_alerts(client, args, format, out).await,
+        Command::ApiKey(ApiKeyCommand::Create(args)) => {
+            Output::Record(records::api_key(&client.call(admin.create_api_key(client.request(args))).await?))
+        }
+        Command::ApiKey(ApiKeyCommand::Revoke(args)) => {
+            Output::Record(records::api_key(&client.call(admin.revoke_api_key(client.request(args))).await?))
+        }
+        Command::ApiKey(ApiKeyCommand::List(args)) => api_keys(client, args).await?,
     };
     write(out, &output.render(format))
 }
@@ -198,6 +205,30 @@ async fn reservations(client: &Client, args: ReservationsArgs) -> Result<Output,
         }
         if !args.all {
             eprintln!("quotad admin: reservations: more holds follow: --page-token {}", page.next_page_token);
+            return Ok(Output::Rows { template, rows });
+        }
+        page_token = page.next_page_token;
+    }
+    Err(Failure::Status(Status::out_of_range(format!(
+        "more than {MAX_PAGES_FOLLOWED} pages; page with --page-token instead of --all"
+    ))))
+}
+
+/// One page of a tenant's keys, or with `--all` every page from `--page-token` on, as `reservations` does.
+async fn api_keys(client: &Client, args: ListApiKeysArgs) -> Result<Output, Failure> {
+    let page_size = if args.all && args.page_size == 0 { MAX_PAGE_SIZE } else { args.page_size };
+    let template = records::api_key(&proto::ApiKey::default());
+    let mut rows = Vec::new();
+    let mut page_token = args.page_token;
+    for _ in 0..MAX_PAGES_FOLLOWED {
+        let request = proto::ListApiKeysRequest { tenant_id: args.tenant_id.clone(), page_size, page_token };
+        let page = client.call(client.admin().list_api_keys(client.request(request))).await?;
+        rows.extend(page.api_keys.iter().map(records::api_key));
+        if page.next_page_token.is_empty() {
+            return Ok(Output::Rows { template, rows });
+        }
+        if !args.all {
+            eprintln!("quotad admin: api-key: more keys follow: --page-token {}", page.next_page_token);
             return Ok(Output::Rows { template, rows });
         }
         page_token = page.next_page_token;

@@ -122,6 +122,7 @@ pub fn reservation(hold: &proto::Reservation) -> Record {
         .with("created_at_unix_ms", Value::UnixMs(hold.created_at_unix_ms))
         .with("expires_at_unix_ms", Value::UnixMs(hold.expires_at_unix_ms))
         .with("rate_card_version", Value::Number(hold.rate_card_version.into()))
+        .with("api_key_id", text(&hold.api_key_id))
 }
 
 pub fn release_all(released: &proto::ReleaseAllResponse) -> Record {
@@ -132,6 +133,19 @@ pub fn release_all(released: &proto::ReleaseAllResponse) -> Record {
         Some(after) => record.with("balance", Value::Record(balance(after))),
         None => record,
     }
+}
+
+/// An API key; its secret only when the server sent one, which it does once, when the key is created.
+pub fn api_key(key: &proto::ApiKey) -> Record {
+    let record = Record::new().with("key_id", text(&key.key_id));
+    let record = if key.secret.is_empty() { record } else { record.with("secret", text(&key.secret)) };
+    record
+        .with("tenant_id", text(&key.tenant_id))
+        .with("environment_ids", Value::Texts(key.environment_ids.clone()))
+        .with("description", text(&key.description))
+        .with("created_at_unix_ms", Value::UnixMs(key.created_at_unix_ms))
+        .with("last_used_unix_ms", Value::UnixMs(key.last_used_unix_ms))
+        .with("open_reservations", Value::Number(key.open_reservations))
 }
 
 /// An alert as one row; its balance is too wide for a row and is printed in JSON only.

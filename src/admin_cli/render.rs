@@ -47,6 +47,8 @@ pub enum Value {
     },
     /// Nested records, such as the draws of a hold: one cell in a table, an array in JSON.
     List(Vec<Record>),
+    /// Several texts, such as ids: one cell in a table, separated by spaces; an array in JSON.
+    Texts(Vec<String>),
     /// A nested message, such as a balance: flattened into `name.field` columns in a table.
     Record(Record),
 }
@@ -238,6 +240,7 @@ fn cell_text(value: &Value) -> String {
             .collect::<Vec<_>>()
             .join(" "),
         Value::Record(record) => record.cells().into_iter().map(|cell| cell.text).collect::<Vec<_>>().join(":"),
+        Value::Texts(texts) => texts.join(" "),
     }
 }
 
@@ -249,6 +252,7 @@ fn json(value: &Value) -> Json {
         Value::Enum { name, .. } => Json::from(*name),
         Value::List(items) => Json::Array(items.iter().map(Record::to_json).collect()),
         Value::Record(record) => record.to_json(),
+        Value::Texts(texts) => Json::Array(texts.iter().map(|text| Json::from(text.as_str())).collect()),
     }
 }
 

@@ -18,13 +18,34 @@ mod setup;
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Request, Status,
+    metadata::AsciiMetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
 
 use crate::{
     cli::{Args, Plan, Scenario},
     report::Report,
     setup::SetupPlan,
 };
+
+/// One HTTP/2 connection whose every call carries `--token`, when one is given.
+pub type Connection = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to a call; without a token, nothing.
+#[derive(Clone)]
+pub struct Bearer(Option<AsciiMetadataValue>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// BSD's EX_USAGE, as quotad uses for a bad configuration.
 const EXIT_USAGE: u8 = 64;
@@ -88,7 +109,17 @@ fn setup_plan(plan: &Plan, environments: usize) -> SetupPlan {
 
 /// Opens `--connections` HTTP/2 connections: each `connect` is its own TCP connection, and every clone
 /// of a `Channel` multiplexes its streams on that one.
-async fn connect(plan: &Plan) -> Result<Vec<Channel>, String> {
+async fn connect(plan: &Plan) -> Result<Vec<Connection>, String> {
+    let bearer = match &plan.token {
+        None => Bearer(None),
+        Some(token) => {
+            let mut value: AsciiMetadataValue = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "--token: only visible ASCII characters can be sent in a header".to_owned())?;
+            value.set_sensitive(true);
+            Bearer(Some(value))
+        }
+    };
     let mut endpoint = Endpoint::from_shared(plan.server.clone())
         .map_err(|e| format!("--server {}: {e}", plan.server))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -101,7 +132,7 @@ async fn connect(plan: &Plan) -> Result<Vec<Channel>, String> {
     for _ in 0..plan.connections {
         let channel =
             endpoint.connect().await.map_err(|e| format!("cannot connect to {}: {}", plan.server, chain(&e)))?;
-        channels.push(channel);
+        channels.push(InterceptedService::new(channel, bearer.clone()));
     }
     Ok(channels)
 }

@@ -40,7 +40,7 @@ pub const SEGMENT_MAGIC: [u8; 8] = *b"QUOTAWAL";
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"QUOTASNP";
 pub const SNAPSHOT_TRAILER_MAGIC: [u8; 8] = *b"QUOTAEND";
 /// The one version of both formats this build reads and writes; any other is refused, never guessed at.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Magic, version, sequence number and checksum; the same shape for segments and snapshots.
 pub const FILE_HEADER_LEN: usize = 8 + 4 + 8 + 4;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::{Context, alerts, billing, convert, holds, reports};
+use super::{Context, alerts, api_keys, billing, convert, holds, reports};
 use crate::{
     ledger::{Command, EnvironmentId, Outcome, TenantCapacity, TenantId},
     proto::{self, quota_admin_server::QuotaAdmin},
@@ -223,5 +223,30 @@ impl QuotaAdmin for AdminService {
         request: Request<proto::WatchAlertsRequest>,
     ) -> Result<Response<Self::WatchAlertsStream>, Status> {
         alerts::watch_alerts(&self.context, request.into_inner()).map(Response::new)
+    }
+
+    // The answer carries the secret: the span records the tenant only.
+    #[instrument(name = "CreateApiKey", skip_all, fields(tenant = ?request.get_ref().tenant_id))]
+    async fn create_api_key(
+        &self,
+        request: Request<proto::CreateApiKeyRequest>,
+    ) -> Result<Response<proto::ApiKey>, Status> {
+        api_keys::create_api_key(&self.context, request.into_inner()).await.map(Response::new)
+    }
+
+    #[instrument(name = "RevokeApiKey", skip_all, fields(key_id = ?request.get_ref().key_id))]
+    async fn revoke_api_key(
+        &self,
+        request: Request<proto::RevokeApiKeyRequest>,
+    ) -> Result<Response<proto::ApiKey>, Status> {
+        api_keys::revoke_api_key(&self.context, request.into_inner()).await.map(Response::new)
+    }
+
+    #[instrument(level = "debug", name = "ListApiKeys", skip_all, fields(tenant = ?request.get_ref().tenant_id))]
+    async fn list_api_keys(
+        &self,
+        request: Request<proto::ListApiKeysRequest>,
+    ) -> Result<Response<proto::ListApiKeysResponse>, Status> {
+        api_keys::list_api_keys(&self.context, request.into_inner()).map(Response::new)
     }
 }

@@ -56,7 +56,7 @@ fn optional_agent(value: &str) -> Result<Option<AgentId>, FieldError> {
     if value.is_empty() { Ok(None) } else { convert::id("agent_id", value, AgentId::new).map(Some) }
 }
 
-fn page_size(requested: u32) -> Result<usize, FieldError> {
+pub(super) fn page_size(requested: u32) -> Result<usize, FieldError> {
     match requested {
         0 => Ok(DEFAULT_PAGE_SIZE as usize),
         size if size > MAX_PAGE_SIZE => Err(FieldError::new(
@@ -92,6 +92,7 @@ fn reservation(hold: OpenHold) -> proto::Reservation {
         created_at_unix_ms: hold.created_at_ms,
         expires_at_unix_ms: hold.expires_at_ms,
         rate_card_version: hold.rate_card_version,
+        api_key_id: hold.api_key.map(String::from).unwrap_or_default(),
     }
 }
 

@@ -3,6 +3,8 @@
 
 mod admin;
 mod alerts;
+mod api_keys;
+mod auth;
 mod billing;
 mod convert;
 mod deadline;
@@ -15,6 +17,8 @@ use std::sync::Arc;
 
 pub use admin::AdminService;
 pub use alerts::{AlertHub, DEFAULT_MAX_ALERT_WATCHES, DEFAULT_MAX_ALERT_WATCHES_PER_TENANT};
+pub use api_keys::{MAX_API_KEY_DESCRIPTION_BYTES, MAX_API_KEY_ENVIRONMENTS};
+pub use auth::{AdminGate, QuotaGate};
 pub use deadline::RequestDeadlineLayer;
 pub use quota::QuotaService;
 

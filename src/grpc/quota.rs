@@ -7,6 +7,7 @@ use tracing::{Span, instrument};
 
 use super::{
     Context,
+    auth::api_key_of,
     convert::{self, Zero},
 };
 use crate::{
@@ -30,12 +31,13 @@ impl Quota for QuotaService {
         level = "debug",
         name = "CheckAndReserve",
         skip_all,
-        fields(environment, agent, amount_milli, decision)
+        fields(environment, agent, api_key, amount_milli, decision)
     )]
     async fn check_and_reserve(
         &self,
         request: Request<proto::CheckAndReserveRequest>,
     ) -> Result<Response<proto::CheckAndReserveResponse>, Status> {
+        let api_key = api_key_of(&request)?;
         let request = request.into_inner();
         let policy = &self.context.policy;
         let environment = convert::id("environment_id", &request.environment_id, EnvironmentId::new)?;
@@ -45,12 +47,16 @@ impl Quota for QuotaService {
         let ttl_ms = policy.ttl_ms(request.ttl_seconds)?;
         let span = Span::current();
         span.record("environment", environment.as_str()).record("agent", agent.as_str());
+        if let Some(id) = &api_key {
+            span.record("api_key", id.as_str());
+        }
 
         let now = self.context.clock.now_ms();
         if request.dry_run {
-            let quote = self.context.ledger.dry_run(&environment, &agent, &usage, now).inspect_err(|_| {
-                span.record("decision", "refused");
-            })?;
+            let quote =
+                self.context.ledger.dry_run(&environment, &agent, &usage, api_key.as_ref(), now).inspect_err(|_| {
+                    span.record("decision", "refused");
+                })?;
             span.record("decision", "would_grant").record("amount_milli", quote.amount_milli);
             return Ok(Response::new(proto::CheckAndReserveResponse {
                 reservation_id: String::new(),
@@ -60,8 +66,14 @@ impl Quota for QuotaService {
                 balance: Some(convert::balance(quote.balance)),
             }));
         }
-        let command =
-            Command::Reserve { environment, agent, usage, idempotency_key, expires_at_ms: now.saturating_add(ttl_ms) };
+        let command = Command::Reserve {
+            environment,
+            agent,
+            usage,
+            idempotency_key,
+            expires_at_ms: now.saturating_add(ttl_ms),
+            api_key,
+        };
         // The same instant stamps the command and starts its hold's lifetime.
         let outcome = self.context.execute_at(&command, now).await.inspect_err(|_| {
             span.record("decision", "refused");
@@ -80,12 +92,13 @@ impl Quota for QuotaService {
 
     #[instrument(level = "debug", name = "Commit", skip_all, fields(reservation, actual_milli))]
     async fn commit(&self, request: Request<proto::CommitRequest>) -> Result<Response<proto::CommitResponse>, Status> {
+        let api_key = api_key_of(&request)?;
         let request = request.into_inner();
         let reservation = convert::reservation_id(&request.reservation_id)?;
         let usage = self.context.policy.usage(request.messages, &request.usage, Zero::Allowed)?;
         let span = Span::current();
         span.record("reservation", request.reservation_id.as_str());
-        let outcome = self.context.execute(&Command::Commit { reservation, usage }).await?;
+        let outcome = self.context.execute(&Command::Commit { reservation, usage, api_key }).await?;
         let Outcome::Committed(settled) = outcome else { unreachable!("a commit yields a settlement") };
         let settlement = settled.result;
         span.record("actual_milli", settlement.charged.total() + settlement.overage_milli);
@@ -104,10 +117,11 @@ impl Quota for QuotaService {
         &self,
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let api_key = api_key_of(&request)?;
         let request = request.into_inner();
         let reservation = convert::reservation_id(&request.reservation_id)?;
         Span::current().record("reservation", request.reservation_id.as_str());
-        let outcome = self.context.execute(&Command::Release { reservation }).await?;
+        let outcome = self.context.execute(&Command::Release { reservation, api_key }).await?;
         let Outcome::Released(settled) = outcome else { unreachable!("a release yields a settlement") };
         Ok(Response::new(proto::ReleaseResponse {
             released_milli: settled.result,
@@ -120,10 +134,11 @@ impl Quota for QuotaService {
         &self,
         request: Request<proto::GetBalanceRequest>,
     ) -> Result<Response<proto::Balance>, Status> {
+        let api_key = api_key_of(&request)?;
         let request = request.into_inner();
         let environment = convert::id("environment_id", &request.environment_id, EnvironmentId::new)?;
         Span::current().record("environment", environment.as_str());
-        let balance = self.context.ledger.balance(&environment, self.context.clock.now_ms())?;
+        let balance = self.context.ledger.balance_for(&environment, api_key.as_ref(), self.context.clock.now_ms())?;
         Ok(Response::new(convert::balance(balance)))
     }
 }

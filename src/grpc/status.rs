@@ -75,6 +75,29 @@ pub fn request_timed_out(limit: Duration) -> Status {
     )
 }
 
+/// A `Quota` call without valid credentials: missing, malformed, unknown, wrong or revoked all get this
+/// one answer, so that it tells a caller nothing about which keys exist.
+pub fn invalid_credentials() -> Status {
+    refusal(
+        Code::Unauthenticated,
+        "missing or invalid credentials: send `authorization: Bearer <secret>` with the secret of an API key \
+         that is not revoked (or the admin token)"
+            .to_owned(),
+        "INVALID_CREDENTIALS",
+        HashMap::new(),
+    )
+}
+
+/// A `QuotaAdmin` call without the admin token.
+pub fn invalid_admin_token() -> Status {
+    refusal(
+        Code::Unauthenticated,
+        "missing or invalid admin token: send `authorization: Bearer <admin token>`".to_owned(),
+        "INVALID_CREDENTIALS",
+        HashMap::new(),
+    )
+}
+
 /// The write-ahead log cannot be written: nothing new is granted until it can.
 pub fn log_unavailable() -> Status {
     refusal(
@@ -143,6 +166,7 @@ impl From<LedgerError> for Status {
                         "scope".to_owned(),
                         match scope {
                             OpenReservationScope::Environment => "environment",
+                            OpenReservationScope::ApiKey => "api_key",
                             OpenReservationScope::Server => "server",
                         }
                         .to_owned(),
@@ -211,6 +235,27 @@ impl From<LedgerError> for Status {
                 message,
                 "TOO_MANY_RATE_CARD_VERSIONS",
                 HashMap::from([("limit".to_owned(), limit.to_string())]),
+            ),
+            E::UnknownApiKey(_) => refusal(Code::NotFound, message, "UNKNOWN_API_KEY", none()),
+            E::ApiKeyNoLongerValid => invalid_credentials(),
+            E::TooManyApiKeys { limit, .. } => refusal(
+                Code::ResourceExhausted,
+                message,
+                "TOO_MANY_API_KEYS",
+                HashMap::from([("limit".to_owned(), limit.to_string())]),
+            ),
+            E::ApiKeyIdTaken(_) => refusal(Code::AlreadyExists, message, "API_KEY_ID_TAKEN", none()),
+            E::EnvironmentOutsideKeyScope(environment) => refusal(
+                Code::PermissionDenied,
+                message,
+                "OUTSIDE_KEY_SCOPE",
+                HashMap::from([("environment_id".to_owned(), environment.to_string())]),
+            ),
+            E::ReservationOutsideKeyScope(reservation) => refusal(
+                Code::PermissionDenied,
+                message,
+                "OUTSIDE_KEY_SCOPE",
+                HashMap::from([("reservation_id".to_owned(), reservation.to_string())]),
             ),
             E::CounterOverflow { .. } => {
                 tracing::error!(error = %message, "counter overflow");

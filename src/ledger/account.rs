@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentId, BalanceState, DEFAULT_LOW_PERCENT, IdempotencyKey, LedgerError, Milli, Settlement, TenantId,
+    AgentId, ApiKeyId, BalanceState, DEFAULT_LOW_PERCENT, IdempotencyKey, LedgerError, Milli, Settlement, TenantId,
     alerts::DEFAULT_BUDGET_THRESHOLDS,
     period::{self, Period},
     usage::UsageBook,
@@ -220,6 +220,8 @@ pub struct Hold {
     pub idempotency_key: Option<IdempotencyKey>,
     /// The rate card version in force when the hold was made; its commit is priced with it.
     pub rate_card_version: u32,
+    /// The API key the hold was made with, which counts it against its cap until it resolves.
+    pub api_key: Option<ApiKeyId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentId, AgentLimit, Balance, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId,
+    AgentId, AgentLimit, ApiKeyId, Balance, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId,
+    api_keys::{ApiKeyView, SecretHash},
     pricing::{RateCard, RateCardVersion},
 };
 
@@ -79,13 +80,19 @@ pub enum Command {
         usage: Usage,
         idempotency_key: Option<IdempotencyKey>,
         expires_at_ms: u64,
+        /// The API key the request came with: the environment must be in its scope, and the hold
+        /// counts against its cap. `None` for an operator (the admin token, or authentication off).
+        api_key: Option<ApiKeyId>,
     },
     Commit {
         reservation: ReservationId,
         usage: Usage,
+        /// As for `Reserve`: the reservation must be in the key's scope.
+        api_key: Option<ApiKeyId>,
     },
     Release {
         reservation: ReservationId,
+        api_key: Option<ApiKeyId>,
     },
     /// Releases a hold whose time has come; does nothing if it has resolved meanwhile.
     Expire {
@@ -102,6 +109,19 @@ pub enum Command {
         /// `None` releases every agent's holds.
         agent: Option<AgentId>,
     },
+    /// Creates an API key with an id and secret drawn at the edge; only the secret's hash gets here.
+    CreateApiKey {
+        id: ApiKeyId,
+        tenant: TenantId,
+        /// Capacity or linked app environments of the tenant, each named once; empty: all of them.
+        environments: Vec<EnvironmentId>,
+        description: String,
+        secret_hash: SecretHash,
+    },
+    /// Deletes an API key.
+    RevokeApiKey {
+        id: ApiKeyId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +137,7 @@ pub enum Outcome {
     Expired(Option<Milli>),
     RateCard(RateCardVersion),
     ReleasedAll(ReleaseSummary),
+    ApiKey(ApiKeyView),
 }
 
 /// What a release-all released, with the balance after it.

@@ -1,12 +1,14 @@
 //! Every way a command can be refused. Each variant carries what a person needs to act on it; the
 //! transport maps each one to a status code in one place (`grpc::status`).
 
-use super::{AgentId, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId};
+use super::{AgentId, ApiKeyId, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId};
 
 /// Which open-reservation cap was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenReservationScope {
     Environment,
+    /// The API key the request came with.
+    ApiKey,
     Server,
 }
 
@@ -51,6 +53,7 @@ pub enum LedgerError {
     QuotaDepleted { environment: EnvironmentId, requested_milli: Milli, available_milli: Milli },
     #[error("{} has {limit} open reservations, its limit: commit or release some first", match scope {
         OpenReservationScope::Environment => "the environment",
+        OpenReservationScope::ApiKey => "this API key",
         OpenReservationScope::Server => "the server",
     })]
     TooManyOpenReservations { scope: OpenReservationScope, limit: u64 },
@@ -109,4 +112,21 @@ pub enum LedgerError {
     RateCardEffectiveTooEarly { requested_ms: u64, earliest_ms: u64, newest_version: u32 },
     #[error("the rate card has {limit} versions, its limit")]
     TooManyRateCardVersions { limit: usize },
+    #[error("API key {0} does not exist (a revoked key is deleted)")]
+    UnknownApiKey(ApiKeyId),
+    /// The key a request was authenticated with was revoked before the request was applied; answered
+    /// as a wrong secret is.
+    #[error("the API key is not valid")]
+    ApiKeyNoLongerValid,
+    #[error("tenant {tenant} has {limit} API keys, its limit: revoke one first")]
+    TooManyApiKeys { tenant: TenantId, limit: usize },
+    /// A newly drawn key id that an existing key has; the caller draws another.
+    #[error("API key id {0} is already taken")]
+    ApiKeyIdTaken(ApiKeyId),
+    // The two refusals below are the same whether the environment exists or not, so that a key learns
+    // nothing about other tenants.
+    #[error("environment {0} does not exist or is outside this API key's scope")]
+    EnvironmentOutsideKeyScope(EnvironmentId),
+    #[error("reservation {0} does not exist or is outside this API key's scope")]
+    ReservationOutsideKeyScope(ReservationId),
 }

@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentId, AgentLimit, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, Settlement, TenantId,
-    pricing::RateCardVersion, usage::PricedItem,
+    AgentId, AgentLimit, ApiKeyId, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, Settlement, TenantId,
+    api_keys::ApiKeyRecord, pricing::RateCardVersion, usage::PricedItem,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +62,8 @@ pub enum Event {
         /// The tenant had used its distinct usage keys for the month: the grant is counted under the
         /// agent `other`.
         attributed_to_other: bool,
+        /// The API key the hold was made with.
+        api_key: Option<ApiKeyId>,
     },
     /// Also applies to a hold that expired before the commit (`settlement.late`).
     Committed {
@@ -93,6 +95,13 @@ pub enum Event {
         through_seq: u64,
         count: u64,
         released_milli: Milli,
+    },
+    /// Carries the hash of the key's secret, never the secret.
+    ApiKeyCreated {
+        key: ApiKeyRecord,
+    },
+    ApiKeyRevoked {
+        id: ApiKeyId,
     },
 }
 

@@ -1,8 +1,8 @@
 //! Open holds as an admin sees them: listed a page at a time, oldest first, and released all at once.
 
 use super::{
-    AgentId, Books, Draws, EnvironmentId, Event, Hold, Ledger, LedgerError, Milli, ReleaseSummary, ReservationId,
-    account::Environment,
+    AgentId, ApiKeyId, Books, Draws, EnvironmentId, Event, Hold, Ledger, LedgerError, Milli, ReleaseSummary,
+    ReservationId, account::Environment,
 };
 
 /// The most open holds one page looks at under the environment's lock. A page filtered by agent may
@@ -20,6 +20,8 @@ pub struct OpenHold {
     pub created_at_ms: u64,
     pub expires_at_ms: u64,
     pub rate_card_version: u32,
+    /// The API key it was made with.
+    pub api_key: Option<ApiKeyId>,
 }
 
 /// One page of open holds.
@@ -97,6 +99,7 @@ fn open_hold(environment: &EnvironmentId, seq: u64, hold: &Hold) -> OpenHold {
         created_at_ms: hold.created_at_ms,
         expires_at_ms: hold.expires_at_ms,
         rate_card_version: hold.rate_card_version,
+        api_key: hold.api_key.clone(),
     }
 }
 
@@ -176,6 +179,7 @@ mod tests {
             usage: Usage::Milli(amount_milli),
             idempotency_key: None,
             expires_at_ms: now + 60_000,
+            api_key: None,
         };
         let Ok(Outcome::Reserved(grant)) = ledger.apply(&command, now) else { panic!("reserved") };
         grant.reservation
@@ -212,9 +216,10 @@ mod tests {
         assert_eq!(ledger.open_reservations(), 1);
         assert_eq!(ledger.verify(), Ok(()));
 
-        let commit = Command::Commit { reservation: a1.clone(), usage: Usage::Milli(1_000) };
+        let commit = Command::Commit { reservation: a1.clone(), usage: Usage::Milli(1_000), api_key: None };
         assert_eq!(ledger.apply(&commit, T0 + 4), Err(LedgerError::AlreadyReleased(a1)));
-        let Ok(Outcome::Released(release)) = ledger.apply(&Command::Release { reservation: a2 }, T0 + 4) else {
+        let Ok(Outcome::Released(release)) = ledger.apply(&Command::Release { reservation: a2, api_key: None }, T0 + 4)
+        else {
             panic!("a release of a released hold is answered")
         };
         assert_eq!((release.result, release.replayed), (2_000, true));

@@ -93,6 +93,18 @@ id_type!(
     /// A client-chosen key that makes a retried request return the first answer.
     IdempotencyKey
 );
+id_type!(
+    /// An API key, named by an id the server chose when it created the key.
+    ApiKeyId
+);
+
+/// Lets the key map be searched with the id read from a request, without building an `ApiKeyId`. Sound
+/// because the derived `Hash` and `Eq` of the id are those of its `str`.
+impl std::borrow::Borrow<str> for ApiKeyId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 /// Longest reservation id: an environment id, a separator and a decimal u64.
 pub const MAX_RESERVATION_ID_BYTES: usize = MAX_ID_BYTES + 1 + 20;

@@ -9,10 +9,12 @@
 //! commands, which change which environments exist and how they relate, are serialised on one admin
 //! lock that the hot path (reserve, commit, release, expire, balance) never takes. The rate card
 //! versions have a read-write lock of their own, read by the hot path inside an environment's lock
-//! and written only under the admin lock.
+//! and written only under the admin lock. API keys are read by every request that carries one and
+//! created and revoked only under the admin lock.
 
 mod account;
 pub mod alerts;
+pub mod api_keys;
 mod command;
 mod error;
 mod event;
@@ -25,7 +27,7 @@ mod restore;
 pub mod usage;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -44,13 +46,14 @@ pub use error::{LedgerError, OpenReservationScope};
 pub use event::{Discard, Event, EventSink};
 pub use holds::{HoldPage, MAX_HOLDS_SCANNED_PER_PAGE, OpenHold};
 pub use ids::{
-    AgentId, EnvironmentId, IdError, IdempotencyKey, MAX_ID_BYTES, MAX_RESERVATION_ID_BYTES, ReservationId,
+    AgentId, ApiKeyId, EnvironmentId, IdError, IdempotencyKey, MAX_ID_BYTES, MAX_RESERVATION_ID_BYTES, ReservationId,
     ReservationIdError, TenantId,
 };
 pub use restore::{RestoreError, SnapshotItem};
 
 use account::{AgentBook, Environment, Hold, Resolution, Resolved, Tenant};
 use alerts::{AlertLog, AlertSink};
+use api_keys::{ApiKey, ApiKeyRecord};
 use expiry::ExpiryQueue;
 use pricing::{MESSAGES_SCENARIO, PricingError, RateCard, RateCardVersion, RateCards};
 use serde::{Deserialize, Serialize};
@@ -89,6 +92,8 @@ pub struct Limits {
     pub max_usage_keys_per_tenant: u64,
     /// Rate card versions, the configured one included.
     pub max_rate_card_versions: usize,
+    pub max_api_keys_per_tenant: usize,
+    pub max_open_reservations_per_api_key: u64,
 }
 
 impl Default for Limits {
@@ -103,6 +108,8 @@ impl Default for Limits {
             max_amount_milli: DEFAULT_MAX_AMOUNT_MILLI,
             max_usage_keys_per_tenant: usage::DEFAULT_MAX_USAGE_KEYS_PER_TENANT,
             max_rate_card_versions: DEFAULT_MAX_RATE_CARD_VERSIONS,
+            max_api_keys_per_tenant: api_keys::DEFAULT_MAX_API_KEYS_PER_TENANT,
+            max_open_reservations_per_api_key: api_keys::DEFAULT_MAX_OPEN_RESERVATIONS_PER_API_KEY,
         }
     }
 }
@@ -162,6 +169,8 @@ enum Slot {
 
 struct CapacityCell {
     id: EnvironmentId,
+    /// The tenant it belongs to, for good: readable without the lock, to check an API key's scope.
+    owner: TenantId,
     tenant: Arc<Mutex<Tenant>>,
     books: Mutex<Environment>,
 }
@@ -265,6 +274,10 @@ pub struct Ledger {
     /// Each tenant's recent alerts (lock order: environment, tenant, then its log).
     alert_logs: DashMap<TenantId, Arc<Mutex<AlertLog>>>,
     alert_sink: OnceLock<Arc<dyn AlertSink>>,
+    /// API keys by id: read by every authenticated request, written only under `admin`.
+    api_keys: DashMap<ApiKeyId, Arc<ApiKey>>,
+    /// Invariant: the ids of `api_keys`, by tenant. For the per-tenant cap and listing; admin only.
+    api_keys_by_tenant: DashMap<TenantId, BTreeSet<ApiKeyId>>,
 }
 
 impl Ledger {
@@ -291,6 +304,8 @@ impl Ledger {
             sink,
             alert_logs: DashMap::new(),
             alert_sink: OnceLock::new(),
+            api_keys: DashMap::new(),
+            api_keys_by_tenant: DashMap::new(),
         }
     }
 
@@ -327,12 +342,22 @@ impl Ledger {
                 self.record(&mut books, &event, now);
                 Ok(Outcome::Balance(books.balance()))
             }
-            Command::Reserve { environment, agent, usage, idempotency_key, expires_at_ms } => {
-                let request = ReserveRequest { agent, usage, idempotency_key: idempotency_key.as_ref(), expires_at_ms };
+            Command::Reserve { environment, agent, usage, idempotency_key, expires_at_ms, api_key } => {
+                let request = ReserveRequest {
+                    agent,
+                    usage,
+                    idempotency_key: idempotency_key.as_ref(),
+                    expires_at_ms,
+                    api_key: api_key.as_ref(),
+                };
                 self.reserve(environment, &request, now).map(Outcome::Reserved)
             }
-            Command::Commit { reservation, usage } => self.commit(reservation, usage, now).map(Outcome::Committed),
-            Command::Release { reservation } => self.release(reservation, now).map(Outcome::Released),
+            Command::Commit { reservation, usage, api_key } => {
+                self.commit(reservation, usage, api_key.as_ref(), now).map(Outcome::Committed)
+            }
+            Command::Release { reservation, api_key } => {
+                self.release(reservation, api_key.as_ref(), now).map(Outcome::Released)
+            }
             Command::Expire { reservation } => self.expire(reservation, now).map(Outcome::Expired),
             Command::SetRateCard { card, effective_at_ms } => {
                 self.set_rate_card(card, *effective_at_ms, now).map(Outcome::RateCard)
@@ -340,6 +365,18 @@ impl Ledger {
             Command::ReleaseAll { environment, agent } => {
                 self.release_all(environment, agent.as_ref(), now).map(Outcome::ReleasedAll)
             }
+            Command::CreateApiKey { id, tenant, environments, description, secret_hash } => {
+                let record = ApiKeyRecord {
+                    id: id.clone(),
+                    tenant: tenant.clone(),
+                    environments: environments.clone(),
+                    description: description.clone(),
+                    created_at_ms: now,
+                    secret_hash: *secret_hash,
+                };
+                self.create_api_key(record, now).map(Outcome::ApiKey)
+            }
+            Command::RevokeApiKey { id } => self.revoke_api_key(id, now).map(Outcome::ApiKey),
         }
     }
 
@@ -351,20 +388,24 @@ impl Ledger {
         Ok(Quote { amount_milli: amount, draws, balance: books.balance() })
     }
 
-    /// What a dry run answers: the quote, or the refusal `reserve` would give now, open-reservation caps
-    /// included and checked in the same order. Usage items are priced with the rate card in force now.
+    /// What a dry run answers: the quote, or the refusal `reserve` would give now, scope and open-reservation
+    /// caps included and checked in the same order. Usage items are priced with the rate card in force now.
     pub fn dry_run(
         &self,
         environment: &EnvironmentId,
         agent: &AgentId,
         usage: &Usage,
+        api_key: Option<&ApiKeyId>,
         now: u64,
     ) -> Result<Quote, LedgerError> {
-        let cell = self.capacity_cell(environment)?;
+        let (cell, key) = self.scoped_cell(environment, api_key)?;
         let books = Books::lock(&cell, now);
         let version = self.rate_cards.read().in_force(now).version;
         let amount = priced_total(&self.price(usage, version)?);
         let draws = self.plan_hold(&books, agent, amount)?;
+        if let Some(key) = &key {
+            self.check_key_cap(key)?;
+        }
         let max_total = self.limits.max_open_reservations_total;
         if self.open_total.load(Ordering::Relaxed) >= max_total {
             return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
@@ -498,7 +539,17 @@ impl Ledger {
     }
 
     pub fn balance(&self, environment: &EnvironmentId, now: u64) -> Result<Balance, LedgerError> {
-        let cell = self.capacity_cell(environment)?;
+        self.balance_for(environment, None, now)
+    }
+
+    /// The balance, if the API key (when given) may use the environment.
+    pub fn balance_for(
+        &self,
+        environment: &EnvironmentId,
+        api_key: Option<&ApiKeyId>,
+        now: u64,
+    ) -> Result<Balance, LedgerError> {
+        let (cell, _) = self.scoped_cell(environment, api_key)?;
         Ok(Books::lock(&cell, now).balance())
     }
 
@@ -790,7 +841,7 @@ impl Ledger {
         request: &ReserveRequest<'_>,
         now: u64,
     ) -> Result<Grant, LedgerError> {
-        let cell = self.capacity_cell(environment)?;
+        let (cell, key) = self.scoped_cell(environment, request.api_key)?;
         let mut books = Books::lock(&cell, now);
         if let Some(key) = request.idempotency_key
             && let Some(&seq) = books.env.idempotency.get(key)
@@ -804,10 +855,18 @@ impl Ledger {
             Ok(draws) => draws,
             Err(error) => return Err(Self::refuse(&mut books, request.agent, error, max_agents, now)),
         };
+        if let Some(key) = &key
+            && let Err(error) = self.take_key_hold(key)
+        {
+            return Err(Self::refuse(&mut books, request.agent, error, max_agents, now));
+        }
         // The server-wide count is taken last, so that every refusal above leaves it untouched.
         let max_total = self.limits.max_open_reservations_total;
         if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
             self.open_total.fetch_sub(1, Ordering::Relaxed);
+            if let Some(key) = &key {
+                self.give_back_key_hold(key);
+            }
             let error = LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total };
             return Err(Self::refuse(&mut books, request.agent, error, max_agents, now));
         }
@@ -823,6 +882,7 @@ impl Ledger {
             idempotency_key: request.idempotency_key.cloned(),
             rate_card_version,
             attributed_to_other,
+            api_key: key.map(|key| key.id().clone()),
         };
         self.record(&mut books, &event, now);
         Ok(Grant {
@@ -861,8 +921,14 @@ impl Ledger {
         })
     }
 
-    fn commit(&self, reservation: &ReservationId, usage: &Usage, now: u64) -> Result<Settled<Settlement>, LedgerError> {
-        let cell = self.reservation_cell(reservation)?;
+    fn commit(
+        &self,
+        reservation: &ReservationId,
+        usage: &Usage,
+        api_key: Option<&ApiKeyId>,
+        now: u64,
+    ) -> Result<Settled<Settlement>, LedgerError> {
+        let cell = self.scoped_reservation_cell(reservation, api_key)?;
         let mut books = Books::lock(&cell, now);
         self.expire_if_due(&mut books, reservation, now);
         let seq = reservation.seq;
@@ -904,8 +970,13 @@ impl Ledger {
         Ok(Settled { result: settlement, balance: books.balance(), replayed: false })
     }
 
-    fn release(&self, reservation: &ReservationId, now: u64) -> Result<Settled<Milli>, LedgerError> {
-        let cell = self.reservation_cell(reservation)?;
+    fn release(
+        &self,
+        reservation: &ReservationId,
+        api_key: Option<&ApiKeyId>,
+        now: u64,
+    ) -> Result<Settled<Milli>, LedgerError> {
+        let cell = self.scoped_reservation_cell(reservation, api_key)?;
         let mut books = Books::lock(&cell, now);
         self.expire_if_due(&mut books, reservation, now);
         let seq = reservation.seq;
@@ -1016,6 +1087,7 @@ impl Ledger {
                 idempotency_key,
                 rate_card_version,
                 attributed_to_other,
+                api_key,
             } => {
                 let seq = reservation.seq;
                 if seq < env.next_seq || env.open.contains_key(&seq) {
@@ -1035,7 +1107,9 @@ impl Ledger {
                     expires_at_ms: *expires_at_ms,
                     idempotency_key: idempotency_key.clone(),
                     rate_card_version: *rate_card_version,
+                    api_key: api_key.clone(),
                 };
+                // The key's count, like the server's, was taken when the hold was decided.
                 env.open.insert(seq, hold);
                 self.expiries.push(*expires_at_ms, reservation.clone());
                 let usage_agent = if *attributed_to_other { other() } else { agent.clone() };
@@ -1057,6 +1131,7 @@ impl Ledger {
                     .ok_or_else(|| format!("reservation {reservation} is neither open nor resolved"))?;
                 if let Some(hold) = env.open.remove(&reservation.seq) {
                     self.open_total.fetch_sub(1, Ordering::Relaxed);
+                    self.key_hold_resolved(hold.api_key.as_ref());
                     env.settle(tenant.as_deref_mut(), hold.draws, settlement).map_err(|e| e.to_string())?;
                     env.agent_resolved(&hold.agent, hold.amount, *actual_milli, max_agents);
                     env.remember(reservation.seq, Resolved { hold, resolution }, now, retention, max_resolved);
@@ -1075,9 +1150,7 @@ impl Ledger {
                 count_usage_keys(cell, tenant, new_keys, now);
             }
             Event::Released { reservation } => {
-                if env.release_open(tenant.as_deref_mut(), reservation.seq, now, retention, max_resolved).is_some() {
-                    self.open_total.fetch_sub(1, Ordering::Relaxed);
-                } else {
+                if !self.release_open_hold(env, tenant.as_deref_mut(), reservation.seq, now) {
                     let record = env.resolved.get_mut(&reservation.seq).filter(|r| r.resolution == Resolution::Expired);
                     let record =
                         record.ok_or_else(|| format!("reservation {reservation} is neither open nor expired"))?;
@@ -1090,6 +1163,7 @@ impl Ledger {
                     .remove(&reservation.seq)
                     .ok_or_else(|| format!("reservation {reservation} is not open"))?;
                 self.open_total.fetch_sub(1, Ordering::Relaxed);
+                self.key_hold_resolved(hold.api_key.as_ref());
                 env.unhold(tenant.as_deref_mut(), hold.draws);
                 env.agent_resolved(&hold.agent, hold.amount, 0, max_agents);
                 env.remember(
@@ -1109,16 +1183,17 @@ impl Ledger {
                     ));
                 }
                 for seq in seqs {
-                    env.release_open(tenant.as_deref_mut(), seq, now, retention, max_resolved)
-                        .expect("selected among the open holds");
+                    let released = self.release_open_hold(env, tenant.as_deref_mut(), seq, now);
+                    assert!(released, "selected among the open holds");
                 }
-                self.open_total.fetch_sub(*count, Ordering::Relaxed);
             }
             Event::Purchased { .. }
             | Event::TenantPolicySet { .. }
             | Event::Linked { .. }
-            | Event::RateCardSet { .. } => {
-                unreachable!("tenant, link and rate card events do not apply to an environment's books")
+            | Event::RateCardSet { .. }
+            | Event::ApiKeyCreated { .. }
+            | Event::ApiKeyRevoked { .. } => {
+                unreachable!("tenant, link, rate card and API key events do not apply to an environment's books")
             }
         }
         Ok(())
@@ -1193,13 +1268,13 @@ impl Ledger {
         if open != self.open_reservations() {
             return Err(format!("{open} open holds, but the server counts {}", self.open_reservations()));
         }
-        Ok(())
+        self.verify_key_holds()
     }
 }
 
 fn new_cell(environment: &EnvironmentId, tenant: &TenantId, tenant_cell: Arc<Mutex<Tenant>>) -> Arc<CapacityCell> {
     let books = Mutex::new(Environment::new(tenant.clone()));
-    Arc::new(CapacityCell { id: environment.clone(), tenant: tenant_cell, books })
+    Arc::new(CapacityCell { id: environment.clone(), owner: tenant.clone(), tenant: tenant_cell, books })
 }
 
 /// Takes `amount` from what the environment has available, in draw order, or refuses it whole.
@@ -1267,6 +1342,7 @@ struct ReserveRequest<'a> {
     usage: &'a Usage,
     idempotency_key: Option<&'a IdempotencyKey>,
     expires_at_ms: &'a u64,
+    api_key: Option<&'a ApiKeyId>,
 }
 
 fn priced_total(items: &[PricedItem]) -> Milli {
@@ -1325,6 +1401,7 @@ mod tests {
             usage: Usage::Milli(amount_milli),
             idempotency_key: None,
             expires_at_ms: 1_000,
+            api_key: None,
         };
         assert!(ledger.apply(&reserve(Milli::MAX - 1), 0).is_ok());
         assert!(ledger.apply(&reserve(1), 0).is_ok());

@@ -15,6 +15,7 @@ use super::{
     Books, EnvironmentId, Event, Ledger, LedgerError, Milli, Slot, Source, TenantId,
     account::{Environment, Tenant},
     alerts::AlertLog,
+    api_keys::ApiKeyRecord,
     new_cell,
     period::Period,
     pricing::RateCardVersion,
@@ -43,6 +44,8 @@ pub enum SnapshotItem {
         tenant: TenantId,
         log: AlertLog,
     },
+    /// An API key: the hash of its secret, never the secret.
+    ApiKey(ApiKeyRecord),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,18 +68,21 @@ impl Ledger {
         // every object whose event was logged before the export began, and lists every listed
         // environment's tenant; it is released before the first `emit`, so admin commands run
         // while the items are copied.
-        let (rate_cards, tenants, slots): (Vec<_>, Vec<_>, Vec<_>) = {
+        let (rate_cards, tenants, slots, api_keys): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) = {
             let _admin = self.admin.lock();
             let rate_cards = self.rate_cards.read().added().to_vec();
             let tenants = self.tenants.iter().map(|t| (t.key().clone(), t.value().clone())).collect();
             let slots = self.environments.iter().map(|s| (s.key().clone(), s.value().clone())).collect();
-            (rate_cards, tenants, slots)
+            // Keys change only under the admin lock, so this is every key as of the listing.
+            let api_keys = self.api_keys.iter().map(|k| k.value().record().clone()).collect();
+            (rate_cards, tenants, slots, api_keys)
         };
         rate_cards.into_iter().map(SnapshotItem::RateCard).for_each(&mut emit);
         for (id, cell) in tenants {
             let tenant = cell.lock().clone();
             emit(SnapshotItem::Tenant { id, tenant });
         }
+        api_keys.into_iter().map(SnapshotItem::ApiKey).for_each(&mut emit);
         let mut apps = Vec::new();
         for (id, slot) in slots {
             match slot {
@@ -123,6 +129,9 @@ impl Ledger {
             SnapshotItem::Alerts { tenant, log } => {
                 self.alert_logs.insert(tenant, Arc::new(Mutex::new(log)));
             }
+            SnapshotItem::ApiKey(record) => {
+                self.insert_api_key(record);
+            }
         }
         Ok(())
     }
@@ -151,6 +160,12 @@ impl Ledger {
         let fail = |reason: String| RestoreError::Event { seq, reason };
         match event {
             Event::RateCardSet { rate_card } => self.add_rate_card(rate_card.clone()).map_err(fail)?,
+            // Key ids are never reused, so a creation the snapshot already holds keeps the key, and a
+            // revocation of a key the snapshot no longer holds does nothing.
+            Event::ApiKeyCreated { key } => {
+                self.insert_api_key(key.clone());
+            }
+            Event::ApiKeyRevoked { id } => self.remove_api_key(id),
             Event::Purchased { tenant, .. } => {
                 let cell = self.tenants.entry(tenant.clone()).or_default().clone();
                 let mut books = cell.lock();
@@ -283,6 +298,7 @@ impl Ledger {
             super::alerts::rearm_tenant(&mut tenant);
         }
         self.open_total.store(open, Ordering::Relaxed);
+        self.recount_key_holds();
     }
 
     /// Per tenant, the newest month with use in any of its environments and the distinct usage keys
@@ -381,6 +397,7 @@ mod tests {
                     usage: crate::ledger::Usage::Milli(1_000),
                     idempotency_key: None,
                     expires_at_ms: 60_000,
+                    api_key: None,
                 };
                 let link = Command::LinkEnvironment {
                     app_environment: EnvironmentId::new("app").unwrap(),

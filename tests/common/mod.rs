@@ -2,6 +2,9 @@
 //! the generated clients connected to it, and short helpers for the admin bootstrap and the checks
 //! that recur (status codes, `ErrorInfo` details, waiting for the expiry sweeper).
 //!
+//! Servers run with authentication off unless a test asks for it (`spawn_server_as_configured`, or
+//! `--auth on` for the binary), so that tests of other features need no credentials.
+//!
 //! Each test file compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
@@ -9,7 +12,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use quotad::{
     clock::ManualClock,
-    config::{Config, Settings},
+    config::{AuthConfig, Config, Settings},
     durability::{journal::Durability, store::StorageConfig},
     ledger::MILLI_PER_MESSAGE,
     proto::{
@@ -64,9 +67,14 @@ pub async fn spawn_server_with(settings: Settings) -> TestServer {
     spawn_server_with_config(config, Arc::new(ManualClock::new(START_MS))).await
 }
 
-/// A server with a full `config` and a clock the test holds. The listener is bound before the server
-/// starts, so clients can connect as soon as this returns.
+/// A server with a full `config`, authentication off, and a clock the test holds.
 pub async fn spawn_server_with_config(config: Config, clock: Arc<ManualClock>) -> TestServer {
+    spawn_server_as_configured(Config { auth: AuthConfig::off(), ..config }, clock).await
+}
+
+/// A server with `config` exactly, its authentication included. The listener is bound before the
+/// server starts, so clients can connect as soon as this returns.
+pub async fn spawn_server_as_configured(config: Config, clock: Arc<ManualClock>) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
     let addr = listener.local_addr().unwrap();
     let pack_messages = config.policy.pack_milli / MILLI_PER_MESSAGE;
@@ -88,8 +96,9 @@ pub async fn spawn_server_with_config(config: Config, clock: Arc<ManualClock>) -
 }
 
 /// The real `quotad` binary with none of the caller's `QUOTAD_*` variables, so the flags a test
-/// passes are its whole configuration; `RUST_LOG=info` so that the `listening` line is logged; stderr
-/// piped; killed if the test drops it.
+/// passes are its whole configuration, except `QUOTAD_AUTH=off` (a test passes `--auth on` to turn
+/// authentication on); `RUST_LOG=info` so that the `listening` line is logged; stderr piped; killed if
+/// the test drops it.
 pub fn quotad_binary() -> tokio::process::Command {
     use std::process::Stdio;
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_quotad"));
@@ -99,6 +108,7 @@ pub fn quotad_binary() -> tokio::process::Command {
         }
     }
     command
+        .env("QUOTAD_AUTH", "off")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

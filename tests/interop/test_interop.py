@@ -2,7 +2,8 @@
 binary over the wire, with stubs generated from proto/ at test time.
 
 The binary is target/debug/quotad unless QUOTAD_BIN names another. It is started once for the session
-on an ephemeral port with a config written here, and must exit 0 on SIGTERM at the end.
+on an ephemeral port with a config written here, with authentication off, and must exit 0 on SIGTERM at
+the end; a second one, with authentication on, serves the API key test.
 """
 
 import os
@@ -67,6 +68,8 @@ messages = 10
 """
 TENANT_POOL_MESSAGES = 300 - 60 - 10 - 10 - 10
 MILLI = 1_000
+# The admin token of the server with authentication on; given through QUOTAD_ADMIN_TOKEN.
+ADMIN_TOKEN = "interop-admin-token-0123456789"
 
 LISTENING = re.compile(r"\blistening\b.*\baddress=(\S+:\d+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -148,8 +151,18 @@ class _StderrPump:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """A real quotad on 127.0.0.1 with an ephemeral port; yields its address, then SIGTERMs it and
-    checks that it exits 0."""
+    """A real quotad on 127.0.0.1 with an ephemeral port and authentication off; yields its address, then
+    SIGTERMs it and checks that it exits 0."""
+    yield from _quotad(tmp_path_factory, ["--auth", "off"], {})
+
+
+@pytest.fixture(scope="session")
+def secured_server(tmp_path_factory):
+    """Like `server`, with authentication on and an admin token."""
+    yield from _quotad(tmp_path_factory, ["--auth", "on"], {"QUOTAD_ADMIN_TOKEN": ADMIN_TOKEN})
+
+
+def _quotad(tmp_path_factory, flags, extra_env):
     binary = Path(os.environ.get("QUOTAD_BIN", REPO / "target" / "debug" / "quotad"))
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         pytest.fail(f"quotad binary not found at {binary}: run `cargo build` first, or set QUOTAD_BIN")
@@ -157,6 +170,7 @@ def server(tmp_path_factory):
     config.write_text(CONFIG_TOML)
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTAD_")}
     env["RUST_LOG"] = "info"
+    env.update(extra_env)
     proc = subprocess.Popen(
         [
             str(binary),
@@ -168,6 +182,7 @@ def server(tmp_path_factory):
             str(tmp_path_factory.mktemp("data")),
             "--log-format",
             "text",
+            *flags,
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -406,3 +421,50 @@ def test_agent_limit_refusal_and_the_alert_stream(pb, quota, admin):
         assert fired.balance.available_milli == 0 and fired.tenant_id == "interop"
     finally:
         stream.cancel()
+
+
+def test_an_api_key_in_grpcio_metadata(pb, secured_server):
+    """With authentication on, an admin creates an API key with the admin token; an agent call that sends
+    the key's secret as grpcio metadata is served, one without credentials is UNAUTHENTICATED with reason
+    INVALID_CREDENTIALS, and an environment outside the key's list is PERMISSION_DENIED with reason
+    OUTSIDE_KEY_SCOPE. Listing the keys shows the key's last use, never its secret."""
+    with grpc.insecure_channel(secured_server.address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=STARTUP_TIMEOUT_S)
+        admin = pb.grpc.QuotaAdminStub(channel)
+        quota = pb.grpc.QuotaStub(channel)
+        as_admin = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+        key = admin.CreateApiKey(
+            pb.msg.CreateApiKeyRequest(tenant_id="interop", environment_ids=["depletion-env"], description="interop"),
+            metadata=as_admin,
+            timeout=RPC_TIMEOUT_S,
+        )
+        assert key.secret.startswith(f"qk_{key.key_id}_"), key
+        as_agent = (("authorization", f"Bearer {key.secret}"),)
+
+        def reserve(environment_id, metadata):
+            request = pb.msg.CheckAndReserveRequest(environment_id=environment_id, agent_id="interop-agent", messages=1)
+            return quota.CheckAndReserve(request, metadata=metadata, timeout=RPC_TIMEOUT_S)
+
+        reserved = reserve("depletion-env", as_agent)
+        assert reserved.reserved_milli == 1 * MILLI
+        assert reserved.balance.tenant_id == "interop"
+
+        with pytest.raises(grpc.RpcError) as refused:
+            reserve("depletion-env", ())
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value
+        details = _details(refused.value)
+        assert details.info is not None and details.info.reason == "INVALID_CREDENTIALS", details.status
+
+        with pytest.raises(grpc.RpcError) as outside:
+            reserve("roundtrip-env", as_agent)
+        assert outside.value.code() == grpc.StatusCode.PERMISSION_DENIED, outside.value
+        details = _details(outside.value)
+        assert details.info is not None and details.info.reason == "OUTSIDE_KEY_SCOPE", details.status
+
+        listed = admin.ListApiKeys(
+            pb.msg.ListApiKeysRequest(tenant_id="interop"), metadata=as_admin, timeout=RPC_TIMEOUT_S
+        )
+        assert [k.key_id for k in listed.api_keys] == [key.key_id]
+        assert listed.api_keys[0].secret == ""
+        assert listed.api_keys[0].last_used_unix_ms > 0
+        assert listed.api_keys[0].open_reservations == 1

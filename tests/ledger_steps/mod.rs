@@ -12,7 +12,10 @@ use std::ops::RangeInclusive;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use quotad::ledger::{AgentId, Command, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId, Usage};
+use quotad::ledger::{
+    AgentId, ApiKeyId, Command, EnvironmentId, IdempotencyKey, Milli, ReservationId, TenantId, Usage,
+    api_keys::SecretHash,
+};
 
 pub const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
 pub const AGENTS: [&str; 3] = ["a0", "a1", "a2"];
@@ -100,6 +103,17 @@ pub enum Step {
         amount: Amount,
         key: Option<usize>,
         ttl_ms: u64,
+        /// One of the API keys created so far (revoked ones included), or none: an operator.
+        api_key: Option<Index>,
+    },
+    /// Creates an API key of a tenant for some environments (none: all of the tenant's).
+    CreateApiKey {
+        tenant: usize,
+        envs: Vec<usize>,
+    },
+    /// Revokes one of the API keys created so far (revoked ones included).
+    RevokeApiKey {
+        pick: Index,
     },
     /// Sends an earlier purchase or reservation that carried an idempotency key again, as it was
     /// or with its amount changed.
@@ -208,11 +222,14 @@ pub struct Shape {
     pub ttl_ms: RangeInclusive<u64>,
     /// Whether reservations also draw `Amount::NearLow`.
     pub near_low: bool,
+    /// The weight of API key creations and revocations, and whether reservations use keys; 0: never.
+    pub api_keys: u32,
 }
 
-pub fn step(shape: Shape) -> impl Strategy<Value = Step> {
-    let Shape { admin, tenant, allocation_env, link_env, reserve_env, envs, ttl_ms, near_low } = shape;
-    prop_oneof![
+pub fn step(shape: Shape) -> BoxedStrategy<Step> {
+    let Shape { admin, tenant, allocation_env, link_env, reserve_env, envs, ttl_ms, near_low, api_keys } = shape;
+    let api_key = if api_keys == 0 { Just(None).boxed() } else { proptest::option::of(any::<Index>()).boxed() };
+    let steps = prop_oneof![
         admin => (tenant.clone(), 0..=20_000u64, proptest::option::of(0..3usize))
             .prop_map(|(tenant, amount, key)| Step::Purchase { tenant, amount, key }),
         2 * admin => (tenant, allocation_env, allocation(), any::<bool>())
@@ -221,8 +238,15 @@ pub fn step(shape: Shape) -> impl Strategy<Value = Step> {
             .prop_map(|(env, enabled, budget)| Step::SetPayAsYouGo { env, enabled, budget }),
         admin => (link_env, proptest::option::of(0..envs))
             .prop_map(|(app, target)| Step::Link { app, target }),
-        7 => (reserve_env, 0..3usize, reserve_amount(near_low), proptest::option::of(0..3usize), ttl_ms)
-            .prop_map(|(env, agent, amount, key, ttl_ms)| Step::Reserve { env, agent, amount, key, ttl_ms }),
+        7 => (reserve_env, 0..3usize, reserve_amount(near_low), proptest::option::of(0..3usize), ttl_ms, api_key)
+            .prop_map(|(env, agent, amount, key, ttl_ms, api_key)| Step::Reserve {
+                env,
+                agent,
+                amount,
+                key,
+                ttl_ms,
+                api_key
+            }),
         2 => (any::<Index>(), any::<bool>()).prop_map(|(pick, changed)| Step::Retry { pick, changed }),
         5 => (pick(), actual()).prop_map(|(pick, actual)| Step::Commit { pick, actual }),
         3 => pick().prop_map(|pick| Step::Release { pick }),
@@ -232,7 +256,18 @@ pub fn step(shape: Shape) -> impl Strategy<Value = Step> {
         1 => (0..=80u64).prop_map(|ms| Step::NextMonth { ms }),
         admin => (0..TENANTS.len(), prop_oneof![Just(100u32), 100..=200u32])
             .prop_map(|(tenant, percent)| Step::SetGrace { tenant, percent }),
+    ];
+    if api_keys == 0 {
+        return steps.boxed();
+    }
+    // Keys come second, so that shrinking leans towards the steps without them.
+    prop_oneof![
+        30 => steps,
+        2 * api_keys => (0..TENANTS.len(), proptest::collection::vec(0..envs, 0..=2))
+            .prop_map(|(tenant, envs)| Step::CreateApiKey { tenant, envs }),
+        api_keys => any::<Index>().prop_map(|pick| Step::RevokeApiKey { pick }),
     ]
+    .boxed()
 }
 
 /// Two tenants with capacity, e0 without the pool, e1 and e2 perhaps with it, pay-as-you-go perhaps
@@ -273,6 +308,15 @@ pub trait Resolve {
     fn actual(&self, r: &ReservationId, actual: &Actual) -> Milli;
     fn allocation(&self, t: &TenantId, e: &EnvironmentId, amount: &Allocation) -> Milli;
     fn reserve_amount(&self, e: &EnvironmentId, amount: &Amount) -> Milli;
+    /// One of the API keys created so far; `None` when there is none.
+    fn api_key(&self, pick: &Index) -> Option<ApiKeyId> {
+        let _ = pick;
+        None
+    }
+    /// The id the next created key gets.
+    fn next_api_key_id(&self) -> ApiKeyId {
+        unreachable!("this suite creates no API keys")
+    }
 }
 
 /// The command a step stands for. `Retry`, `Advance` and `NextMonth` are not commands of their own.
@@ -294,19 +338,32 @@ pub fn command(r: &impl Resolve, step: &Step) -> Command {
         Step::Link { app, target } => {
             Command::LinkEnvironment { app_environment: env(*app), environment: target.map(env) }
         }
-        Step::Reserve { env: e, agent: g, amount, key: k, ttl_ms } => Command::Reserve {
+        Step::Reserve { env: e, agent: g, amount, key: k, ttl_ms, api_key } => Command::Reserve {
             environment: env(*e),
             agent: agent(*g),
             usage: Usage::Milli(r.reserve_amount(&env(*e), amount)),
             idempotency_key: k.map(key),
             expires_at_ms: r.now() + ttl_ms,
+            api_key: api_key.as_ref().and_then(|pick| r.api_key(pick)),
         },
         Step::Commit { pick, actual } => {
             let reservation = r.reservation(pick);
             let actual_milli = r.actual(&reservation, actual);
-            Command::Commit { reservation, usage: Usage::Milli(actual_milli) }
+            Command::Commit { reservation, usage: Usage::Milli(actual_milli), api_key: None }
         }
-        Step::Release { pick } => Command::Release { reservation: r.reservation(pick) },
+        Step::Release { pick } => Command::Release { reservation: r.reservation(pick), api_key: None },
+        Step::CreateApiKey { tenant: t, envs } => Command::CreateApiKey {
+            id: r.next_api_key_id(),
+            tenant: tenant(*t),
+            environments: envs.iter().map(|e| env(*e)).collect(),
+            description: String::new(),
+            secret_hash: SecretHash([0; 32]),
+        },
+        Step::RevokeApiKey { pick } => match r.api_key(pick) {
+            Some(id) => Command::RevokeApiKey { id },
+            // Before any key exists: a revocation of one that never did.
+            None => Command::RevokeApiKey { id: ApiKeyId::new("never-created").unwrap() },
+        },
         Step::ReleaseAll { env: e, agent: g } => Command::ReleaseAll { environment: env(*e), agent: g.map(agent) },
         Step::SetGrace { tenant: t, percent } => {
             Command::SetTenantPolicy { tenant: tenant(*t), grace_percent: *percent, time_zone: "UTC".into() }

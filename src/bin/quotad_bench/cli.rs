@@ -151,6 +151,10 @@ pub struct Args {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Sent as `authorization: Bearer <token>` with every call: the admin token (setup and load), or an
+    /// API key's secret (load with `--no-setup`). None for a quotad with `--auth off`.
+    #[arg(long, env = "QUOTAD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// When recording stops.
@@ -181,6 +185,7 @@ pub struct Plan {
     pub ttl_seconds: u32,
     pub timeout: Duration,
     pub json: Option<PathBuf>,
+    pub token: Option<String>,
 }
 
 impl Args {
@@ -235,6 +240,7 @@ impl Args {
             ttl_seconds: self.ttl_seconds,
             timeout: self.timeout,
             json: self.json,
+            token: self.token,
         })
     }
 }

@@ -15,10 +15,13 @@ use hdrhistogram::Histogram;
 use quotad::proto::{
     CheckAndReserveRequest, CommitRequest, GetBalanceRequest, ReleaseRequest, quota_client::QuotaClient,
 };
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::cli::{Limit, Plan, Scenario, agent_id, environment_id};
+use crate::{
+    Connection,
+    cli::{Limit, Plan, Scenario, agent_id, environment_id},
+};
 
 /// The histogram's range in microseconds: 1 µs to 10 minutes at 3 significant digits. Larger values
 /// are clamped (a call cannot take longer than `--timeout` anyway).
@@ -53,7 +56,7 @@ struct Shared {
 }
 
 /// Runs the scenario over `channels` as `plan` says, and returns what was recorded.
-pub async fn run(plan: &Plan, channels: &[Channel]) -> Result<Recorded, String> {
+pub async fn run(plan: &Plan, channels: &[Connection]) -> Result<Recorded, String> {
     let shared = Arc::new(Shared {
         scenario: plan.scenario,
         environments: (0..plan.environments).map(|i| environment_id(&plan.tenant, i)).collect(),
@@ -88,7 +91,7 @@ pub fn new_histogram() -> Histogram<u64> {
 
 /// One task's loop. Task `index` starts at environment and agent `index` and strides by the
 /// concurrency, so tasks cover all environments without two tasks sharing one at the same step.
-async fn worker(shared: Arc<Shared>, index: usize, channel: Channel) -> Recorded {
+async fn worker(shared: Arc<Shared>, index: usize, channel: Connection) -> Recorded {
     let mut client = Client::new(shared.scenario, channel);
     let mut recorded =
         Recorded { latency_us: new_histogram(), ok: 0, calls: 0, errors: BTreeMap::new(), elapsed: Duration::ZERO };
@@ -144,12 +147,12 @@ impl Failure {
 }
 
 enum Client {
-    Quota(QuotaClient<Channel>, Scenario),
-    Health(HealthClient<Channel>),
+    Quota(QuotaClient<Connection>, Scenario),
+    Health(HealthClient<Connection>),
 }
 
 impl Client {
-    fn new(scenario: Scenario, channel: Channel) -> Self {
+    fn new(scenario: Scenario, channel: Connection) -> Self {
         match scenario {
             Scenario::Health => Self::Health(HealthClient::new(channel)),
             _ => Self::Quota(QuotaClient::new(channel), scenario),

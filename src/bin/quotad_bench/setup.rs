@@ -17,9 +17,9 @@ use quotad::proto::{
     AllocateCapacityRequest, GetTenantRequest, PurchaseCapacityRequest, SetPayAsYouGoRequest,
     quota_admin_client::QuotaAdminClient,
 };
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
-use crate::cli::environment_id;
+use crate::{Connection, cli::environment_id};
 
 /// quotad's default `max_packs_per_purchase`: larger purchases are split.
 const MAX_PACKS_PER_PURCHASE: u64 = 1_000_000;
@@ -44,7 +44,7 @@ pub struct SetupReport {
 }
 
 /// Buys capacity, then allocates every environment with `concurrency` tasks spread over `channels`.
-pub async fn run(plan: &SetupPlan, channels: &[Channel]) -> Result<SetupReport, String> {
+pub async fn run(plan: &SetupPlan, channels: &[Connection]) -> Result<SetupReport, String> {
     let started = Instant::now();
     let mut admin = QuotaAdminClient::new(channels[0].clone());
     let (packs_bought, purchase_calls) =
@@ -74,7 +74,7 @@ pub async fn run(plan: &SetupPlan, channels: &[Channel]) -> Result<SetupReport, 
 
 /// Buys what the allocations need beyond what the tenant already has. Returns the packs bought and
 /// the admin calls made.
-async fn buy_capacity(admin: &mut QuotaAdminClient<Channel>, plan: &SetupPlan) -> Result<(u64, u64), Status> {
+async fn buy_capacity(admin: &mut QuotaAdminClient<Connection>, plan: &SetupPlan) -> Result<(u64, u64), Status> {
     let needed_milli =
         (plan.environments as u128) * u128::from(plan.allocation_messages) * u128::from(MILLI_PER_MESSAGE);
     let have_milli = match admin.get_tenant(GetTenantRequest { tenant_id: plan.tenant.clone() }).await {
@@ -100,14 +100,14 @@ async fn buy_capacity(admin: &mut QuotaAdminClient<Channel>, plan: &SetupPlan) -
 }
 
 /// Returns the tenant's purchased capacity after the purchase.
-async fn purchase(admin: &mut QuotaAdminClient<Channel>, tenant: &str, packs: u64) -> Result<u64, Status> {
+async fn purchase(admin: &mut QuotaAdminClient<Connection>, tenant: &str, packs: u64) -> Result<u64, Status> {
     let request = PurchaseCapacityRequest { tenant_id: tenant.to_owned(), packs, idempotency_key: String::new() };
     Ok(admin.purchase_capacity(request).await?.get_ref().purchased_milli)
 }
 
 /// Allocates environments taken from the shared counter until all are done.
 async fn allocate_environments(
-    mut admin: QuotaAdminClient<Channel>,
+    mut admin: QuotaAdminClient<Connection>,
     plan: Arc<SetupPlan>,
     next: Arc<AtomicUsize>,
 ) -> Result<(), String> {
