@@ -5,6 +5,7 @@
 //! - [`grpc`]: the `quota.v1` services; decoding, validation and the one mapping of errors to statuses.
 //! - [`config`]: command-line flags, environment overrides and the TOML config file.
 //! - [`server`]: startup, health, reflection, the expiry sweeper and graceful shutdown.
+//! - [`metrics`]: Prometheus metrics: per-RPC calls and latency, business counters, the `/metrics` endpoint.
 //! - [`clock`]: the wall clock, and a manual clock for tests.
 //! - [`shutdown`]: the signal future that starts a graceful shutdown.
 //! - [`admin_cli`]: `quotad admin`, the admin command line: a gRPC client of a running quotad.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod durability;
 pub mod grpc;
 pub mod ledger;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;
 

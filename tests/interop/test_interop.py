@@ -168,6 +168,9 @@ def server(tmp_path_factory):
             str(tmp_path_factory.mktemp("data")),
             "--log-format",
             "text",
+            # Tests run in parallel; the default metrics port would collide.
+            "--metrics-listen",
+            "off",
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
