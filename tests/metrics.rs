@@ -252,6 +252,24 @@ async fn each_call_is_counted_once_by_rpc_and_code_with_its_latency() {
     assert_eq!(total, 6.0, "every call once, the scrape itself not at all");
 }
 
+#[tokio::test]
+async fn a_call_the_client_abandons_counts_once_as_cancelled() {
+    // Proves: a stream the client drops before its status (an alert watch) is counted once, as
+    // CANCELLED, with its duration.
+    let (server, metrics) = spawn_with_metrics(false).await;
+    server.bootstrap("acme", "acme-prod", 10).await;
+    let request = quotad::proto::WatchAlertsRequest { tenant_id: "acme".into(), environment_id: String::new() };
+    let mut watch = server.admin.clone().watch_alerts(request).await.unwrap().into_inner();
+    bounded("the first level", watch.message()).await.unwrap().expect("the current level");
+    let watch_alerts = "quota.v1.QuotaAdmin/WatchAlerts";
+    assert_eq!(calls_timed(&scrape(metrics).await, watch_alerts), 0.0, "an open stream has no status yet");
+    drop(watch);
+
+    let counted = wait_for_scrape(metrics, |s| calls_timed(s, watch_alerts) > 0.0).await;
+    assert_eq!(requests(&counted, watch_alerts, "CANCELLED"), 1.0);
+    assert_eq!(calls_timed(&counted, watch_alerts), 1.0);
+}
+
 /// A unary call to `path` whose body is a `google.protobuf.Duration`: a type no quotad method takes,
 /// so a served method cannot decode it.
 async fn raw_call(server: &TestServer, path: &str) -> Result<tonic::Response<Balance>, tonic::Status> {
