@@ -159,6 +159,8 @@ impl<S> Layer<S> for CountCallsLayer {
     }
 }
 
+/// The service [`CountCallsLayer`] makes. It needs the wrapped service's future and body to be `Unpin`
+/// (tonic's are), which spares pinning them by hand.
 #[derive(Debug, Clone)]
 pub struct CountCalls<S> {
     inner: S,
