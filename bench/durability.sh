@@ -89,8 +89,9 @@ start_quotad() {
     shift 2
     local started deadline
     started=$(now_ms)
+    # No metrics endpoint: its default port could be taken by another quotad on this machine.
     RUST_LOG=$QUOTAD_LOG_FILTER taskset -c "$SERVER_CORE" "$QUOTAD" \
-        --listen "127.0.0.1:$PORT" --data-dir "$data_dir" --auth off "$@" >"$log_file" 2>&1 &
+        --listen "127.0.0.1:$PORT" --data-dir "$data_dir" --auth off --metrics-listen off "$@" >"$log_file" 2>&1 &
     QUOTAD_PID=$!
     deadline=$((SECONDS + STARTUP_TIMEOUT))
     # -s: the log file may not exist yet in the first few milliseconds.

@@ -18,6 +18,7 @@ use crate::{
         self, Command, EnvironmentId, Ledger, MILLI_PER_MESSAGE, TenantId,
         pricing::{Rate, RateCard},
     },
+    metrics::MetricsConfig,
     transport::{self, TransportLimits, tls::ServerTls},
 };
 
@@ -25,6 +26,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_DATA_DIR: &str = "quotad-data";
 pub const DEFAULT_FSYNC_INTERVAL: &str = "10ms";
 pub const DEFAULT_SNAPSHOT_INTERVAL: &str = "30s";
+/// Loopback by default: the metrics endpoint has no authentication, so exposing it is a choice.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_PACK_SIZE_MESSAGES: u64 = 25_000;
 pub const DEFAULT_TTL_SECONDS: u32 = 60;
 pub const DEFAULT_MAX_TTL_SECONDS: u32 = 3_600;
@@ -134,6 +137,13 @@ pub struct Cli {
     /// every user of `ps`).
     #[arg(skip = std::env::var_os("QUOTAD_ADMIN_TOKEN").map(Hidden))]
     pub admin_token_env: Option<Hidden>,
+    /// Address of the Prometheus endpoint (`GET /metrics`, plain HTTP), or `off`.
+    #[arg(long, env = "QUOTAD_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: MetricsListen,
+    /// Adds a `tenant` label to the business metrics: one series per tenant, so only for a bounded
+    /// number of tenants.
+    #[arg(long, env = "QUOTAD_METRICS_TENANT_LABELS")]
+    pub metrics_tenant_labels: bool,
 }
 
 /// A secret read from the environment; its `Debug` does not show it.
@@ -143,6 +153,24 @@ pub struct Hidden(pub OsString);
 impl fmt::Debug for Hidden {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Hidden(..)")
+    }
+}
+
+/// `--metrics-listen`: an address, or `off` for no metrics endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self(None)),
+            address => address
+                .parse()
+                .map(|address| Self(Some(address)))
+                .map_err(|e| format!("{e}: expected an address such as 127.0.0.1:9464, or `off`")),
+        }
     }
 }
 
@@ -315,6 +343,8 @@ pub struct Config {
     pub tls: Option<ServerTls>,
     /// On by default, without an admin token.
     pub auth: AuthConfig,
+    /// No endpoint unless set (the flags set one by default; embedding and tests do not).
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -338,6 +368,7 @@ impl Config {
         let mut config = Self::from_settings(cli.listen, settings)?;
         config.log_format = cli.log_format;
         config.auth = auth_config(&cli)?;
+        config.metrics = MetricsConfig { listen: cli.metrics_listen.0, tenant_labels: cli.metrics_tenant_labels };
         if cli.fsync_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "--fsync-interval",
@@ -508,6 +539,7 @@ impl Config {
             transport,
             tls: None,
             auth: AuthConfig::on(None),
+            metrics: MetricsConfig::default(),
         })
     }
 }
@@ -805,6 +837,20 @@ mod tests {
         assert_eq!(limits.max_connection_age, Some(Duration::from_secs(600)));
         assert_eq!(limits.request_timeout, Duration::from_secs(5));
         assert_eq!(parse("max_connection_age_seconds = 0").unwrap().transport.max_connection_age, None);
+    }
+
+    #[test]
+    fn the_metrics_endpoint_is_on_loopback_by_default_and_can_be_turned_off() {
+        let metrics = load(&[]).unwrap().metrics;
+        assert_eq!(metrics.listen, Some(DEFAULT_METRICS_LISTEN.parse().unwrap()));
+        assert!(!metrics.tenant_labels);
+        let metrics = load(&["--metrics-listen", "off", "--metrics-tenant-labels"]).unwrap().metrics;
+        assert_eq!(metrics.listen, None);
+        assert!(metrics.tenant_labels);
+        assert_eq!(load(&["--metrics-listen", "[::1]:0"]).unwrap().metrics.listen, Some("[::1]:0".parse().unwrap()));
+        let error = Cli::try_parse_from(["quotad", "--metrics-listen", "localhost"]).unwrap_err().to_string();
+        assert!(error.contains("--metrics-listen") && error.contains("`off`"), "{error}");
+        assert_eq!(Config::default().metrics.listen, None, "embedded servers serve no metrics unless asked");
     }
 
     #[test]

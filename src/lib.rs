@@ -6,6 +6,7 @@
 //! - [`auth`]: credentials: drawing API key secrets and reading them back, the admin token; hashes only.
 //! - [`config`]: command-line flags, environment overrides and the TOML config file.
 //! - [`server`]: startup, health, reflection, the expiry sweeper and graceful shutdown.
+//! - [`metrics`]: Prometheus metrics: per-RPC calls and latency, business counters, the `/metrics` endpoint.
 //! - [`transport`]: accepting connections (TLS, mutual TLS, a cap and a handshake deadline) and the
 //!   HTTP/2 limits they are served with.
 //! - [`clock`]: the wall clock, and a manual clock for tests.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod durability;
 pub mod grpc;
 pub mod ledger;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;
 pub mod transport;

@@ -8,7 +8,7 @@ use quotad::{
     clock::SystemClock,
     config::{Cli, Config, LogFormat},
 };
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, fmt::format::FmtSpan};
 
 /// BSD's EX_USAGE: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -64,8 +64,11 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A line as each enabled span closes, with its fields and timings: one line per call once the
+    // filter enables the calls' spans (`quotad=debug`), whether or not anything was logged inside it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_span_events(FmtSpan::CLOSE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {

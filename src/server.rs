@@ -1,7 +1,8 @@
 //! Startup and shutdown: builds the ledger from the config, serves the gRPC services with health and
-//! reflection, runs the expiry sweeper, and drains gracefully when the shutdown future resolves.
+//! reflection (and the metrics endpoint), runs the expiry sweeper, and drains gracefully when the
+//! shutdown future resolves.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::{either::Either, sync::CancellationToken};
@@ -12,8 +13,9 @@ use crate::{
     clock::Clock,
     config::Config,
     durability::store::{Store, StoreError},
-    grpc::{AdminGate, AdminService, AlertHub, Context, QuotaGate, QuotaService, RequestDeadlineLayer},
+    grpc::{self, AdminGate, AdminService, AlertHub, Context, QuotaGate, QuotaService, RequestDeadlineLayer},
     ledger::{Command, Discard, Ledger},
+    metrics::{self, CountedAlerts, Metrics, ScrapeSources, StorageSources, rpc::CountCallsLayer},
     proto::{self, quota_admin_server::QuotaAdminServer, quota_server::QuotaServer},
     transport,
 };
@@ -33,6 +35,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("listener: {0}")]
     Listener(std::io::Error),
+    #[error("cannot listen for metrics on {address}: {source}")]
+    MetricsListener { address: SocketAddr, source: std::io::Error },
     #[error("bootstrap command failed: {0}")]
     Bootstrap(#[from] crate::ledger::LedgerError),
     #[error("reflection service: {0}")]
@@ -44,9 +48,27 @@ pub enum ServeError {
 }
 
 /// Serves quotad on `listener` until `shutdown` resolves, then drains in-flight calls for at most the
-/// configured grace period.
+/// configured grace period. Serves metrics on the configured address, if any.
 pub async fn run(
     listener: TcpListener,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let metrics_listener = match config.metrics.listen {
+        None => None,
+        Some(address) => {
+            Some(TcpListener::bind(address).await.map_err(|source| ServeError::MetricsListener { address, source })?)
+        }
+    };
+    run_with_metrics(listener, metrics_listener, config, clock, shutdown).await
+}
+
+/// [`run`], serving metrics on `metrics_listener` (if any) instead of the configured address: for a
+/// caller that binds it itself, such as a test on an ephemeral port.
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     config: Config,
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -55,13 +77,15 @@ pub async fn run(
     check_auth(&config, local_addr)?;
     let (ledger, store) = open_ledger(&config, clock.as_ref()).await?;
     let background = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new(&config.metrics, grpc::served_methods()));
     let alerts = Arc::new(AlertHub::new(
         config.policy.max_alert_watches,
         config.policy.max_alert_watches_per_tenant,
         background.clone(),
     ));
-    ledger.set_alert_sink(alerts.clone());
-    let context = Arc::new(Context { ledger, clock, policy: config.policy.clone(), store, alerts });
+    ledger.set_alert_sink(Arc::new(CountedAlerts { metrics: metrics.clone(), next: alerts.clone() }));
+    let context =
+        Arc::new(Context { ledger, clock, policy: config.policy.clone(), store, alerts, metrics: metrics.clone() });
     // Expire what ran out while the server was down before the first request is served.
     expire_due(&context).await;
 
@@ -82,6 +106,7 @@ pub async fn run(
     let sweeper = tokio::spawn(sweep_expiries(context.clone(), background.clone()));
     let snapshotter = tokio::spawn(take_snapshots(context.clone(), background.clone()));
     let log_health = tokio::spawn(follow_log_health(context.clone(), health.clone(), background.clone()));
+    let metrics_endpoint = serve_metrics(metrics_listener, &context, background.clone())?;
     let _stop_background = background.clone().drop_guard();
 
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel();
@@ -100,6 +125,7 @@ pub async fn run(
     let limits = config.transport;
     let router = limits
         .server_builder()
+        .layer(CountCallsLayer::new(metrics))
         .layer(RequestDeadlineLayer::new(limits.request_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -133,7 +159,7 @@ pub async fn run(
         } => tracing::warn!(grace_seconds = grace.as_secs(), "calls still in flight after the grace period; closing"),
     }
     background.cancel();
-    let _ = tokio::join!(sweeper, snapshotter, log_health);
+    let _ = tokio::join!(sweeper, snapshotter, log_health, metrics_endpoint);
     close_store(context).await;
     tracing::info!("stopped");
     Ok(())
@@ -154,6 +180,27 @@ fn check_auth(config: &Config, local_addr: std::net::SocketAddr) -> Result<(), S
         );
     }
     Ok(())
+}
+
+/// Starts the metrics endpoint on `listener`, if any, until `stop`.
+fn serve_metrics(
+    listener: Option<TcpListener>,
+    context: &Arc<Context>,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let Some(listener) = listener else { return Ok(tokio::spawn(async {})) };
+    let address = listener.local_addr().map_err(ServeError::Listener)?;
+    // A weak reference: the endpoint must not keep the ledger (and its data directory) alive.
+    let weak = Arc::downgrade(context);
+    let open_holds = Box::new(move || weak.upgrade().map_or(0, |context| context.ledger.open_reservations()));
+    let storage = context.store.as_ref().map(|store| StorageSources {
+        log: store.journal().stats(),
+        snapshots: store.snapshot_stats(),
+        log_healthy: store.journal().health(),
+    });
+    let registry = context.metrics.registry(ScrapeSources { open_holds, storage });
+    tracing::info!(%address, path = metrics::endpoint::METRICS_PATH, "serving metrics");
+    Ok(tokio::spawn(metrics::endpoint::serve(listener, registry, stop)))
 }
 
 /// The ledger recovered from the data directory (or a new one in memory), with the config's

@@ -32,7 +32,10 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 use tracing::{debug, error, info};
 
-use super::format::{self, FILE_HEADER_LEN};
+use super::{
+    format::{self, FILE_HEADER_LEN},
+    stats::LogStats,
+};
 
 /// When an answer may be sent, and so what a crash can lose.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -117,6 +120,7 @@ struct Shared {
     current_segment: AtomicU64,
     /// The sequence number of the last append, readable without the pending lock.
     last_appended: AtomicU64,
+    stats: Arc<LogStats>,
 }
 
 struct Pending {
@@ -202,6 +206,7 @@ impl Journal {
             health: watch::Sender::new(true),
             current_segment: AtomicU64::new(next_seq),
             last_appended: AtomicU64::new(next_seq - 1),
+            stats: Arc::default(),
         });
         let (inline, writer) = match mode {
             Durability::None => (None, None),
@@ -235,7 +240,9 @@ impl Journal {
         }
         // The writer is not woken here but by the first waiter, once the runtime has run the other
         // ready requests: waking it per record would, on a busy core, write one record per batch.
+        let before = pending.buf.len();
         format::encode_record_unsealed(seq, payload, &mut pending.buf);
+        self.shared.stats.appended(pending.buf.len() - before);
         seq
     }
 
@@ -303,6 +310,11 @@ impl Journal {
 
     pub fn is_healthy(&self) -> bool {
         *self.shared.health.borrow()
+    }
+
+    /// Records and bytes appended, and sync latencies.
+    pub fn stats(&self) -> Arc<LogStats> {
+        Arc::clone(&self.shared.stats)
     }
 
     /// `true` while the log writes, `false` from its first failure until it writes again.
@@ -834,10 +846,12 @@ impl<S: Storage> Writer<S> {
         if self.resync {
             self.file.write_all_at(&self.unsynced, self.unsynced_from)?;
         }
+        let started = Instant::now();
         if let Err(e) = self.file.sync_data() {
             self.resync = true;
             return Err(e);
         }
+        self.shared.stats.synced(started.elapsed());
         self.resync = false;
         self.synced(self.segment_len);
         Ok(())
@@ -1050,7 +1064,11 @@ fn wait_for_work(shared: &Shared, sync_due_at: Option<Instant>) {
 
 fn run_syncer(jobs: mpsc::Receiver<SyncJob>, shared: &Shared) {
     for job in jobs {
+        let started = Instant::now();
         let result = job.file.sync_data();
+        if result.is_ok() {
+            shared.stats.synced(started.elapsed());
+        }
         shared.pending.lock().sync_done = Some(SyncDone { segment: job.segment, len: job.len, result });
         shared.wake.notify_one();
     }
@@ -1298,6 +1316,19 @@ mod tests {
         assert_eq!(faults.writes.load(Ordering::SeqCst), 2, "801 appends, one write for the first, one for the rest");
         journal.close();
         assert_eq!(read_all(dir.path()).len(), 801);
+    }
+
+    #[tokio::test]
+    async fn stats_count_records_bytes_and_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = open_test(dir.path(), Durability::Fsync, LARGE);
+        journal.append(b"hold 1");
+        let seq = journal.append(b"hold 22");
+        journal.wait_durable(seq).await.unwrap();
+        let stats = journal.stats();
+        assert_eq!(stats.records(), 2);
+        assert_eq!(stats.bytes(), (2 * format::RECORD_HEADER_LEN + 6 + 7) as u64);
+        assert!(stats.syncs().counts().iter().sum::<u64>() >= 1, "a durable record in fsync mode was synced");
     }
 
     #[tokio::test]

@@ -3,4 +3,5 @@
 
 pub mod format;
 pub mod journal;
+pub mod stats;
 pub mod store;

@@ -11,6 +11,7 @@ use std::{
 use super::{
     format::{self, DataDirListing, FormatError, SnapshotWriter},
     journal::{Durability, Journal, Unavailable},
+    stats::SnapshotStats,
 };
 use crate::ledger::{Event, EventSink, Ledger, Limits, RestoreError, SnapshotItem, pricing::RateCard};
 
@@ -66,6 +67,7 @@ pub struct Store {
     config: StorageConfig,
     /// One snapshot at a time: two of the same sequence number would share a temporary file.
     snapshotting: parking_lot::Mutex<()>,
+    snapshot_stats: Arc<SnapshotStats>,
     /// Held for the life of the process: a second quotad on the same directory refuses to start.
     _lock: File,
 }
@@ -92,6 +94,12 @@ impl EventSink for JournalSink {
             seq
         })
     }
+}
+
+struct WrittenSnapshot {
+    path: PathBuf,
+    bytes: u64,
+    items: u64,
 }
 
 /// What startup found in the data directory.
@@ -152,8 +160,14 @@ impl Store {
             Journal::open(&dir, config.durability, config.fsync_interval, last_seq + 1, config.max_segment_bytes)
                 .map_err(io)?;
         sink.journal.set(journal.clone()).unwrap_or_else(|_| unreachable!("set once"));
-        let store =
-            Arc::new(Store { dir: dir.clone(), journal, config, snapshotting: Default::default(), _lock: lock });
+        let store = Arc::new(Store {
+            dir: dir.clone(),
+            journal,
+            config,
+            snapshotting: Default::default(),
+            snapshot_stats: Arc::default(),
+            _lock: lock,
+        });
         Ok(Opened { ledger, store, fresh })
     }
 
@@ -165,6 +179,11 @@ impl Store {
         self.config.snapshot_interval
     }
 
+    /// Snapshots written and failed, and the last one's duration and size.
+    pub fn snapshot_stats(&self) -> Arc<SnapshotStats> {
+        Arc::clone(&self.snapshot_stats)
+    }
+
     /// Waits until every event applied so far is as durable as the mode promises.
     pub async fn wait_durable(&self) -> Result<(), Unavailable> {
         self.journal.wait_durable(self.journal.last_appended()).await
@@ -173,9 +192,18 @@ impl Store {
     /// Writes a snapshot of `ledger`, then removes the older snapshot and the log it no longer needs.
     /// Blocking: run it off the async runtime.
     pub fn snapshot(&self, ledger: &Ledger) -> Result<PathBuf, StoreError> {
-        let io = |source| StoreError::Io { dir: self.dir.clone(), source };
         let _one_at_a_time = self.snapshotting.lock();
         let started = Instant::now();
+        let written = self.write_snapshot(ledger, started);
+        match &written {
+            Ok(snapshot) => self.snapshot_stats.written(started.elapsed(), snapshot.bytes, snapshot.items),
+            Err(_) => self.snapshot_stats.failed(),
+        }
+        written.map(|snapshot| snapshot.path)
+    }
+
+    fn write_snapshot(&self, ledger: &Ledger, started: Instant) -> Result<WrittenSnapshot, StoreError> {
+        let io = |source| StoreError::Io { dir: self.dir.clone(), source };
         // Every event up to `covered` was applied before its object is copied below, so the snapshot
         // holds at least all of them; replay skips whatever else an object already holds.
         self.journal.rotate();
@@ -192,16 +220,18 @@ impl Store {
         });
         result.map_err(io)?;
         let path = writer.finish().map_err(io)?;
+        let bytes = std::fs::metadata(&path).map_err(io)?.len();
         let removed = self.prune(covered).map_err(io)?;
         tracing::info!(
             covered_seq = covered,
             items,
+            bytes,
             removed_files = removed,
             elapsed_ms = started.elapsed().as_millis() as u64,
             file = %path.display(),
             "snapshot written"
         );
-        Ok(path)
+        Ok(WrittenSnapshot { path, bytes, items })
     }
 
     /// Keeps the newest snapshot and the one before it (for `--recover-from-older-snapshot`), and the

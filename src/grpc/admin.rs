@@ -5,7 +5,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::{Context, alerts, api_keys, billing, convert, holds, reports};
+use super::{
+    Context, alerts, api_keys, billing,
+    convert::{self, LogId},
+    holds, reports,
+};
 use crate::{
     ledger::{Command, EnvironmentId, Outcome, TenantCapacity, TenantId},
     proto::{self, quota_admin_server::QuotaAdmin},
@@ -46,7 +50,15 @@ pub(super) fn tenant_capacity(capacity: TenantCapacity) -> proto::TenantCapacity
 
 #[tonic::async_trait]
 impl QuotaAdmin for AdminService {
-    #[instrument(name = "PurchaseCapacity", skip_all, fields(tenant = ?request.get_ref().tenant_id, packs = request.get_ref().packs))]
+    #[instrument(
+        name = "PurchaseCapacity",
+        skip_all,
+        fields(
+            rpc = "quota.v1.QuotaAdmin/PurchaseCapacity",
+            tenant = %LogId(&request.get_ref().tenant_id),
+            packs = request.get_ref().packs,
+        )
+    )]
     async fn purchase_capacity(
         &self,
         request: Request<proto::PurchaseCapacityRequest>,
@@ -64,7 +76,15 @@ impl QuotaAdmin for AdminService {
         Ok(Response::new(tenant_capacity(capacity)))
     }
 
-    #[instrument(name = "AllocateCapacity", skip_all, fields(tenant = ?request.get_ref().tenant_id, environment = ?request.get_ref().environment_id))]
+    #[instrument(
+        name = "AllocateCapacity",
+        skip_all,
+        fields(
+            rpc = "quota.v1.QuotaAdmin/AllocateCapacity",
+            tenant = %LogId(&request.get_ref().tenant_id),
+            environment = %LogId(&request.get_ref().environment_id),
+        )
+    )]
     async fn allocate_capacity(
         &self,
         request: Request<proto::AllocateCapacityRequest>,
@@ -81,7 +101,11 @@ impl QuotaAdmin for AdminService {
         Ok(response)
     }
 
-    #[instrument(name = "SetPayAsYouGo", skip_all, fields(environment = ?request.get_ref().environment_id))]
+    #[instrument(
+        name = "SetPayAsYouGo",
+        skip_all,
+        fields(rpc = "quota.v1.QuotaAdmin/SetPayAsYouGo", environment = %LogId(&request.get_ref().environment_id))
+    )]
     async fn set_pay_as_you_go(
         &self,
         request: Request<proto::SetPayAsYouGoRequest>,
@@ -101,7 +125,15 @@ impl QuotaAdmin for AdminService {
         Ok(response)
     }
 
-    #[instrument(name = "LinkEnvironment", skip_all, fields(app = ?request.get_ref().app_environment_id, environment = ?request.get_ref().environment_id))]
+    #[instrument(
+        name = "LinkEnvironment",
+        skip_all,
+        fields(
+            rpc = "quota.v1.QuotaAdmin/LinkEnvironment",
+            app = %LogId(&request.get_ref().app_environment_id),
+            environment = %LogId(&request.get_ref().environment_id),
+        )
+    )]
     async fn link_environment(
         &self,
         request: Request<proto::LinkEnvironmentRequest>,
@@ -126,7 +158,12 @@ impl QuotaAdmin for AdminService {
         }))
     }
 
-    #[instrument(level = "debug", name = "GetTenant", skip_all)]
+    #[instrument(
+        level = "debug",
+        name = "GetTenant",
+        skip_all,
+        fields(rpc = "quota.v1.QuotaAdmin/GetTenant", tenant = %LogId(&request.get_ref().tenant_id))
+    )]
     async fn get_tenant(
         &self,
         request: Request<proto::GetTenantRequest>,
@@ -135,7 +172,11 @@ impl QuotaAdmin for AdminService {
         Ok(Response::new(tenant_capacity(self.context.ledger.tenant(&tenant, self.context.clock.now_ms())?)))
     }
 
-    #[instrument(name = "SetTenantPolicy", skip_all, fields(tenant = ?request.get_ref().tenant_id))]
+    #[instrument(
+        name = "SetTenantPolicy",
+        skip_all,
+        fields(rpc = "quota.v1.QuotaAdmin/SetTenantPolicy", tenant = %LogId(&request.get_ref().tenant_id))
+    )]
     async fn set_tenant_policy(
         &self,
         request: Request<proto::SetTenantPolicyRequest>,
@@ -143,7 +184,14 @@ impl QuotaAdmin for AdminService {
         billing::set_tenant_policy(&self.context, request.into_inner()).await.map(Response::new)
     }
 
-    #[instrument(name = "SetEnvironmentAlerts", skip_all, fields(environment = ?request.get_ref().environment_id))]
+    #[instrument(
+        name = "SetEnvironmentAlerts",
+        skip_all,
+        fields(
+            rpc = "quota.v1.QuotaAdmin/SetEnvironmentAlerts",
+            environment = %LogId(&request.get_ref().environment_id),
+        )
+    )]
     async fn set_environment_alerts(
         &self,
         request: Request<proto::SetEnvironmentAlertsRequest>,
@@ -151,7 +199,15 @@ impl QuotaAdmin for AdminService {
         billing::set_environment_alerts(&self.context, request.into_inner()).await.map(Response::new)
     }
 
-    #[instrument(name = "SetAgentLimit", skip_all, fields(environment = ?request.get_ref().environment_id, agent = ?request.get_ref().agent_id))]
+    #[instrument(
+        name = "SetAgentLimit",
+        skip_all,
+        fields(
+            rpc = "quota.v1.QuotaAdmin/SetAgentLimit",
+            environment = %LogId(&request.get_ref().environment_id),
+            agent = %LogId(&request.get_ref().agent_id),
+        )
+    )]
     async fn set_agent_limit(
         &self,
         request: Request<proto::SetAgentLimitRequest>,
@@ -159,7 +215,12 @@ impl QuotaAdmin for AdminService {
         billing::set_agent_limit(&self.context, request.into_inner()).await.map(Response::new)
     }
 
-    #[instrument(level = "debug", name = "ListAgentLimits", skip_all)]
+    #[instrument(
+        level = "debug",
+        name = "ListAgentLimits",
+        skip_all,
+        fields(rpc = "quota.v1.QuotaAdmin/ListAgentLimits", environment = %LogId(&request.get_ref().environment_id))
+    )]
     async fn list_agent_limits(
         &self,
         request: Request<proto::ListAgentLimitsRequest>,
@@ -167,7 +228,17 @@ impl QuotaAdmin for AdminService {
         billing::list_agent_limits(&self.context, request.into_inner()).map(Response::new)
     }
 
-    #[instrument(level = "debug", name = "GetUsage", skip_all)]
+    #[instrument(
+        level = "debug",
+        name = "GetUsage",
+        skip_all,
+        fields(
+            rpc = "quota.v1.QuotaAdmin/GetUsage",
+            tenant = %LogId(&request.get_ref().tenant_id),
+            environment = %LogId(&request.get_ref().environment_id),
+            agent = %LogId(&request.get_ref().agent_id),
+        )
+    )]
     async fn get_usage(
         &self,
         request: Request<proto::GetUsageRequest>,
@@ -175,7 +246,7 @@ impl QuotaAdmin for AdminService {
         reports::get_usage(&self.context, request.into_inner()).map(Response::new)
     }
 
-    #[instrument(level = "debug", name = "GetRateCard", skip_all)]
+    #[instrument(level = "debug", name = "GetRateCard", skip_all, fields(rpc = "quota.v1.QuotaAdmin/GetRateCard"))]
     async fn get_rate_card(
         &self,
         request: Request<proto::GetRateCardRequest>,
@@ -183,7 +254,7 @@ impl QuotaAdmin for AdminService {
         reports::get_rate_card(&self.context, request.into_inner()).map(Response::new)
     }
 
-    #[instrument(name = "SetRateCard", skip_all)]
+    #[instrument(name = "SetRateCard", skip_all, fields(rpc = "quota.v1.QuotaAdmin/SetRateCard"))]
     async fn set_rate_card(
         &self,
         request: Request<proto::SetRateCardRequest>,
@@ -191,7 +262,16 @@ impl QuotaAdmin for AdminService {
         reports::set_rate_card(&self.context, request.into_inner()).await.map(Response::new)
     }
 
-    #[instrument(level = "debug", name = "ListReservations", skip_all, fields(environment = ?request.get_ref().environment_id, agent = ?request.get_ref().agent_id))]
+    #[instrument(
+        level = "debug",
+        name = "ListReservations",
+        skip_all,
+        fields(
+            rpc = "quota.v1.QuotaAdmin/ListReservations",
+            environment = %LogId(&request.get_ref().environment_id),
+            agent = %LogId(&request.get_ref().agent_id),
+        )
+    )]
     async fn list_reservations(
         &self,
         request: Request<proto::ListReservationsRequest>,
@@ -199,7 +279,15 @@ impl QuotaAdmin for AdminService {
         holds::list_reservations(&self.context, request.into_inner()).map(Response::new)
     }
 
-    #[instrument(name = "ReleaseAll", skip_all, fields(environment = ?request.get_ref().environment_id, agent = ?request.get_ref().agent_id))]
+    #[instrument(
+        name = "ReleaseAll",
+        skip_all,
+        fields(
+            rpc = "quota.v1.QuotaAdmin/ReleaseAll",
+            environment = %LogId(&request.get_ref().environment_id),
+            agent = %LogId(&request.get_ref().agent_id),
+        )
+    )]
     async fn release_all(
         &self,
         request: Request<proto::ReleaseAllRequest>,
@@ -207,7 +295,16 @@ impl QuotaAdmin for AdminService {
         holds::release_all(&self.context, request.into_inner()).await.map(Response::new)
     }
 
-    #[instrument(level = "debug", name = "ListAlerts", skip_all)]
+    #[instrument(
+        level = "debug",
+        name = "ListAlerts",
+        skip_all,
+        fields(
+            rpc = "quota.v1.QuotaAdmin/ListAlerts",
+            tenant = %LogId(&request.get_ref().tenant_id),
+            environment = %LogId(&request.get_ref().environment_id),
+        )
+    )]
     async fn list_alerts(
         &self,
         request: Request<proto::ListAlertsRequest>,
@@ -217,7 +314,16 @@ impl QuotaAdmin for AdminService {
 
     type WatchAlertsStream = alerts::AlertStream;
 
-    #[instrument(level = "debug", name = "WatchAlerts", skip_all)]
+    #[instrument(
+        level = "debug",
+        name = "WatchAlerts",
+        skip_all,
+        fields(
+            rpc = "quota.v1.QuotaAdmin/WatchAlerts",
+            tenant = %LogId(&request.get_ref().tenant_id),
+            environment = %LogId(&request.get_ref().environment_id),
+        )
+    )]
     async fn watch_alerts(
         &self,
         request: Request<proto::WatchAlertsRequest>,

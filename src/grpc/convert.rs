@@ -1,16 +1,35 @@
 //! Requests to validated domain values, and domain values to responses. Every bad field becomes a
 //! [`FieldError`] naming the field and the limit, before anything reaches the ledger.
 
+use std::fmt;
+
 use tonic::Status;
 
 use super::{Policy, status::FieldError};
 use crate::{
     ledger::{
-        Balance, BalanceState, Draws, IdError, IdempotencyKey, MILLI_PER_MESSAGE, Milli, ReservationId,
+        Balance, BalanceState, Draws, IdError, IdempotencyKey, MAX_ID_BYTES, MILLI_PER_MESSAGE, Milli, ReservationId,
         ReservationIdError, Source, Usage, UsageItem,
     },
     proto,
 };
+
+/// An id as a client sent it, for a span field before it is validated: as is when it is printable
+/// ASCII within the id length limit (every valid id is), otherwise quoted with escapes and cut to that
+/// limit, so that no request puts control characters or kilobytes into a log line.
+pub struct LogId<'a>(pub &'a str);
+
+impl fmt::Display for LogId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let id = self.0;
+        if id.len() <= MAX_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic()) {
+            return f.write_str(id);
+        }
+        let cut = (0..=MAX_ID_BYTES.min(id.len())).rev().find(|at| id.is_char_boundary(*at)).unwrap_or(0);
+        write!(f, "{:?}", &id[..cut])?;
+        if cut < id.len() { f.write_str("...") } else { Ok(()) }
+    }
+}
 
 /// Parses a required id field.
 pub fn id<T>(field: &str, value: &str, parse: fn(&str) -> Result<T, IdError>) -> Result<T, FieldError> {
@@ -167,6 +186,18 @@ mod tests {
 
     fn usage(items: &[(&str, u64)]) -> Vec<proto::UsageItem> {
         items.iter().map(|(s, q)| proto::UsageItem { scenario: s.to_string(), quantity: *q }).collect()
+    }
+
+    #[test]
+    fn ids_are_logged_as_sent_unless_unprintable_or_too_long() {
+        let log = |id: &str| LogId(id).to_string();
+        assert_eq!(log("acme-prod"), "acme-prod");
+        assert_eq!(log(""), "");
+        let longest = "a".repeat(MAX_ID_BYTES);
+        assert_eq!(log(&longest), longest);
+        assert_eq!(log(&"a".repeat(MAX_ID_BYTES + 1)), format!("\"{longest}\"..."));
+        assert_eq!(log("a\nb"), "\"a\\nb\"");
+        assert_eq!(log(&"é".repeat(MAX_ID_BYTES)), format!("\"{}\"...", "é".repeat(MAX_ID_BYTES / 2)));
     }
 
     #[test]

@@ -21,11 +21,14 @@ pub use api_keys::{MAX_API_KEY_DESCRIPTION_BYTES, MAX_API_KEY_ENVIRONMENTS};
 pub use auth::{AdminGate, QuotaGate};
 pub use deadline::RequestDeadlineLayer;
 pub use quota::QuotaService;
+use status::FieldError;
 
 use crate::{
     clock::Clock,
     durability::store::Store,
-    ledger::{Command, Ledger, Milli, Outcome},
+    ledger::{Command, Ledger, LedgerError, Milli, Outcome},
+    metrics::Metrics,
+    proto,
 };
 
 /// What the transport checks before a request reaches the ledger.
@@ -52,6 +55,48 @@ pub struct Context {
     pub policy: Policy,
     pub store: Option<Arc<Store>>,
     pub alerts: Arc<alerts::AlertHub>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why a command was not applied, kept apart from its status until its reason has been counted (a
+/// status holds it only encoded).
+#[derive(Debug)]
+enum Refusal {
+    Field(FieldError),
+    Ledger(LedgerError),
+    LogUnavailable,
+}
+
+impl Refusal {
+    fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Field(_) => status::INVALID_ARGUMENT,
+            Refusal::Ledger(error) => status::reason(error),
+            Refusal::LogUnavailable => status::LOG_UNAVAILABLE,
+        }
+    }
+}
+
+impl From<FieldError> for Refusal {
+    fn from(error: FieldError) -> Self {
+        Refusal::Field(error)
+    }
+}
+
+impl From<LedgerError> for Refusal {
+    fn from(error: LedgerError) -> Self {
+        Refusal::Ledger(error)
+    }
+}
+
+impl From<Refusal> for tonic::Status {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Field(error) => error.into(),
+            Refusal::Ledger(error) => error.into(),
+            Refusal::LogUnavailable => status::log_unavailable(),
+        }
+    }
 }
 
 impl Context {
@@ -63,15 +108,63 @@ impl Context {
     /// Applies a command at `now`, and answers once the change (or, for a retry, the change it
     /// repeats) is durable.
     async fn execute_at(&self, command: &Command, now: u64) -> Result<Outcome, tonic::Status> {
+        Ok(self.apply_at(command, now).await?)
+    }
+
+    /// [`Context::execute_at`], refusing with a [`Refusal`].
+    async fn apply_at(&self, command: &Command, now: u64) -> Result<Outcome, Refusal> {
         if let Some(store) = &self.store
             && !store.journal().is_healthy()
         {
-            return Err(status::log_unavailable());
+            return Err(Refusal::LogUnavailable);
         }
         let outcome = self.ledger.apply(command, now)?;
         if let Some(store) = &self.store {
-            store.wait_durable().await.map_err(|_| status::log_unavailable())?;
+            store.wait_durable().await.map_err(|_| Refusal::LogUnavailable)?;
         }
         Ok(outcome)
+    }
+}
+
+/// Every method the server serves, as `package.Service/Method`: the quota services, health and
+/// reflection.
+pub fn served_methods() -> Vec<String> {
+    use prost::Message;
+    let descriptor_sets = [
+        proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut methods = Vec::new();
+    for encoded in descriptor_sets {
+        let set = prost_types::FileDescriptorSet::decode(encoded).expect("built-in descriptor sets decode");
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    methods.push(format!("{}.{}/{}", file.package(), service.name(), method.name()));
+                }
+            }
+        }
+    }
+    methods
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_methods_include_every_service_the_server_adds() {
+        let methods = served_methods();
+        for method in [
+            "quota.v1.Quota/CheckAndReserve",
+            "quota.v1.QuotaAdmin/WatchAlerts",
+            "grpc.health.v1.Health/Check",
+            "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(methods.iter().any(|m| m == method), "{method} missing from {methods:?}");
+        }
     }
 }

@@ -6,12 +6,12 @@ use tonic::{Request, Response, Status};
 use tracing::{Span, instrument};
 
 use super::{
-    Context,
+    Context, Refusal,
     auth::api_key_of,
     convert::{self, Zero},
 };
 use crate::{
-    ledger::{AgentId, Command, EnvironmentId, Outcome},
+    ledger::{AgentId, ApiKeyId, Command, EnvironmentId, Outcome},
     proto::{self, quota_server::Quota},
 };
 
@@ -23,22 +23,13 @@ impl QuotaService {
     pub fn new(context: Arc<Context>) -> Self {
         Self { context }
     }
-}
 
-#[tonic::async_trait]
-impl Quota for QuotaService {
-    #[instrument(
-        level = "debug",
-        name = "CheckAndReserve",
-        skip_all,
-        fields(environment, agent, api_key, amount_milli, decision)
-    )]
-    async fn check_and_reserve(
+    /// Validates and applies a reservation (or quotes a dry run), recording the facts on the span.
+    async fn reserve(
         &self,
-        request: Request<proto::CheckAndReserveRequest>,
-    ) -> Result<Response<proto::CheckAndReserveResponse>, Status> {
-        let api_key = api_key_of(&request)?;
-        let request = request.into_inner();
+        request: &proto::CheckAndReserveRequest,
+        api_key: Option<ApiKeyId>,
+    ) -> Result<proto::CheckAndReserveResponse, Refusal> {
         let policy = &self.context.policy;
         let environment = convert::id("environment_id", &request.environment_id, EnvironmentId::new)?;
         let agent = convert::id("agent_id", &request.agent_id, AgentId::new)?;
@@ -53,18 +44,15 @@ impl Quota for QuotaService {
 
         let now = self.context.clock.now_ms();
         if request.dry_run {
-            let quote =
-                self.context.ledger.dry_run(&environment, &agent, &usage, api_key.as_ref(), now).inspect_err(|_| {
-                    span.record("decision", "refused");
-                })?;
+            let quote = self.context.ledger.dry_run(&environment, &agent, &usage, api_key.as_ref(), now)?;
             span.record("decision", "would_grant").record("amount_milli", quote.amount_milli);
-            return Ok(Response::new(proto::CheckAndReserveResponse {
+            return Ok(proto::CheckAndReserveResponse {
                 reservation_id: String::new(),
                 reserved_milli: quote.amount_milli,
                 draws: convert::draws(&quote.draws),
                 expires_at_unix_ms: 0,
                 balance: Some(convert::balance(quote.balance)),
-            }));
+            });
         }
         let command = Command::Reserve {
             environment,
@@ -75,33 +63,85 @@ impl Quota for QuotaService {
             api_key,
         };
         // The same instant stamps the command and starts its hold's lifetime.
-        let outcome = self.context.execute_at(&command, now).await.inspect_err(|_| {
-            span.record("decision", "refused");
-        })?;
-        let Outcome::Reserved(grant) = outcome else { unreachable!("a reserve yields a grant") };
+        let Outcome::Reserved(grant) = self.context.apply_at(&command, now).await? else {
+            unreachable!("a reserve yields a grant")
+        };
         span.record("decision", if grant.replayed { "replayed" } else { "granted" })
             .record("amount_milli", grant.amount_milli);
-        Ok(Response::new(proto::CheckAndReserveResponse {
+        if !grant.replayed {
+            self.context.metrics.reservation_granted(&grant.balance.tenant);
+        }
+        Ok(proto::CheckAndReserveResponse {
             reservation_id: grant.reservation.to_string(),
             reserved_milli: grant.amount_milli,
             draws: convert::draws(&grant.draws),
             expires_at_unix_ms: grant.expires_at_ms,
             balance: Some(convert::balance(grant.balance)),
-        }))
+        })
     }
 
-    #[instrument(level = "debug", name = "Commit", skip_all, fields(reservation, actual_milli))]
+    /// Counts a refused reservation by its reason (dry runs hold nothing and are not counted).
+    fn refused(&self, request: &proto::CheckAndReserveRequest, refusal: &Refusal) {
+        Span::current().record("decision", "refused").record("reason", refusal.reason());
+        if request.dry_run {
+            return;
+        }
+        self.context.metrics.reservation_refused(refusal.reason(), || {
+            let environment = EnvironmentId::new(&request.environment_id).ok()?;
+            Some(self.context.ledger.balance(&environment, self.context.clock.now_ms()).ok()?.tenant)
+        });
+    }
+}
+
+// The spans of these calls are at debug level, as they are on the hot path. Measured with callgrind under
+// the `info` filter: a disabled span costs about 100 instructions a call; an enabled one, with the fmt
+// subscriber, about 14,000 (text) to 35,000 (JSON) with four fields recorded: a large share of what a
+// whole call costs the server (a health check takes about 15 µs of CPU). Admin changes log at info.
+#[tonic::async_trait]
+impl Quota for QuotaService {
+    #[instrument(
+        level = "debug",
+        name = "CheckAndReserve",
+        skip_all,
+        fields(rpc = "quota.v1.Quota/CheckAndReserve", environment, agent, api_key, amount_milli, decision, reason)
+    )]
+    async fn check_and_reserve(
+        &self,
+        request: Request<proto::CheckAndReserveRequest>,
+    ) -> Result<Response<proto::CheckAndReserveResponse>, Status> {
+        let api_key = api_key_of(&request)?;
+        let request = request.into_inner();
+        match self.reserve(&request, api_key).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(refusal) => {
+                self.refused(&request, &refusal);
+                Err(refusal.into())
+            }
+        }
+    }
+
+    #[instrument(
+        level = "debug",
+        name = "Commit",
+        skip_all,
+        fields(rpc = "quota.v1.Quota/Commit", environment, reservation, actual_milli)
+    )]
     async fn commit(&self, request: Request<proto::CommitRequest>) -> Result<Response<proto::CommitResponse>, Status> {
         let api_key = api_key_of(&request)?;
         let request = request.into_inner();
         let reservation = convert::reservation_id(&request.reservation_id)?;
         let usage = self.context.policy.usage(request.messages, &request.usage, Zero::Allowed)?;
         let span = Span::current();
-        span.record("reservation", request.reservation_id.as_str());
+        span.record("environment", reservation.environment.as_str())
+            .record("reservation", request.reservation_id.as_str());
         let outcome = self.context.execute(&Command::Commit { reservation, usage, api_key }).await?;
         let Outcome::Committed(settled) = outcome else { unreachable!("a commit yields a settlement") };
         let settlement = settled.result;
         span.record("actual_milli", settlement.charged.total() + settlement.overage_milli);
+        if !settled.replayed {
+            let tenant = &settled.balance.tenant;
+            self.context.metrics.committed(tenant, &settlement.charged, settlement.overage_milli);
+        }
         Ok(Response::new(proto::CommitResponse {
             charged_milli: settlement.charged.total(),
             draws: convert::draws(&settlement.charged),
@@ -112,7 +152,12 @@ impl Quota for QuotaService {
         }))
     }
 
-    #[instrument(level = "debug", name = "Release", skip_all, fields(reservation))]
+    #[instrument(
+        level = "debug",
+        name = "Release",
+        skip_all,
+        fields(rpc = "quota.v1.Quota/Release", environment, reservation)
+    )]
     async fn release(
         &self,
         request: Request<proto::ReleaseRequest>,
@@ -120,7 +165,9 @@ impl Quota for QuotaService {
         let api_key = api_key_of(&request)?;
         let request = request.into_inner();
         let reservation = convert::reservation_id(&request.reservation_id)?;
-        Span::current().record("reservation", request.reservation_id.as_str());
+        Span::current()
+            .record("environment", reservation.environment.as_str())
+            .record("reservation", request.reservation_id.as_str());
         let outcome = self.context.execute(&Command::Release { reservation, api_key }).await?;
         let Outcome::Released(settled) = outcome else { unreachable!("a release yields a settlement") };
         Ok(Response::new(proto::ReleaseResponse {
@@ -129,7 +176,12 @@ impl Quota for QuotaService {
         }))
     }
 
-    #[instrument(level = "debug", name = "GetBalance", skip_all, fields(environment))]
+    #[instrument(
+        level = "debug",
+        name = "GetBalance",
+        skip_all,
+        fields(rpc = "quota.v1.Quota/GetBalance", environment)
+    )]
     async fn get_balance(
         &self,
         request: Request<proto::GetBalanceRequest>,

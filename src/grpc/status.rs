@@ -9,6 +9,10 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::ledger::{LedgerError, OpenReservationScope, TenantId};
 
 pub const DOMAIN: &str = "quotad";
+/// What a bad field is counted as: its refusal carries a `BadRequest`, not an `ErrorInfo`.
+pub const INVALID_ARGUMENT: &str = "INVALID_ARGUMENT";
+/// The reason of [`log_unavailable`].
+pub const LOG_UNAVAILABLE: &str = "LOG_UNAVAILABLE";
 
 /// A request field that fails validation: INVALID_ARGUMENT naming the field and the limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +109,7 @@ pub fn log_unavailable() -> Status {
         "the write-ahead log cannot be written, so the change is not known to be durable; retry with the same \
          idempotency key or reservation id"
             .to_owned(),
-        "LOG_UNAVAILABLE",
+        LOG_UNAVAILABLE,
         HashMap::new(),
     )
 }
@@ -114,43 +118,73 @@ fn refusal(code: Code, message: String, reason: &str, metadata: HashMap<String, 
     Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, DOMAIN, metadata))
 }
 
+/// The `ErrorInfo` reason a ledger error is answered with, or `INVALID_ARGUMENT` for those answered
+/// with a `BadRequest`: what clients branch on, and what refusals are counted by.
+pub fn reason(error: &LedgerError) -> &'static str {
+    use LedgerError as E;
+    match error {
+        E::UnknownTenant(_) => "UNKNOWN_TENANT",
+        E::UnknownEnvironment(_) => "UNKNOWN_ENVIRONMENT",
+        E::UnknownReservation(_) => "UNKNOWN_RESERVATION",
+        E::AppEnvironmentNotLinked(_) => "APP_ENVIRONMENT_NOT_LINKED",
+        E::NotACapacityEnvironment(_) => "NOT_A_CAPACITY_ENVIRONMENT",
+        E::AlreadyACapacityEnvironment(_) => "ALREADY_A_CAPACITY_ENVIRONMENT",
+        E::EnvironmentOfAnotherTenant { .. } => "ENVIRONMENT_OF_ANOTHER_TENANT",
+        E::OverAllocation { .. } => "OVER_ALLOCATION",
+        E::AllocationBelowUse { .. } => "ALLOCATION_BELOW_USE",
+        E::QuotaDepleted { .. } => "QUOTA_DEPLETED",
+        E::TooManyOpenReservations { .. } => "TOO_MANY_OPEN_RESERVATIONS",
+        E::AlreadyCommitted { .. } | E::ReleaseAfterCommit(_) => "ALREADY_COMMITTED",
+        E::AlreadyReleased(_) => "ALREADY_RELEASED",
+        E::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
+        E::GraceBelowUse { .. } => "GRACE_BELOW_USE",
+        E::AgentDisabled { .. } => "AGENT_DISABLED",
+        E::AgentLimitReached { .. } => "AGENT_LIMIT_REACHED",
+        E::AgentLimitAboveAllocation { .. } => "AGENT_LIMIT_ABOVE_ALLOCATION",
+        E::TooManyAgents { .. } => "TOO_MANY_AGENTS",
+        E::UnknownScenario { .. } | E::ZeroQuantity { .. } | E::UsageTooLarge { .. } => INVALID_ARGUMENT,
+        E::RateCardEffectiveTooEarly { .. } => INVALID_ARGUMENT,
+        E::UnknownRateCardVersion(_) => "UNKNOWN_RATE_CARD_VERSION",
+        E::TooManyRateCardVersions { .. } => "TOO_MANY_RATE_CARD_VERSIONS",
+        E::UnknownApiKey(_) => "UNKNOWN_API_KEY",
+        E::ApiKeyNoLongerValid => "INVALID_CREDENTIALS",
+        E::TooManyApiKeys { .. } => "TOO_MANY_API_KEYS",
+        E::ApiKeyIdTaken(_) => "API_KEY_ID_TAKEN",
+        E::EnvironmentOutsideKeyScope(_) | E::ReservationOutsideKeyScope(_) => "OUTSIDE_KEY_SCOPE",
+        E::CounterOverflow { .. } => "COUNTER_OVERFLOW",
+    }
+}
+
 impl From<LedgerError> for Status {
     fn from(error: LedgerError) -> Status {
         use LedgerError as E;
         let message = error.to_string();
+        let reason = reason(&error);
         let none = HashMap::new;
         match error {
-            E::UnknownTenant(_) => refusal(Code::NotFound, message, "UNKNOWN_TENANT", none()),
-            E::UnknownEnvironment(_) => refusal(Code::NotFound, message, "UNKNOWN_ENVIRONMENT", none()),
-            E::UnknownReservation(_) => refusal(Code::NotFound, message, "UNKNOWN_RESERVATION", none()),
-            E::AppEnvironmentNotLinked(_) => {
-                refusal(Code::FailedPrecondition, message, "APP_ENVIRONMENT_NOT_LINKED", none())
-            }
-            E::NotACapacityEnvironment(_) => {
-                refusal(Code::FailedPrecondition, message, "NOT_A_CAPACITY_ENVIRONMENT", none())
-            }
-            E::AlreadyACapacityEnvironment(_) => {
-                refusal(Code::FailedPrecondition, message, "ALREADY_A_CAPACITY_ENVIRONMENT", none())
-            }
-            E::EnvironmentOfAnotherTenant { .. } => {
-                refusal(Code::FailedPrecondition, message, "ENVIRONMENT_OF_ANOTHER_TENANT", none())
-            }
+            E::UnknownTenant(_) => refusal(Code::NotFound, message, reason, none()),
+            E::UnknownEnvironment(_) => refusal(Code::NotFound, message, reason, none()),
+            E::UnknownReservation(_) => refusal(Code::NotFound, message, reason, none()),
+            E::AppEnvironmentNotLinked(_) => refusal(Code::FailedPrecondition, message, reason, none()),
+            E::NotACapacityEnvironment(_) => refusal(Code::FailedPrecondition, message, reason, none()),
+            E::AlreadyACapacityEnvironment(_) => refusal(Code::FailedPrecondition, message, reason, none()),
+            E::EnvironmentOfAnotherTenant { .. } => refusal(Code::FailedPrecondition, message, reason, none()),
             E::OverAllocation { purchased_milli, .. } => refusal(
                 Code::FailedPrecondition,
                 message,
-                "OVER_ALLOCATION",
+                reason,
                 HashMap::from([("purchased_milli".to_owned(), purchased_milli.to_string())]),
             ),
             E::AllocationBelowUse { taken_milli, .. } => refusal(
                 Code::FailedPrecondition,
                 message,
-                "ALLOCATION_BELOW_USE",
+                reason,
                 HashMap::from([("used_and_held_milli".to_owned(), taken_milli.to_string())]),
             ),
             E::QuotaDepleted { environment, requested_milli, available_milli } => refusal(
                 Code::ResourceExhausted,
                 message,
-                "QUOTA_DEPLETED",
+                reason,
                 HashMap::from([
                     ("environment_id".to_owned(), environment.to_string()),
                     ("requested_milli".to_owned(), requested_milli.to_string()),
@@ -160,7 +194,7 @@ impl From<LedgerError> for Status {
             E::TooManyOpenReservations { scope, limit } => refusal(
                 Code::ResourceExhausted,
                 message,
-                "TOO_MANY_OPEN_RESERVATIONS",
+                reason,
                 HashMap::from([
                     (
                         "scope".to_owned(),
@@ -174,16 +208,14 @@ impl From<LedgerError> for Status {
                     ("limit".to_owned(), limit.to_string()),
                 ]),
             ),
-            E::AlreadyCommitted { .. } => refusal(Code::FailedPrecondition, message, "ALREADY_COMMITTED", none()),
-            E::AlreadyReleased(_) => refusal(Code::FailedPrecondition, message, "ALREADY_RELEASED", none()),
-            E::ReleaseAfterCommit(_) => refusal(Code::FailedPrecondition, message, "ALREADY_COMMITTED", none()),
-            E::IdempotencyKeyReused { .. } => {
-                refusal(Code::FailedPrecondition, message, "IDEMPOTENCY_KEY_REUSED", none())
-            }
+            E::AlreadyCommitted { .. } => refusal(Code::FailedPrecondition, message, reason, none()),
+            E::AlreadyReleased(_) => refusal(Code::FailedPrecondition, message, reason, none()),
+            E::ReleaseAfterCommit(_) => refusal(Code::FailedPrecondition, message, reason, none()),
+            E::IdempotencyKeyReused { .. } => refusal(Code::FailedPrecondition, message, reason, none()),
             E::GraceBelowUse { limit_milli, taken_milli, .. } => refusal(
                 Code::FailedPrecondition,
                 message,
-                "GRACE_BELOW_USE",
+                reason,
                 HashMap::from([
                     ("limit_milli".to_owned(), limit_milli.to_string()),
                     ("taken_milli".to_owned(), taken_milli.to_string()),
@@ -192,7 +224,7 @@ impl From<LedgerError> for Status {
             E::AgentDisabled { environment, agent } => refusal(
                 Code::PermissionDenied,
                 message,
-                "AGENT_DISABLED",
+                reason,
                 HashMap::from([
                     ("environment_id".to_owned(), environment.to_string()),
                     ("agent_id".to_owned(), agent.to_string()),
@@ -202,7 +234,7 @@ impl From<LedgerError> for Status {
                 refusal(
                     Code::ResourceExhausted,
                     message,
-                    "AGENT_LIMIT_REACHED",
+                    reason,
                     HashMap::from([
                         ("environment_id".to_owned(), environment.to_string()),
                         ("agent_id".to_owned(), agent.to_string()),
@@ -216,51 +248,76 @@ impl From<LedgerError> for Status {
             E::AgentLimitAboveAllocation { allocated_milli, .. } => refusal(
                 Code::FailedPrecondition,
                 message,
-                "AGENT_LIMIT_ABOVE_ALLOCATION",
+                reason,
                 HashMap::from([("allocated_milli".to_owned(), allocated_milli.to_string())]),
             ),
             E::TooManyAgents { limit, .. } => refusal(
                 Code::ResourceExhausted,
                 message,
-                "TOO_MANY_AGENTS",
+                reason,
                 HashMap::from([("limit".to_owned(), limit.to_string())]),
             ),
             E::UnknownScenario { index, .. } => FieldError::new(format!("usage[{index}].scenario"), message).into(),
             E::ZeroQuantity { index } => FieldError::new(format!("usage[{index}].quantity"), message).into(),
             E::UsageTooLarge { .. } => FieldError::new("usage", message).into(),
             E::RateCardEffectiveTooEarly { .. } => FieldError::new("effective_at_unix_ms", message).into(),
-            E::UnknownRateCardVersion(_) => refusal(Code::NotFound, message, "UNKNOWN_RATE_CARD_VERSION", none()),
+            E::UnknownRateCardVersion(_) => refusal(Code::NotFound, message, reason, none()),
             E::TooManyRateCardVersions { limit } => refusal(
                 Code::ResourceExhausted,
                 message,
-                "TOO_MANY_RATE_CARD_VERSIONS",
+                reason,
                 HashMap::from([("limit".to_owned(), limit.to_string())]),
             ),
-            E::UnknownApiKey(_) => refusal(Code::NotFound, message, "UNKNOWN_API_KEY", none()),
+            E::UnknownApiKey(_) => refusal(Code::NotFound, message, reason, none()),
             E::ApiKeyNoLongerValid => invalid_credentials(),
             E::TooManyApiKeys { limit, .. } => refusal(
                 Code::ResourceExhausted,
                 message,
-                "TOO_MANY_API_KEYS",
+                reason,
                 HashMap::from([("limit".to_owned(), limit.to_string())]),
             ),
-            E::ApiKeyIdTaken(_) => refusal(Code::AlreadyExists, message, "API_KEY_ID_TAKEN", none()),
+            E::ApiKeyIdTaken(_) => refusal(Code::AlreadyExists, message, reason, none()),
             E::EnvironmentOutsideKeyScope(environment) => refusal(
                 Code::PermissionDenied,
                 message,
-                "OUTSIDE_KEY_SCOPE",
+                reason,
                 HashMap::from([("environment_id".to_owned(), environment.to_string())]),
             ),
             E::ReservationOutsideKeyScope(reservation) => refusal(
                 Code::PermissionDenied,
                 message,
-                "OUTSIDE_KEY_SCOPE",
+                reason,
                 HashMap::from([("reservation_id".to_owned(), reservation.to_string())]),
             ),
             E::CounterOverflow { .. } => {
                 tracing::error!(error = %message, "counter overflow");
-                refusal(Code::OutOfRange, message, "COUNTER_OVERFLOW", none())
+                refusal(Code::OutOfRange, message, reason, none())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt;
+
+    use super::*;
+    use crate::ledger::EnvironmentId;
+
+    #[test]
+    fn a_refusal_carries_the_reason_it_is_counted_by() {
+        let environment = EnvironmentId::new("env").unwrap();
+        let depleted = LedgerError::QuotaDepleted { environment, requested_milli: 2, available_milli: 1 };
+        let counted = reason(&depleted);
+        let status = Status::from(depleted);
+        assert_eq!(status.get_details_error_info().unwrap().reason, counted);
+        assert_eq!(counted, "QUOTA_DEPLETED");
+    }
+
+    #[test]
+    fn a_bad_field_is_counted_as_invalid_argument() {
+        let error = LedgerError::ZeroQuantity { index: 0 };
+        assert_eq!(reason(&error), INVALID_ARGUMENT);
+        assert_eq!(Status::from(error).code(), Code::InvalidArgument);
     }
 }

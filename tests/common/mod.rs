@@ -69,17 +69,29 @@ pub async fn spawn_server_with(settings: Settings) -> TestServer {
 
 /// A server with a full `config`, authentication off, and a clock the test holds.
 pub async fn spawn_server_with_config(config: Config, clock: Arc<ManualClock>) -> TestServer {
-    spawn_server_as_configured(Config { auth: AuthConfig::off(), ..config }, clock).await
+    spawn(Config { auth: AuthConfig::off(), ..config }, clock, None).await
 }
 
-/// A server with `config` exactly, its authentication included. The listener is bound before the
-/// server starts, so clients can connect as soon as this returns.
+/// A server like [`spawn_server_with_config`] that also serves metrics on an ephemeral port, returned
+/// with it.
+pub async fn spawn_server_with_metrics(config: Config, clock: Arc<ManualClock>) -> (TestServer, SocketAddr) {
+    let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral metrics port");
+    let metrics_addr = metrics.local_addr().unwrap();
+    (spawn(Config { auth: AuthConfig::off(), ..config }, clock, Some(metrics)).await, metrics_addr)
+}
+
+/// A server with `config` exactly, its authentication included.
 pub async fn spawn_server_as_configured(config: Config, clock: Arc<ManualClock>) -> TestServer {
+    spawn(config, clock, None).await
+}
+
+/// The listener is bound before the server starts, so clients can connect as soon as this returns.
+async fn spawn(config: Config, clock: Arc<ManualClock>, metrics: Option<TcpListener>) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
     let addr = listener.local_addr().unwrap();
     let pack_messages = config.policy.pack_milli / MILLI_PER_MESSAGE;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(quotad::server::run(listener, config, clock.clone(), async move {
+    let task = tokio::spawn(quotad::server::run_with_metrics(listener, metrics, config, clock.clone(), async move {
         let _ = shutdown_rx.await;
     }));
     let channel = connect(addr).await;
@@ -97,8 +109,9 @@ pub async fn spawn_server_as_configured(config: Config, clock: Arc<ManualClock>)
 
 /// The real `quotad` binary with none of the caller's `QUOTAD_*` variables, so the flags a test
 /// passes are its whole configuration, except `QUOTAD_AUTH=off` (a test passes `--auth on` to turn
-/// authentication on); `RUST_LOG=info` so that the `listening` line is logged; stderr piped; killed if
-/// the test drops it.
+/// authentication on) and no metrics endpoint unless the test passes `--metrics-listen` (tests run in
+/// parallel, and the default port would collide); `RUST_LOG=info` so that the `listening` line is
+/// logged; stderr piped; killed if the test drops it.
 pub fn quotad_binary() -> tokio::process::Command {
     use std::process::Stdio;
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_quotad"));
@@ -109,6 +122,7 @@ pub fn quotad_binary() -> tokio::process::Command {
     }
     command
         .env("QUOTAD_AUTH", "off")
+        .env("QUOTAD_METRICS_LISTEN", "off")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

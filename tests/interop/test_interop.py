@@ -183,6 +183,9 @@ def _quotad(tmp_path_factory, flags, extra_env):
             "--log-format",
             "text",
             *flags,
+            # Tests run in parallel; the default metrics port would collide.
+            "--metrics-listen",
+            "off",
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
