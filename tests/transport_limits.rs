@@ -1,8 +1,8 @@
 //! The limits that protect the server from its clients, through a real server on an ephemeral port and
 //! a raw HTTP/2 peer that can misbehave: the advertised SETTINGS and the stream limit enforced, the
 //! header size limit, keep-alive pings that a dead peer does not answer, the maximum connection age, a
-//! handshake deadline for a peer that sends nothing, the connection cap, and the server's own deadline
-//! on a call.
+//! handshake deadline for a peer that sends nothing (which holds up no one else), the connection cap,
+//! and the server's own deadline on a call.
 
 mod common;
 
@@ -262,6 +262,22 @@ async fn a_client_that_connects_and_sends_nothing_is_closed() {
 
     let mut fresh = server.new_quota_client().await;
     expect_code(fresh.get_balance(GetBalanceRequest { environment_id: "nowhere".into() }).await, Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_silent_handshake_does_not_hold_up_other_clients() {
+    // Proves that handshakes run side by side: while a connection that sends nothing and one that sent
+    // half the preface wait out a handshake deadline far beyond the test's bound on any wait, another
+    // client connects and is served.
+    let server = spawn(config_with(|c| c.transport.handshake_timeout = Duration::from_secs(3_600))).await;
+    let _silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut trickling = TcpStream::connect(server.addr).await.unwrap();
+    trickling.write_all(&HTTP2_PREFACE[..10]).await.unwrap();
+    let balance = GetBalanceRequest { environment_id: "nowhere".into() };
+    let served = bounded("a call beside pending handshakes", async {
+        server.new_quota_client().await.get_balance(balance).await
+    });
+    expect_code(served.await, Code::NotFound);
 }
 
 #[tokio::test]
