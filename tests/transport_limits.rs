@@ -290,25 +290,17 @@ async fn connections_beyond_the_cap_are_closed_and_a_closed_one_frees_its_slot()
     expect_code(server.quota.clone().get_balance(balance()).await, Code::NotFound);
     let mut second = server.new_quota_client().await;
     expect_code(second.get_balance(balance()).await, Code::NotFound);
-    let mut third = server.new_quota_client().await;
-    expect_code(third.get_balance(balance()).await, Code::NotFound);
+    let mut third = RawPeer::connect(server.addr).await;
+    third.server_settings().await;
 
     let mut fourth = RawPeer::connect(server.addr).await;
     fourth.closed("the close of a connection over the cap").await;
 
-    drop(third);
-    let served = tokio::time::timeout(WAIT_DEADLINE, async {
-        loop {
-            let attempt = async { server.new_quota_client().await.get_balance(balance()).await };
-            match attempt.await {
-                Err(status) if status.code() == Code::NotFound => return,
-                Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
-                Ok(answer) => panic!("an unknown environment has a balance: {answer:?}"),
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
-    served.await.expect("a closed connection never freed its slot");
+    // The server closes its end of a connection when it lets the connection go, and its slot with it.
+    third.tcp.shutdown().await.unwrap();
+    third.closed("the close of a connection its client ended").await;
+    let mut fresh = server.new_quota_client().await;
+    expect_code(fresh.get_balance(balance()).await, Code::NotFound);
     drop(second);
 }
 
