@@ -2,8 +2,8 @@
 //! certificate for 127.0.0.1 and localhost, client certificates from that CA and from another): quota,
 //! admin, health and reflection calls over TLS; plaintext clients, clients that do not trust the CA,
 //! and under mutual TLS clients without a certificate or with one from another CA, refused; a peer
-//! that never handshakes, closed; the `--tls-*` flags of the binary, its exit code 64 for bad ones,
-//! and `quotad admin` over mutual TLS.
+//! that never handshakes, or never sends the HTTP/2 preface after TLS, closed; the `--tls-*` flags of
+//! the binary, its exit code 64 for bad ones, and `quotad admin` over mutual TLS.
 
 mod common;
 
@@ -30,6 +30,15 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::oneshot,
     task::JoinHandle,
+};
+use tokio_rustls::{
+    TlsConnector,
+    client::TlsStream,
+    rustls::{
+        ClientConfig, RootCertStore,
+        crypto::ring,
+        pki_types::{CertificateDer, ServerName, pem::PemObject},
+    },
 };
 use tonic::{
     Code,
@@ -227,15 +236,36 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_client_ca() 
     expect_code(balance_of_nowhere(trusted).await, Code::NotFound);
 }
 
+/// A TLS connection to `addr` that trusts `ca` and offers ALPN `h2`, with no HTTP/2 spoken on it yet.
+async fn tls_handshake(addr: SocketAddr, ca: &Path) -> TlsStream<TcpStream> {
+    let mut roots = RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    bounded("a TLS handshake", TlsConnector::from(Arc::new(config)).connect(name, tcp)).await.expect("TLS")
+}
+
 #[tokio::test]
 async fn a_peer_that_never_handshakes_is_closed() {
-    // Proves the handshake deadline under TLS: a TCP connection that sends no ClientHello is closed by
-    // the server, and a client that handshakes is then served.
+    // Proves the handshake deadline under TLS: a TCP connection that sends no ClientHello, and one that
+    // completes TLS but never sends the HTTP/2 preface, are both closed by the server; a client that
+    // handshakes is then served.
     let pki = Pki::new();
     let server = serve(pki.server_tls(false), |c| c.transport.handshake_timeout = Duration::from_millis(200)).await;
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut silent_after_tls = tls_handshake(server.addr, &pki.ca).await;
     let read = bounded("the close of a silent connection", silent.read(&mut [0; 64])).await;
     assert!(matches!(read, Ok(0) | Err(_)), "the server sent something: {read:?}");
+    let read = bounded("the close of a connection without a preface", silent_after_tls.read(&mut [0; 64])).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "the server spoke HTTP/2 before the preface: {read:?}");
 
     let channel = connect_tls("localhost", server.addr, pki.client(&pki.ca, None)).await.unwrap();
     expect_code(balance_of_nowhere(channel).await, Code::NotFound);

@@ -55,7 +55,8 @@ pub struct TransportLimits {
     /// start, so streams may stay open beyond it).
     pub request_timeout: Duration,
     /// After this long a connection is asked to go away (GOAWAY): it takes no new calls, and closes
-    /// once its calls in flight end (a unary call within `request_timeout`).
+    /// once its calls in flight end (a unary call within `request_timeout`; a stream such as
+    /// `WatchAlerts` only when it ends, so it keeps its connection open past this age).
     pub max_connection_age: Option<Duration>,
 }
 
