@@ -18,7 +18,7 @@ use std::{
 use common::*;
 use quotad::{
     clock::ManualClock,
-    config::{Config, Settings},
+    config::{AuthConfig, Config, Settings},
     proto::{GetBalanceRequest, quota_admin_client::QuotaAdminClient, quota_client::QuotaClient},
     server::ServeError,
     transport::tls::ServerTls,
@@ -132,6 +132,8 @@ struct TlsServer {
 
 async fn serve(tls: ServerTls, change: impl FnOnce(&mut Config)) -> TlsServer {
     let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
+    // These tests are about the transport; authentication is tested in tests/auth.rs.
+    config.auth = AuthConfig::off();
     config.tls = Some(tls);
     change(&mut config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
