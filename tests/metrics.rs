@@ -16,9 +16,9 @@ use std::{
 use common::*;
 use quotad::{
     clock::ManualClock,
-    config::{Config, Settings},
+    config::{AuthConfig, Config, Settings},
     durability::journal::Durability,
-    proto::{Balance, CheckAndReserveRequest},
+    proto::{Balance, CheckAndReserveRequest, CreateApiKeyRequest},
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -305,6 +305,32 @@ async fn business_metrics_carry_a_tenant_label_only_when_asked() {
     let depleted = [("tenant", "acme"), ("kind", "environment_depleted")];
     assert_eq!(scrape.value("quotad_alerts_total", &depleted), 1.0);
     assert!(scrape.all("quotad_reservations_granted_total").iter().all(|s| s.labels.contains_key("tenant")));
+}
+
+#[tokio::test]
+async fn an_api_keys_refusals_count_under_its_own_tenant_only() {
+    // Proves: with authentication and tenant labels on, reservations an API key of acme makes on globex's
+    // environment and on one that does not exist are both counted under acme, so that the series never
+    // name globex for what acme's key did, and the two refusals stay alike down to their labels.
+    let mut config = Config::from_settings("127.0.0.1:0".parse().unwrap(), Settings::default()).unwrap();
+    config.metrics.tenant_labels = true;
+    config.auth = AuthConfig::on(None);
+    let (server, metrics) = spawn_server_as_configured_with_metrics(config, Arc::new(ManualClock::new(START_MS))).await;
+    server.bootstrap("acme", "acme-prod", 10).await;
+    server.bootstrap("globex", "globex-prod", 10).await;
+    let create = CreateApiKeyRequest { tenant_id: "acme".into(), ..Default::default() };
+    let key = server.admin.clone().create_api_key(create).await.unwrap().into_inner();
+    for environment in ["globex-prod", "nowhere"] {
+        let mut request = tonic::Request::new(reserve_request(environment, 1));
+        request.metadata_mut().insert("authorization", format!("Bearer {}", key.secret).parse().unwrap());
+        expect_code(server.quota.clone().check_and_reserve(request).await, Code::PermissionDenied);
+    }
+
+    let scrape = scrape(metrics).await;
+    let refused = scrape.all("quotad_reservations_refused_total");
+    assert!(refused.iter().all(|s| s.labels.get("tenant").map(String::as_str) == Some("acme")), "{refused:?}");
+    let outside = [("tenant", "acme"), ("reason", "OUTSIDE_KEY_SCOPE")];
+    assert_eq!(scrape.value("quotad_reservations_refused_total", &outside), 2.0);
 }
 
 #[tokio::test]

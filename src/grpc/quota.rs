@@ -80,15 +80,22 @@ impl QuotaService {
         })
     }
 
-    /// Counts a refused reservation by its reason (dry runs hold nothing and are not counted).
-    fn refused(&self, request: &proto::CheckAndReserveRequest, refusal: &Refusal) {
+    /// Counts a refused reservation by its reason (dry runs hold nothing and are not counted). A key's
+    /// refusal counts under the key's own tenant, never under the tenant of the environment it named:
+    /// that may be another tenant's, whose name and books a key must not reach, not even through the
+    /// time its lookup takes.
+    fn refused(&self, request: &proto::CheckAndReserveRequest, api_key: Option<&ApiKeyId>, refusal: &Refusal) {
         Span::current().record("decision", "refused").record("reason", refusal.reason());
         if request.dry_run {
             return;
         }
-        self.context.metrics.reservation_refused(refusal.reason(), || {
-            let environment = EnvironmentId::new(&request.environment_id).ok()?;
-            Some(self.context.ledger.balance(&environment, self.context.clock.now_ms()).ok()?.tenant)
+        let ledger = &self.context.ledger;
+        self.context.metrics.reservation_refused(refusal.reason(), || match api_key {
+            Some(id) => Some(ledger.api_key(id.as_str())?.tenant().clone()),
+            None => {
+                let environment = EnvironmentId::new(&request.environment_id).ok()?;
+                Some(ledger.balance(&environment, self.context.clock.now_ms()).ok()?.tenant)
+            }
         });
     }
 }
@@ -111,10 +118,10 @@ impl Quota for QuotaService {
     ) -> Result<Response<proto::CheckAndReserveResponse>, Status> {
         let api_key = api_key_of(&request)?;
         let request = request.into_inner();
-        match self.reserve(&request, api_key).await {
+        match self.reserve(&request, api_key.clone()).await {
             Ok(response) => Ok(Response::new(response)),
             Err(refusal) => {
-                self.refused(&request, &refusal);
+                self.refused(&request, api_key.as_ref(), &refusal);
                 Err(refusal.into())
             }
         }

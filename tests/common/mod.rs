@@ -85,6 +85,16 @@ pub async fn spawn_server_as_configured(config: Config, clock: Arc<ManualClock>)
     spawn(config, clock, None).await
 }
 
+/// [`spawn_server_as_configured`] with a metrics endpoint on an ephemeral port.
+pub async fn spawn_server_as_configured_with_metrics(
+    config: Config,
+    clock: Arc<ManualClock>,
+) -> (TestServer, SocketAddr) {
+    let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral metrics port");
+    let metrics_addr = metrics.local_addr().unwrap();
+    (spawn(config, clock, Some(metrics)).await, metrics_addr)
+}
+
 /// The listener is bound before the server starts, so clients can connect as soon as this returns.
 async fn spawn(config: Config, clock: Arc<ManualClock>, metrics: Option<TcpListener>) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
