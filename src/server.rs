@@ -12,7 +12,7 @@ use crate::{
     clock::Clock,
     config::Config,
     durability::store::{Store, StoreError},
-    grpc::{AdminService, AlertHub, Context, QuotaService},
+    grpc::{AdminService, AlertHub, Context, GrpcOnlyLayer, QuotaService},
     ledger::{Command, Discard, Ledger},
     proto::{self, quota_admin_server::QuotaAdminServer, quota_server::QuotaServer},
 };
@@ -85,6 +85,7 @@ pub async fn run(
         }
     };
     let serve = Server::builder()
+        .layer(GrpcOnlyLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -4,7 +4,9 @@
 mod admin;
 mod alerts;
 mod billing;
+pub(crate) mod codec;
 mod convert;
+mod grpc_only;
 mod holds;
 mod quota;
 mod reports;
@@ -14,6 +16,7 @@ use std::sync::Arc;
 
 pub use admin::AdminService;
 pub use alerts::{AlertHub, DEFAULT_MAX_ALERT_WATCHES};
+pub use grpc_only::GrpcOnlyLayer;
 pub use quota::QuotaService;
 
 use crate::{
