@@ -10,6 +10,10 @@
 //! size a buffer). A valid result of damaged files whose checksums were left alone must be what the
 //! undamaged files hold, or for recovery the state after some prefix of the log: nothing damaged is
 //! ever taken for data.
+//!
+//! A snapshot lists its objects in the order of the ledger's maps, which differs from one process to
+//! the next, so a case that damages a snapshot at a given position need not replay byte for byte from
+//! its saved seed; every input fuzzing found is therefore also a named test that builds it explicitly.
 
 mod fuzzing;
 

@@ -7,8 +7,8 @@
 //! - Arbitrary bytes as the protobuf body of every unary method, and valid bodies damaged.
 //! - Rate cards with arbitrary scenarios and rates, then reservations and commits priced with them.
 //!
-//! After every call the server must still answer a health check and a known-good reservation; every
-//! refusal must carry a client-error code with a `BadRequest` naming the field or an `ErrorInfo` giving
+//! After every call the server must still answer a health check, and after every case a known-good
+//! reservation; every refusal must carry a client-error code with a `BadRequest` naming the field or an `ErrorInfo` giving
 //! a reason (never INTERNAL or UNKNOWN), and change nothing the admin and quota calls show; and a price
 //! must be exactly what the rate card says, or a refusal when it is too large.
 
@@ -564,8 +564,8 @@ async fn still_serving(server: &TestServer) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// Runs `case` against a new server on a runtime of its own, so that every case starts from the same
-/// state and a failing one replays exactly.
+/// Runs `case` against a new server, so that every case starts from the same state and a failing one
+/// replays exactly.
 fn with_server<F: Future<Output = Result<(), TestCaseError>>>(
     runtime: &tokio::runtime::Runtime,
     settings: Settings,
