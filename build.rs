@@ -16,6 +16,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let error_details = protox::compile([ERROR_DETAILS_PROTO], ["proto"])?;
     std::fs::write(out_dir.join("error_details_descriptor.bin"), prost::Message::encode_to_vec(&error_details))?;
 
-    tonic_prost_build::configure().compile_fds(quota)?;
+    // Messages and clients, with prost's codec.
+    tonic_prost_build::configure().build_server(false).compile_fds(quota.clone())?;
+    // Servers alone (the messages are the ones above), with a codec that answers a request body that is
+    // not its message with INVALID_ARGUMENT rather than prost's INTERNAL: the fault is the client's.
+    let server_out = out_dir.join("server");
+    std::fs::create_dir_all(&server_out)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&server_out)
+        .extern_path(".quota.v1", "crate::proto")
+        .codec_path("crate::grpc::codec::RequestCodec")
+        .compile_fds(quota)?;
     Ok(())
 }

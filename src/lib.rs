@@ -28,6 +28,7 @@ pub mod transport;
 /// Code generated from `proto/quota/v1/quota.proto`.
 pub mod proto {
     tonic::include_proto!("quota.v1");
+    include!(concat!(env!("OUT_DIR"), "/server/quota.v1.rs"));
 
     /// The encoded descriptor set, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("quota_descriptor");

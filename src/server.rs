@@ -13,7 +13,9 @@ use crate::{
     clock::Clock,
     config::Config,
     durability::store::{Store, StoreError},
-    grpc::{self, AdminGate, AdminService, AlertHub, Context, QuotaGate, QuotaService, RequestDeadlineLayer},
+    grpc::{
+        self, AdminGate, AdminService, AlertHub, Context, GrpcOnlyLayer, QuotaGate, QuotaService, RequestDeadlineLayer,
+    },
     ledger::{Command, Discard, Ledger},
     metrics::{self, CountedAlerts, Metrics, ScrapeSources, StorageSources, rpc::CountCallsLayer},
     proto::{self, quota_admin_server::QuotaAdminServer, quota_server::QuotaServer},
@@ -126,6 +128,7 @@ pub async fn run_with_metrics(
     let router = limits
         .server_builder()
         .layer(CountCallsLayer::new(metrics))
+        .layer(GrpcOnlyLayer)
         .layer(RequestDeadlineLayer::new(limits.request_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)

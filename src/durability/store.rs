@@ -2,8 +2,10 @@
 //! sink that feeds the write-ahead log, and snapshots that let old log segments go.
 
 use std::{
+    any::Any,
     fs::File,
-    path::PathBuf,
+    panic::AssertUnwindSafe,
+    path::{Path, PathBuf},
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
@@ -58,6 +60,11 @@ pub enum StoreError {
     Incomplete { recovered: u64, reached_before: u64 },
     #[error("recovery: {0}")]
     Restore(#[from] RestoreError),
+    #[error(
+        "{}: {what} contradicts the state recovered before it ({reason}); the file is damaged although \
+         its checksums hold", path.display()
+    )]
+    Contradiction { path: PathBuf, what: String, reason: String },
 }
 
 /// The log and snapshots of one data directory, locked for this process.
@@ -130,7 +137,7 @@ impl Store {
         let sink = Arc::new(JournalSink::default());
         let ledger = Ledger::with_rate_card(limits, rate_card, sink.clone());
         let covered = restore_snapshot(&ledger, &listing, config.recover_from_older_snapshot)?;
-        ledger.recompute_totals();
+        trusting(&dir, || "the snapshot".into(), || ledger.recompute_totals())?;
         let (last_seq, replayed) = replay_log(&ledger, &listing, covered)?;
         // Every snapshot file, readable or not, and every log segment's name says how far the state had
         // got; recovering less than that would hand out capacity that was already spent.
@@ -144,7 +151,7 @@ impl Store {
         if last_seq < reached_before {
             return Err(StoreError::Incomplete { recovered: last_seq, reached_before });
         }
-        ledger.finish_restore()?;
+        trusting(&dir, || "the recovered state".into(), || ledger.finish_restore())??;
         // Empty segments alone (a crash before anything was written) still count as a fresh start.
         let fresh = covered == 0 && last_seq == 0;
         if !fresh {
@@ -274,7 +281,7 @@ fn restore_snapshot(ledger: &Ledger, listing: &DataDirListing, fall_back: bool) 
                 seq: index as u64,
                 reason: e.to_string(),
             })?;
-            ledger.import(item)?;
+            trusting(path, || format!("snapshot item {index}"), || ledger.import(item))??;
         }
         return Ok(*covered);
     }
@@ -313,12 +320,33 @@ fn replay_log(ledger: &Ledger, listing: &DataDirListing, covered: u64) -> Result
                 seq: *seq,
                 reason: e.to_string(),
             })?;
-            ledger.replay(*seq, now, &event)?;
+            trusting(path, || format!("record {seq}"), || ledger.replay(*seq, now, &event))??;
             last = *seq;
             replayed += 1;
         }
     }
     Ok((last, replayed))
+}
+
+/// Runs one step of recovery on data that passed its checksums. Replay trusts the decisions an event
+/// records, as the live ledger made them, so an event or snapshot item that contradicts the state before
+/// it (written by a bug, or altered with its checksums recomputed) can trip one of the ledger's bug
+/// assertions; recovery then names the file and the record instead of panicking. The ledger is
+/// discarded with the error, so whatever the interrupted step left half done is never used.
+fn trusting<T>(path: &Path, what: impl FnOnce() -> String, step: impl FnOnce() -> T) -> Result<T, StoreError> {
+    std::panic::catch_unwind(AssertUnwindSafe(step)).map_err(|panic| StoreError::Contradiction {
+        path: path.to_owned(),
+        what: what(),
+        reason: panic_message(panic.as_ref()),
+    })
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => (*message).to_owned(),
+        (_, Some(message)) => message.clone(),
+        _ => "a bug assertion failed".to_owned(),
+    }
 }
 
 impl std::fmt::Debug for Store {

@@ -6,8 +6,10 @@ mod alerts;
 mod api_keys;
 mod auth;
 mod billing;
+pub(crate) mod codec;
 mod convert;
 mod deadline;
+mod grpc_only;
 mod holds;
 mod quota;
 mod reports;
@@ -20,6 +22,7 @@ pub use alerts::{AlertHub, DEFAULT_MAX_ALERT_WATCHES, DEFAULT_MAX_ALERT_WATCHES_
 pub use api_keys::{MAX_API_KEY_DESCRIPTION_BYTES, MAX_API_KEY_ENVIRONMENTS};
 pub use auth::{AdminGate, QuotaGate};
 pub use deadline::RequestDeadlineLayer;
+pub use grpc_only::GrpcOnlyLayer;
 pub use quota::QuotaService;
 use status::FieldError;
 

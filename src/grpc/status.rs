@@ -14,6 +14,12 @@ pub const INVALID_ARGUMENT: &str = "INVALID_ARGUMENT";
 /// The reason of [`log_unavailable`].
 pub const LOG_UNAVAILABLE: &str = "LOG_UNAVAILABLE";
 
+/// The longest message, and `BadRequest` description, a status carries. Messages quote what the client
+/// sent (a day, a scenario, a time zone) and list what the server knows (a rate card's scenarios); a
+/// status travels as HTTP/2 headers, and a header list past what the client accepts (8 KiB in gRPC's
+/// own clients, 16 KiB in tonic's) is reset as a protocol error instead of delivered.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+
 /// A request field that fails validation: INVALID_ARGUMENT naming the field and the limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -29,13 +35,26 @@ impl FieldError {
 
 impl From<FieldError> for Status {
     fn from(error: FieldError) -> Status {
-        let message = format!("{}: {}", error.field, error.description);
+        let message = bounded(format!("{}: {}", error.field, error.description));
         Status::with_error_details(
             Code::InvalidArgument,
             message,
-            ErrorDetails::with_bad_request_violation(error.field, error.description),
+            ErrorDetails::with_bad_request_violation(error.field, bounded(error.description)),
         )
     }
+}
+
+/// `text`, cut to [`MAX_STATUS_MESSAGE_BYTES`] with a note of its full length if it is longer.
+fn bounded(text: String) -> String {
+    if text.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return text;
+    }
+    let suffix = format!("… ({} bytes in all)", text.len());
+    let mut end = MAX_STATUS_MESSAGE_BYTES - suffix.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{suffix}", &text[..end])
 }
 
 /// Every `WatchAlerts` stream the server allows is open.
@@ -114,8 +133,40 @@ pub fn log_unavailable() -> Status {
     )
 }
 
+/// An HTTP request with a method other than POST: not a gRPC call.
+pub fn method_not_allowed(method: &str) -> Status {
+    refusal(
+        Code::InvalidArgument,
+        format!("method {method} is not allowed: gRPC calls are POST requests"),
+        "METHOD_NOT_ALLOWED",
+        HashMap::new(),
+    )
+}
+
+/// An HTTP request whose content type is not `application/grpc` (or that has none): not a gRPC call.
+pub fn unsupported_content_type(found: Option<&str>) -> Status {
+    let found = found.map_or_else(|| "no content-type".to_owned(), |value| format!("content-type {value:?}"));
+    refusal(
+        Code::InvalidArgument,
+        format!("{found} is not application/grpc: quotad serves gRPC only"),
+        "UNSUPPORTED_CONTENT_TYPE",
+        HashMap::new(),
+    )
+}
+
+/// A request body that does not decode as the message its method takes. The fault is the client's, so
+/// INVALID_ARGUMENT, not the INTERNAL that prost's codec answers; prost's reason often names the field.
+pub fn malformed_request(message_type: &str, error: &prost::DecodeError) -> Status {
+    refusal(
+        Code::InvalidArgument,
+        format!("the request is not a valid {message_type}: {error}"),
+        "MALFORMED_REQUEST",
+        HashMap::from([("message_type".to_owned(), message_type.to_owned())]),
+    )
+}
+
 fn refusal(code: Code, message: String, reason: &str, metadata: HashMap<String, String>) -> Status {
-    Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, DOMAIN, metadata))
+    Status::with_error_details(code, bounded(message), ErrorDetails::with_error_info(reason, DOMAIN, metadata))
 }
 
 /// The `ErrorInfo` reason a ledger error is answered with, or `INVALID_ARGUMENT` for those answered
@@ -319,5 +370,19 @@ mod tests {
         let error = LedgerError::ZeroQuantity { index: 0 };
         assert_eq!(reason(&error), INVALID_ARGUMENT);
         assert_eq!(Status::from(error).code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn messages_are_bounded_at_a_character_boundary() {
+        let at_limit = "x".repeat(MAX_STATUS_MESSAGE_BYTES);
+        assert_eq!(bounded(at_limit.clone()), at_limit);
+        let over = "é".repeat(MAX_STATUS_MESSAGE_BYTES);
+        let cut = bounded(over);
+        assert!(cut.len() <= MAX_STATUS_MESSAGE_BYTES, "{}", cut.len());
+        assert!(cut.ends_with("… (2048 bytes in all)"), "{cut}");
+        let status = Status::from(FieldError::new("from", "y".repeat(MAX_STATUS_MESSAGE_BYTES + 1)));
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE_BYTES);
+        let description = &status.get_details_bad_request().unwrap().field_violations[0].description;
+        assert!(description.len() <= MAX_STATUS_MESSAGE_BYTES);
     }
 }

@@ -108,9 +108,11 @@ impl RateCard {
         if quantity == 0 {
             return Err(PricingError::ZeroQuantity { index });
         }
-        // u64 × u64 × 1000 fits in u128; the quotient may not fit in u64, which is checked.
-        let milli = (quantity as u128 * rate.messages as u128 * MILLI_PER_MESSAGE as u128).div_ceil(rate.per as u128);
-        u64::try_from(milli).map_err(|_| PricingError::Overflow)
+        // u64 × u64 fits in u128, but not always times 1000 (a rate of u64::MAX messages per u64::MAX units
+        // is valid); the quotient may not fit in u64 either. Both are checked.
+        let units = u128::from(quantity) * u128::from(rate.messages);
+        let milli = units.checked_mul(u128::from(MILLI_PER_MESSAGE)).ok_or(PricingError::Overflow)?;
+        u64::try_from(milli.div_ceil(u128::from(rate.per))).map_err(|_| PricingError::Overflow)
     }
 
     /// The exact price of a list of (scenario, quantity) items. A fractional milli is rounded up, so
@@ -236,6 +238,15 @@ mod tests {
         assert!(err.to_string().contains("generative_answer"));
         assert_eq!(card.price([("classic_answer", 0)]), Err(PricingError::ZeroQuantity { index: 0 }));
         assert_eq!(card.price([("ai_tools_premium", u64::MAX)]), Err(PricingError::Overflow));
+    }
+
+    #[test]
+    fn the_largest_quantity_at_the_largest_rate_overflows_without_a_panic() {
+        // u64::MAX × u64::MAX × 1000 does not fit in u128; the rate itself (1 message per unit) is valid.
+        let card = RateCard::new([("wide", Rate { messages: u64::MAX, per: u64::MAX })]).unwrap();
+        assert_eq!(card.price([("wide", u64::MAX)]), Err(PricingError::Overflow));
+        assert_eq!(card.price([("wide", 1)]), Ok(1_000));
+        assert_eq!(card.price([("wide", u64::MAX / 1_000)]), Ok(u64::MAX / 1_000 * 1_000));
     }
 
     #[test]
