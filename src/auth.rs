@@ -65,7 +65,7 @@ pub fn parse_api_key(token: &str) -> Option<PresentedKey<'_>> {
         return None;
     }
     let (id, secret_hex) = token.strip_prefix(API_KEY_PREFIX)?.split_once('_')?;
-    if id.len() != 2 * KEY_ID_BYTES || !id.bytes().all(is_lower_hex) {
+    if !is_key_id(id) {
         return None;
     }
     let mut secret = [0u8; SECRET_BYTES];
@@ -81,6 +81,30 @@ pub fn bearer_credential(header: &[u8]) -> Option<&str> {
         return None;
     }
     std::str::from_utf8(credential).ok()
+}
+
+/// A key id as a request sent it, for a log line. A key id is logged only in the form every key id
+/// has (16 lowercase hex characters); a whole secret sent where its id belongs (`qk_<key id>_<secret>`,
+/// say an operator revoking a leaked key by pasting it) is logged as its key id, and anything else by
+/// its length alone, as it may be a secret or part of one.
+pub struct LoggedKeyId<'a>(pub &'a str);
+
+impl fmt::Display for LoggedKeyId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0;
+        if is_key_id(text) {
+            return f.write_str(text);
+        }
+        let id = text.strip_prefix(API_KEY_PREFIX).and_then(|rest| rest.split_once('_')).map(|(id, _)| id);
+        match id.filter(|id| is_key_id(id)) {
+            Some(id) => write!(f, "{API_KEY_PREFIX}{id}_<secret withheld>"),
+            None => write!(f, "<{} bytes withheld: not a key id>", text.len()),
+        }
+    }
+}
+
+fn is_key_id(text: &str) -> bool {
+    text.len() == 2 * KEY_ID_BYTES && text.bytes().all(is_lower_hex)
 }
 
 /// The admin token, kept as its SHA-256 hash.
@@ -166,6 +190,18 @@ fn unhex(text: &[u8], out: &mut [u8]) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_id_is_logged_as_sent_and_a_secret_only_by_its_key_id() {
+        let key = new_api_key().unwrap();
+        let log = |text: &str| LoggedKeyId(text).to_string();
+        assert_eq!(log(key.id.as_str()), key.id.as_str());
+        assert_eq!(log(&key.secret), format!("qk_{}_<secret withheld>", key.id));
+        let secret_part = &key.secret[API_KEY_PREFIX.len() + 2 * KEY_ID_BYTES + 1..];
+        assert_eq!(log(secret_part), "<64 bytes withheld: not a key id>");
+        assert_eq!(log(""), "<0 bytes withheld: not a key id>");
+        assert_eq!(log("qk_x_y"), "<6 bytes withheld: not a key id>");
+    }
 
     #[test]
     fn a_new_key_parses_back_to_its_id_and_hash() {

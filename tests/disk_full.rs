@@ -183,3 +183,81 @@ async fn full_disk_scenario(max_segment_bytes: u64) {
     assert_eq!(retried, acknowledged + 1);
     server.shutdown().await.expect("a clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_applied_before_its_log_write_failed_is_counted_once() {
+    // Proves: a commit and a reservation that the ledger applied but whose log write then failed (the
+    // caller is answered UNAVAILABLE, and its retry returns the applied change) count their charge and
+    // their grant once, as the change exists: the counters agree with the ledger.
+    let Some(disk) = Tmpfs::mount(2 * 1024 * 1024) else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let dir = disk.path.join("data");
+    let config = config_on(&dir, 64 * 1024 * 1024);
+    let (server, metrics) = spawn_server_with_metrics(config, Arc::new(ManualClock::new(START_MS))).await;
+    server.bootstrap("acme", "acme-prod", 10_000).await;
+    let mut holds = Vec::new();
+    for _ in 0..200 {
+        holds.push(server.reserve("acme-prod", 1).await.reservation_id);
+    }
+
+    // Commits until one is answered UNAVAILABLE after the ledger applied it.
+    let filler = fill(&disk.path);
+    let mut committed = 0u64;
+    let refused_commit = loop {
+        let hold = holds.pop().expect("a commit is refused within 200 small writes");
+        match server.try_commit(commit_request(&hold, 1)).await {
+            Ok(_) => committed += 1,
+            Err(status) => {
+                error_info(&status, "LOG_UNAVAILABLE");
+                break hold;
+            }
+        }
+    };
+    std::fs::remove_file(filler).unwrap();
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let retry = server.commit(&refused_commit, 1).await;
+    assert_eq!(retry.charged_milli, milli(1), "the retry returns the applied commit");
+    let charged = metric(metrics, "quotad_charged_milli_total{source=\"allocation\"}").await;
+    assert_eq!(charged, milli(committed + 1) as f64, "{committed} commits answered, one more applied");
+
+    // Reservations until one is answered UNAVAILABLE after the ledger applied it.
+    let filler = fill(&disk.path);
+    let mut granted = 200u64;
+    let refused_key = 'reserving: {
+        for attempt in 0..5_000 {
+            let mut request = reserve_request("acme-prod", 1);
+            request.idempotency_key = format!("during-full-{attempt}");
+            match server.try_reserve(request.clone()).await {
+                Ok(_) => granted += 1,
+                Err(status) => {
+                    error_info(&status, "LOG_UNAVAILABLE");
+                    break 'reserving request.idempotency_key;
+                }
+            }
+        }
+        panic!("a full disk refuses a change within 5,000 small writes");
+    };
+    std::fs::remove_file(filler).unwrap();
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let mut retry = reserve_request("acme-prod", 1);
+    retry.idempotency_key = refused_key;
+    server.try_reserve(retry).await.expect("the retry returns the applied hold");
+    let open_holds = metric(metrics, "quotad_open_holds").await;
+    assert_eq!(open_holds, (granted + 1 - committed - 1) as f64);
+    assert_eq!(metric(metrics, "quotad_reservations_granted_total").await, (granted + 1) as f64);
+    server.shutdown().await.expect("a clean shutdown");
+}
+
+/// The value of the sample `series` (its name and labels as the text format writes them) in a scrape.
+async fn metric(addr: std::net::SocketAddr, series: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics endpoint");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: quotad\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let line = answer.lines().find(|line| line.strip_prefix(series).is_some_and(|rest| rest.starts_with(' ')));
+    let line = line.unwrap_or_else(|| panic!("no {series} in {answer}"));
+    line[series.len()..].trim().parse().unwrap()
+}

@@ -483,6 +483,35 @@ async fn the_binary_serves_metrics_and_logs_each_call_in_a_span_with_its_fields_
 }
 
 #[tokio::test]
+async fn an_api_key_secret_sent_as_a_key_id_is_logged_by_its_key_id_only() {
+    // Proves, through the binary under the default filter: the spans of the API key calls name their
+    // RPC, and a whole secret sent where a key id belongs (an operator revoking a leaked key by pasting
+    // it) reaches the RevokeApiKey span's line, logged by default, as its key id and never its secret.
+    let (mut child, mut lines) = start_binary(&["--log-format", "json"], "info");
+    let (listening, _) = line_where(&mut lines, "the listening line", |l| l.contains("\"listening\"")).await;
+    let mut admin =
+        quotad::proto::quota_admin_client::QuotaAdminClient::new(connect(json_address(&listening, "address")).await);
+    let secret_part = "5ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2";
+    let key_id = format!("qk_0123456789abcdef_{secret_part}");
+    let request = quotad::proto::RevokeApiKeyRequest { key_id };
+    expect_code(admin.revoke_api_key(request).await, Code::NotFound);
+
+    let is_revoke_span = |line: &str| {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        value["span"]["name"] == "RevokeApiKey"
+    };
+    let (line, before) = line_where(&mut lines, "the RevokeApiKey span", is_revoke_span).await;
+    let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(value["span"]["rpc"], "quota.v1.QuotaAdmin/RevokeApiKey", "{line}");
+    let logged_id = value["span"]["key_id"].as_str().unwrap_or_else(|| panic!("no key_id in {line}"));
+    assert!(logged_id.contains("0123456789abcdef"), "{line}");
+    for logged in before.iter().chain([&line]) {
+        assert!(!logged.contains(&secret_part[..16]), "{logged}");
+    }
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_metrics_address_in_use_stops_startup_naming_it() {
     // Proves: when the metrics address cannot be bound, quotad exits with an error that names it,
     // before it listens for gRPC.

@@ -11,6 +11,7 @@ use super::{
     holds, reports,
 };
 use crate::{
+    auth::LoggedKeyId,
     ledger::{Command, EnvironmentId, Outcome, TenantCapacity, TenantId},
     proto::{self, quota_admin_server::QuotaAdmin},
 };
@@ -332,7 +333,11 @@ impl QuotaAdmin for AdminService {
     }
 
     // The answer carries the secret: the span records the tenant only.
-    #[instrument(name = "CreateApiKey", skip_all, fields(tenant = ?request.get_ref().tenant_id))]
+    #[instrument(
+        name = "CreateApiKey",
+        skip_all,
+        fields(rpc = "quota.v1.QuotaAdmin/CreateApiKey", tenant = %LogId(&request.get_ref().tenant_id))
+    )]
     async fn create_api_key(
         &self,
         request: Request<proto::CreateApiKeyRequest>,
@@ -340,7 +345,12 @@ impl QuotaAdmin for AdminService {
         api_keys::create_api_key(&self.context, request.into_inner()).await.map(Response::new)
     }
 
-    #[instrument(name = "RevokeApiKey", skip_all, fields(key_id = ?request.get_ref().key_id))]
+    // A secret sent as the key id is logged by its key id only.
+    #[instrument(
+        name = "RevokeApiKey",
+        skip_all,
+        fields(rpc = "quota.v1.QuotaAdmin/RevokeApiKey", key_id = %LoggedKeyId(&request.get_ref().key_id))
+    )]
     async fn revoke_api_key(
         &self,
         request: Request<proto::RevokeApiKeyRequest>,
@@ -348,7 +358,12 @@ impl QuotaAdmin for AdminService {
         api_keys::revoke_api_key(&self.context, request.into_inner()).await.map(Response::new)
     }
 
-    #[instrument(level = "debug", name = "ListApiKeys", skip_all, fields(tenant = ?request.get_ref().tenant_id))]
+    #[instrument(
+        level = "debug",
+        name = "ListApiKeys",
+        skip_all,
+        fields(rpc = "quota.v1.QuotaAdmin/ListApiKeys", tenant = %LogId(&request.get_ref().tenant_id))
+    )]
     async fn list_api_keys(
         &self,
         request: Request<proto::ListApiKeysRequest>,

@@ -116,12 +116,25 @@ impl Context {
 
     /// [`Context::execute_at`], refusing with a [`Refusal`].
     async fn apply_at(&self, command: &Command, now: u64) -> Result<Outcome, Refusal> {
+        self.apply_counted(command, now, |_| {}).await
+    }
+
+    /// [`Context::apply_at`], handing the outcome to `applied` as soon as the ledger has applied it,
+    /// before waiting for the log: a change whose log write then fails has happened all the same (the
+    /// caller's retry returns it as a replay), so it is counted there, once.
+    async fn apply_counted(
+        &self,
+        command: &Command,
+        now: u64,
+        applied: impl FnOnce(&Outcome),
+    ) -> Result<Outcome, Refusal> {
         if let Some(store) = &self.store
             && !store.journal().is_healthy()
         {
             return Err(Refusal::LogUnavailable);
         }
         let outcome = self.ledger.apply(command, now)?;
+        applied(&outcome);
         if let Some(store) = &self.store {
             store.wait_durable().await.map_err(|_| Refusal::LogUnavailable)?;
         }

@@ -62,15 +62,20 @@ impl QuotaService {
             expires_at_ms: now.saturating_add(ttl_ms),
             api_key,
         };
+        let metrics = &self.context.metrics;
+        let count = |outcome: &Outcome| {
+            if let Outcome::Reserved(grant) = outcome
+                && !grant.replayed
+            {
+                metrics.reservation_granted(&grant.balance.tenant);
+            }
+        };
         // The same instant stamps the command and starts its hold's lifetime.
-        let Outcome::Reserved(grant) = self.context.apply_at(&command, now).await? else {
+        let Outcome::Reserved(grant) = self.context.apply_counted(&command, now, count).await? else {
             unreachable!("a reserve yields a grant")
         };
         span.record("decision", if grant.replayed { "replayed" } else { "granted" })
             .record("amount_milli", grant.amount_milli);
-        if !grant.replayed {
-            self.context.metrics.reservation_granted(&grant.balance.tenant);
-        }
         Ok(proto::CheckAndReserveResponse {
             reservation_id: grant.reservation.to_string(),
             reserved_milli: grant.amount_milli,
@@ -141,14 +146,20 @@ impl Quota for QuotaService {
         let span = Span::current();
         span.record("environment", reservation.environment.as_str())
             .record("reservation", request.reservation_id.as_str());
-        let outcome = self.context.execute(&Command::Commit { reservation, usage, api_key }).await?;
+        let metrics = &self.context.metrics;
+        let count = |outcome: &Outcome| {
+            if let Outcome::Committed(settled) = outcome
+                && !settled.replayed
+            {
+                let settlement = &settled.result;
+                metrics.committed(&settled.balance.tenant, &settlement.charged, settlement.overage_milli);
+            }
+        };
+        let command = Command::Commit { reservation, usage, api_key };
+        let outcome = self.context.apply_counted(&command, self.context.clock.now_ms(), count).await?;
         let Outcome::Committed(settled) = outcome else { unreachable!("a commit yields a settlement") };
         let settlement = settled.result;
         span.record("actual_milli", settlement.charged.total() + settlement.overage_milli);
-        if !settled.replayed {
-            let tenant = &settled.balance.tenant;
-            self.context.metrics.committed(tenant, &settlement.charged, settlement.overage_milli);
-        }
         Ok(Response::new(proto::CommitResponse {
             charged_milli: settlement.charged.total(),
             draws: convert::draws(&settlement.charged),

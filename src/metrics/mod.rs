@@ -308,7 +308,8 @@ impl StorageSources {
         let help = "How long the last snapshot took to write.";
         gauge(encoder, "snapshot_last_duration_seconds", help, last.duration.as_secs_f64())?;
         gauge(encoder, "snapshot_last_bytes", "Size of the last snapshot file.", last.bytes as f64)?;
-        let help = "Tenants, environments, links and rate card versions in the last snapshot.";
+        let help =
+            "Tenants, environments, links, rate card versions, API keys and recent-alerts logs in the last snapshot.";
         gauge(encoder, "snapshot_last_items", help, last.items as f64)?;
         let help = "When the last snapshot finished, in Unix seconds.";
         gauge(encoder, "snapshot_last_timestamp_seconds", help, last.unix_ms as f64 / 1e3)
