@@ -647,3 +647,39 @@ fn a_tenant_and_environment_created_mid_export_are_restored() {
     behave_alike(&mut driver, (&a, &a_log), (&b, &b_log), &scenario.phase3).unwrap();
     assert_eq!(b.balance(&env(3), driver.now).unwrap().overage_milli, 1_000);
 }
+
+/// Proves that an environment created mid-export keeps the alert level it was last alerted at when
+/// another environment takes their tenant's whole pool later in the export: restoring replays its
+/// events against the pool as it was when they were applied, not as the other environment's copy
+/// left it, so it is neither marked nor alerted depleted when the original was not.
+#[test]
+fn an_environment_replayed_mid_export_keeps_its_level_when_a_sibling_takes_the_pool_later() {
+    let mut driver = Driver::new();
+    let setup = vec![
+        Step::Purchase { tenant: 0, amount: 10_000, key: None },
+        Step::Allocate { tenant: 0, env: 1, amount: Allocation::Exactly(0), pool: false },
+    ];
+    // Run right after the tenant is copied: e3 is created on the pool, which e1's allocation then takes.
+    let busy = vec![
+        Step::Allocate { tenant: 0, env: 3, amount: Allocation::Exactly(0), pool: true },
+        Step::Allocate { tenant: 0, env: 1, amount: Allocation::Exactly(10_000), pool: false },
+    ];
+    // The pool comes back and e3 changes: it was never alerted as depleted, so no RESTORED alert fires.
+    let after = vec![
+        Step::Allocate { tenant: 0, env: 1, amount: Allocation::Exactly(0), pool: false },
+        Step::SetPayAsYouGo { env: 3, enabled: false, budget: 0 },
+    ];
+    let scenario = Scenario { phase1: setup, during: vec![busy], phase2: vec![], phase3: after };
+    let (a, a_log, items, s) = run_with_mixed_snapshot(&mut driver, &scenario).unwrap();
+    assert!(matches!(items.first(), Some(SnapshotItem::Tenant { .. })), "the busy steps ran after the tenant's copy");
+    let level = |ledger: &Ledger| state(ledger)["environment e3"]["Environment"]["books"]["alert_level"].clone();
+    assert_eq!(level(&a), "Ok", "e3 was last alerted with the pool available");
+    assert_eq!(a.balance(&env(3), driver.now).unwrap().available_milli, 0, "e1 has taken the pool since");
+
+    let (b, b_log) = restore(items, s, &a_log.events_after(s)).expect("the snapshot restores");
+    assert_eq!(level(&b), "Ok");
+    assert_same(&a, &b, driver.now).unwrap();
+    behave_alike(&mut driver, (&a, &a_log), (&b, &b_log), &scenario.phase3).unwrap();
+    let tenant = TenantId::new(TENANTS[0]).unwrap();
+    assert_eq!(b.recent_alerts(&tenant, Some(&env(3)), 10), Vec::new(), "e3 never alerted");
+}

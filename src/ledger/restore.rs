@@ -1,10 +1,11 @@
 //! Rebuilding a ledger: exporting its state one object at a time for a snapshot, importing a snapshot,
 //! and replaying the events logged after it.
 //!
-//! A snapshot is not a single instant: each tenant, environment and link is copied under its own lock
-//! at a slightly different time, and records the sequence number of the last event applied to it.
-//! Replay skips the events an object already holds, and the tenant counters that are sums over
-//! environments are recomputed rather than restored, so the mix of instants adds up exactly.
+//! A snapshot is not a single instant: each tenant and link, and the environments of each tenant
+//! together, are copied under their own locks at slightly different times, and each object records the
+//! sequence number of the last event applied to it. Replay skips the events an object already holds,
+//! and the tenant counters that are sums over environments are recomputed rather than restored, so the
+//! mix of instants adds up exactly.
 
 use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering};
 
@@ -60,8 +61,9 @@ pub enum RestoreError {
 
 impl Ledger {
     /// Hands every tenant, then every capacity environment, then every app environment to `emit`,
-    /// copying each under its own lock only, so requests to other objects never wait. Which objects
-    /// there are is read once, first, under the admin lock (the hot path never waits for it).
+    /// copying each under its own lock only (a tenant's environments together), so requests to other
+    /// objects never wait. Which objects there are is read once, first, under the admin lock (the hot
+    /// path never waits for it).
     pub fn export(&self, mut emit: impl FnMut(SnapshotItem)) {
         // Admin commands log their event before they publish the tenant, environment or link they
         // create, and publish it before they release the admin lock. Listing under that lock sees
@@ -78,20 +80,20 @@ impl Ledger {
             (rate_cards, tenants, slots, api_keys)
         };
         rate_cards.into_iter().map(SnapshotItem::RateCard).for_each(&mut emit);
-        for (id, cell) in tenants {
+        for (id, cell) in &tenants {
             let tenant = cell.lock().clone();
-            emit(SnapshotItem::Tenant { id, tenant });
+            emit(SnapshotItem::Tenant { id: id.clone(), tenant });
         }
         api_keys.into_iter().map(SnapshotItem::ApiKey).for_each(&mut emit);
         let mut apps = Vec::new();
         for (id, slot) in slots {
-            match slot {
-                Slot::Capacity(cell) => {
-                    let books = Box::new(cell.books.lock().clone());
-                    emit(SnapshotItem::Environment { id, books });
-                }
-                Slot::App { target, applied_seq } => apps.push(SnapshotItem::App { id, target, applied_seq }),
+            // Capacity environments are copied with their tenant's others, below.
+            if let Slot::App { target, applied_seq } = slot {
+                apps.push(SnapshotItem::App { id, target, applied_seq });
             }
+        }
+        for (_, cell) in &tenants {
+            self.copy_environments_of(cell).into_iter().for_each(&mut emit);
         }
         apps.into_iter().for_each(&mut emit);
         let logs: Vec<_> = self.alert_logs.iter().map(|l| (l.key().clone(), l.value().clone())).collect();
@@ -99,6 +101,30 @@ impl Ledger {
             let log = log.lock().clone();
             emit(SnapshotItem::Alerts { tenant, log });
         }
+    }
+
+    /// Copies the capacity environments of one tenant (given by its cell, which theirs share) at one
+    /// instant: all of them are locked before the first is copied, with the admin lock held so that
+    /// none is being created. Replay decides an environment's alert level after each event from its
+    /// tenant's pool, which the tenant's other environments change too, so it must find the pool as it
+    /// was when the event was applied. Copied one at a time, an environment copied after an event of
+    /// another one that replay applies could already hold later changes to the pool.
+    fn copy_environments_of(&self, tenant: &Arc<Mutex<Tenant>>) -> Vec<SnapshotItem> {
+        let _admin = self.admin.lock();
+        // Collected first: no dashmap guard is held while an environment is locked.
+        let cells: Vec<_> = self
+            .environments
+            .iter()
+            .filter_map(|slot| match slot.value() {
+                Slot::Capacity(cell) if Arc::ptr_eq(&cell.tenant, tenant) => Some(cell.clone()),
+                _ => None,
+            })
+            .collect();
+        // Nothing else holds two environments' locks at once, and exports copy under the admin lock,
+        // so locking them in any order cannot deadlock.
+        let locked: Vec<_> = cells.iter().map(|cell| cell.books.lock()).collect();
+        let books = locked.into_iter().map(|books| Box::new(books.clone()));
+        cells.iter().zip(books).map(|(cell, books)| SnapshotItem::Environment { id: cell.id.clone(), books }).collect()
     }
 
     /// Loads one snapshot item into a ledger being restored; tenants come before their environments.
