@@ -222,7 +222,7 @@ async fn reservations_charges_holds_and_alerts_are_counted_as_calls_are_made() {
 
 #[tokio::test]
 async fn each_call_is_counted_once_by_rpc_and_code_with_its_latency() {
-    // Proves: health checks, admin calls and errors that tonic answers by itself (an unknown method, a
+    // Proves: health checks, admin calls and errors answered before a handler runs (an unknown method, a
     // request that does not decode) are counted under their RPC (`other` for an unknown path) and the
     // code the client saw, and the latency histogram's count and +Inf bucket match the calls.
     let (server, metrics) = spawn_with_metrics(false).await;
@@ -232,7 +232,7 @@ async fn each_call_is_counted_once_by_rpc_and_code_with_its_latency() {
     }
     let unknown = expect_code(raw_call(&server, "/quota.v1.Quota/Refund").await, Code::Unimplemented);
     let undecodable = raw_call(&server, &format!("/{RESERVE}")).await;
-    let undecodable_code = expect_code(undecodable, Code::Internal).code();
+    let undecodable_code = expect_code(undecodable, Code::InvalidArgument).code();
     expect_code(server.try_tenant("nobody").await, Code::NotFound);
 
     let scrape = scrape(metrics).await;
@@ -241,7 +241,7 @@ async fn each_call_is_counted_once_by_rpc_and_code_with_its_latency() {
     assert_eq!(calls_timed(&scrape, health), 3.0);
     assert_eq!(scrape.value("quotad_rpc_duration_seconds_bucket", &[("rpc", health), ("le", "+Inf")]), 3.0);
     assert_eq!(requests(&scrape, "other", "UNIMPLEMENTED"), 1.0, "{unknown:?}");
-    assert_eq!(requests(&scrape, RESERVE, "INTERNAL"), 1.0, "{undecodable_code:?}");
+    assert_eq!(requests(&scrape, RESERVE, "INVALID_ARGUMENT"), 1.0, "{undecodable_code:?}");
     assert_eq!(requests(&scrape, "quota.v1.QuotaAdmin/GetTenant", "NOT_FOUND"), 1.0);
     assert_eq!(
         scrape.value("quotad_reservations_refused_total", &[("reason", "INVALID_ARGUMENT")]),
