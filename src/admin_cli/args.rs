@@ -142,10 +142,19 @@ pub struct RevokeApiKeyArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("page_size", |arg| arg.help(page_size_help("Keys"))))]
 pub struct ListApiKeysArgs {
     #[arg(long, visible_alias = "tenant")]
     pub tenant_id: String,
-    /// Keys per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`.
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// The paging flags of a listing that can follow its pages. Each listing says what a page holds in
+/// the help of `--page-size` (`page_size_help`).
+#[derive(Debug, Args)]
+pub struct PageArgs {
+    /// Items per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`.
     #[arg(long, default_value_t = 0)]
     pub page_size: u32,
     /// The page to start from, as printed on stderr after a page that has more.
@@ -154,6 +163,11 @@ pub struct ListApiKeysArgs {
     /// Follow the pages to the last one and print them as one list.
     #[arg(long)]
     pub all: bool,
+}
+
+/// The help of `--page-size` for a listing of `items`.
+fn page_size_help(items: &str) -> String {
+    format!("{items} per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`")
 }
 
 #[derive(Debug, Args)]
@@ -332,21 +346,15 @@ pub struct SetRateCardArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("page_size", |arg| arg.help(page_size_help("Holds"))))]
 pub struct ReservationsArgs {
     #[arg(long, visible_alias = "environment")]
     pub environment_id: String,
     /// Only this agent's holds.
     #[arg(long, visible_alias = "agent", default_value = "")]
     pub agent_id: String,
-    /// Holds per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`.
-    #[arg(long, default_value_t = 0)]
-    pub page_size: u32,
-    /// The page to start from, as printed on stderr after a page that has more.
-    #[arg(long, default_value = "")]
-    pub page_token: String,
-    /// Follow the pages to the last one and print them as one list.
-    #[arg(long)]
-    pub all: bool,
+    #[command(flatten)]
+    pub page: PageArgs,
 }
 
 #[derive(Debug, Args)]
@@ -596,6 +604,8 @@ pub fn server_uri(server: &str, tls: bool) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<AdminArgs, clap::Error> {
@@ -633,6 +643,24 @@ mod tests {
         assert!(server_uri("https://quotad.internal", false).unwrap_err().contains("--tls-ca"));
         assert!(server_uri("http://quotad.internal", true).unwrap_err().contains("https://"));
         assert!(server_uri("http://", false).is_err());
+    }
+
+    #[test]
+    fn the_paging_flags_are_the_same_in_each_listing_but_for_what_a_page_holds() {
+        let args = parse(&["reservations", "--environment", "e", "--page-size", "5", "--page-token", "t"]).unwrap();
+        let Command::Reservations(reservations) = args.command else { panic!("not reservations") };
+        assert_eq!((reservations.page.page_size, reservations.page.page_token.as_str()), (5, "t"));
+        assert!(!reservations.page.all);
+        let args = parse(&["api-key", "list", "--tenant", "acme", "--all"]).unwrap();
+        let Command::ApiKey(ApiKeyCommand::List(keys)) = args.command else { panic!("not api-key list") };
+        assert!(keys.page.all && keys.page.page_size == 0 && keys.page.page_token.is_empty());
+        let command = AdminArgs::command();
+        let help = |path: &[&str]| {
+            let listing = path.iter().fold(&command, |command, name| command.find_subcommand(name).unwrap());
+            listing.get_arguments().find(|arg| arg.get_id() == "page_size").unwrap().get_help().unwrap().to_string()
+        };
+        assert_eq!(help(&["reservations"]), "Holds per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`");
+        assert_eq!(help(&["api-key", "list"]), "Keys per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`");
     }
 
     #[test]
