@@ -12,7 +12,8 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use super::render::Format;
 use crate::proto;
 
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+/// The server called without `--server`, over `http://`, or `https://` with `--tls-ca`.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:50051";
 pub const DEFAULT_TIMEOUT: &str = "10s";
 /// Longer than any admin call needs; a typo such as `10h` is refused rather than waited out.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
@@ -44,9 +45,10 @@ pub struct AdminArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
-    /// The quotad to call: `http://host:port`, `https://host:port` with `--tls-ca`, or `host:port`.
-    #[arg(long, global = true, env = "QUOTAD_SERVER", default_value = DEFAULT_SERVER)]
-    pub server: String,
+    /// The quotad to call: `http://host:port`, `https://host:port` with `--tls-ca`, or `host:port`
+    /// [default: 127.0.0.1:50051, over TLS with `--tls-ca`].
+    #[arg(long, global = true, env = "QUOTAD_SERVER")]
+    pub server: Option<String>,
     /// Sent as `authorization: Bearer <token>` with every call; never printed.
     #[arg(long, global = true, env = "QUOTAD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -582,10 +584,12 @@ fn split_utc_offset(text: &str) -> Option<(&str, i64)> {
     Some((local, sign * (hours * 3_600 + minutes * 60)))
 }
 
-/// The address as given, or `host:port` with the scheme put in front: `https://` when calling over TLS
-/// (`--tls-ca`), `http://` otherwise. A scheme that disagrees with the TLS options is refused rather
-/// than failing later with a transport error.
-pub fn server_uri(server: &str, tls: bool) -> Result<String, String> {
+/// The address as given, or `host:port` (`DEFAULT_SERVER` without `--server`) with the scheme put in
+/// front: `https://` when calling over TLS (`--tls-ca`), `http://` otherwise. A scheme given with
+/// `--server` that disagrees with the TLS options is refused rather than failing later with a
+/// transport error.
+pub fn server_uri(server: Option<&str>, tls: bool) -> Result<String, String> {
+    let server = server.unwrap_or(DEFAULT_SERVER);
     let scheme = if tls { "https://" } else { "http://" };
     if server.starts_with("https://") && !tls {
         return Err(format!(
@@ -636,13 +640,22 @@ mod tests {
 
     #[test]
     fn servers_get_the_scheme_that_fits_the_tls_options() {
-        assert_eq!(server_uri("127.0.0.1:50051", false).unwrap(), "http://127.0.0.1:50051");
-        assert_eq!(server_uri("127.0.0.1:50051", true).unwrap(), "https://127.0.0.1:50051");
-        assert_eq!(server_uri("http://quotad.internal:50051", false).unwrap(), "http://quotad.internal:50051");
-        assert_eq!(server_uri("https://quotad.internal", true).unwrap(), "https://quotad.internal");
-        assert!(server_uri("https://quotad.internal", false).unwrap_err().contains("--tls-ca"));
-        assert!(server_uri("http://quotad.internal", true).unwrap_err().contains("https://"));
-        assert!(server_uri("http://", false).is_err());
+        assert_eq!(server_uri(Some("127.0.0.1:50051"), false).unwrap(), "http://127.0.0.1:50051");
+        assert_eq!(server_uri(Some("127.0.0.1:50051"), true).unwrap(), "https://127.0.0.1:50051");
+        assert_eq!(server_uri(Some("http://quotad.internal:50051"), false).unwrap(), "http://quotad.internal:50051");
+        assert_eq!(server_uri(Some("https://quotad.internal"), true).unwrap(), "https://quotad.internal");
+        assert!(server_uri(Some("https://quotad.internal"), false).unwrap_err().contains("--tls-ca"));
+        assert!(server_uri(Some("http://quotad.internal"), true).unwrap_err().contains("https://"));
+        assert!(server_uri(Some("http://"), false).is_err());
+    }
+
+    #[test]
+    fn the_default_server_follows_the_tls_flags_and_a_given_one_must_agree() {
+        let server = |args: &[&str], tls: bool| server_uri(parse(args).unwrap().global.server.as_deref(), tls);
+        assert_eq!(server(&["balance", "e"], false).unwrap(), "http://127.0.0.1:50051");
+        assert_eq!(server(&["--tls-ca", "ca.pem", "balance", "e"], true).unwrap(), "https://127.0.0.1:50051");
+        let explicit = server(&["--tls-ca", "ca.pem", "--server", "http://127.0.0.1:50051", "balance", "e"], true);
+        assert!(explicit.unwrap_err().starts_with("--server http://127.0.0.1:50051: --tls-ca calls over TLS"));
     }
 
     #[test]
@@ -666,7 +679,7 @@ mod tests {
     #[test]
     fn global_flags_have_defaults_and_go_anywhere() {
         let args = parse(&["balance", "acme-prod"]).unwrap();
-        assert_eq!(args.global.server, DEFAULT_SERVER);
+        assert_eq!(args.global.server, None);
         assert_eq!(args.global.timeout, Duration::from_secs(10));
         assert_eq!(args.global.format, Format::Table);
         assert!(args.global.token.is_none());
