@@ -7,7 +7,7 @@ use std::{future::Future, io::Write, time::Duration};
 use tonic::{
     Code, Request, Response, Status,
     metadata::{AsciiMetadataValue, MetadataKey},
-    transport::{Channel, ClientTlsConfig, Endpoint},
+    transport::{Channel, Endpoint},
 };
 
 use super::{
@@ -16,7 +16,10 @@ use super::{
     records,
     render::{Format, Output, Record, RowStream},
 };
-use crate::proto::{self, quota_admin_client::QuotaAdminClient, quota_client::QuotaClient};
+use crate::{
+    proto::{self, quota_admin_client::QuotaAdminClient, quota_client::QuotaClient},
+    transport::tls::ClientTls,
+};
 
 /// The largest page `ListReservations` serves; `--all` asks for it unless told otherwise.
 const MAX_PAGE_SIZE: u32 = 1_000;
@@ -38,7 +41,7 @@ impl Client {
     /// Connects, within `timeout`. A server that does not answer is [`Failure::Unreachable`].
     pub async fn connect(
         server: &str,
-        tls: Option<ClientTlsConfig>,
+        tls: Option<ClientTls>,
         authorization: Option<AsciiMetadataValue>,
         timeout: Duration,
     ) -> Result<Self, Failure> {
@@ -48,9 +51,10 @@ impl Client {
             .tcp_nodelay(true);
         let tls = match tls {
             None => false,
-            Some(config) => {
-                endpoint =
-                    endpoint.tls_config(config).map_err(|e| Failure::Usage(format!("--tls-ca: {}", chain(&e))))?;
+            Some(tls) => {
+                endpoint = endpoint
+                    .tls_config(tls.config())
+                    .map_err(|e| Failure::Usage(format!("--tls-ca: {}", chain(&e))))?;
                 true
             }
         };

@@ -2,11 +2,10 @@
 //!
 //! Every quantity is bounded, so a typo cannot turn a benchmark into an unbounded flood.
 
-use std::{path::PathBuf, time::Duration};
+use std::{fmt, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use quotad::transport::tls::client_tls;
-use tonic::transport::ClientTlsConfig;
+use quotad::transport::tls::{ClientTls, client_tls};
 
 /// The server loaded without `--server`, over `http://`, or `https://` with `--tls-ca`.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:50051";
@@ -167,11 +166,11 @@ pub enum Limit {
 }
 
 /// Validated arguments.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Plan {
     pub server: String,
     /// `Some` for an `https://` server.
-    pub tls: Option<ClientTlsConfig>,
+    pub tls: Option<ClientTls>,
     pub scenario: Scenario,
     pub concurrency: usize,
     pub connections: usize,
@@ -188,6 +187,50 @@ pub struct Plan {
     pub timeout: Duration,
     pub json: Option<PathBuf>,
     pub token: Option<String>,
+}
+
+/// Every field but the token, of which only whether there is one: a plan may be printed.
+impl fmt::Debug for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Plan {
+            server,
+            tls,
+            scenario,
+            concurrency,
+            connections,
+            limit,
+            warmup,
+            environments,
+            agents,
+            tenant,
+            setup,
+            setup_only,
+            allocation_messages,
+            ttl_seconds,
+            timeout,
+            json,
+            token,
+        } = self;
+        f.debug_struct("Plan")
+            .field("server", server)
+            .field("tls", tls)
+            .field("scenario", scenario)
+            .field("concurrency", concurrency)
+            .field("connections", connections)
+            .field("limit", limit)
+            .field("warmup", warmup)
+            .field("environments", environments)
+            .field("agents", agents)
+            .field("tenant", tenant)
+            .field("setup", setup)
+            .field("setup_only", setup_only)
+            .field("allocation_messages", allocation_messages)
+            .field("ttl_seconds", ttl_seconds)
+            .field("timeout", timeout)
+            .field("json", json)
+            .field("token", &token.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 impl Args {
@@ -311,6 +354,18 @@ mod tests {
         assert_eq!(plan(&["--tls-ca", &ca]).unwrap().server, "https://127.0.0.1:50051");
         let explicit = plan(&["--tls-ca", &ca, "--server", "http://127.0.0.1:50051"]).unwrap_err();
         assert_eq!(explicit, "--server http://127.0.0.1:50051: --tls-ca needs https://");
+    }
+
+    #[test]
+    fn a_plan_prints_neither_the_private_key_nor_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path());
+        let plan = plan(&["--tls-ca", &cert, "--tls-cert", &cert, "--tls-key", &key, "--token", "s3cret"]).unwrap();
+        let printed = format!("{plan:?}");
+        let key_bytes = format!("{:?}", std::fs::read(&key).unwrap());
+        assert!(!printed.contains(key_bytes.trim_matches(['[', ']'])), "{printed}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("ClientTls { mutual: true, .. }") && printed.contains("<hidden>"), "{printed}");
     }
 
     #[test]
