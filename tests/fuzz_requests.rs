@@ -15,7 +15,7 @@
 mod common;
 mod fuzzing;
 
-use std::{collections::BTreeMap, future::Future};
+use std::{collections::BTreeMap, fmt::Debug};
 
 use bytes::{Buf, BufMut};
 use common::{START_MS, TestServer, spawn_server_with};
@@ -553,32 +553,42 @@ fn check_refusal(status: &Status, encoded_len: usize) -> Result<(), TestCaseErro
     Ok(())
 }
 
+/// The server's health is SERVING.
+async fn healthy(server: &TestServer) -> Result<(), TestCaseError> {
+    let health = server.health.clone().check(HealthCheckRequest { service: String::new() }).await;
+    prop_assert_eq!(health.map(|h| h.into_inner().status).map_err(|s| s.code()), Ok(ServingStatus::Serving as i32));
+    Ok(())
+}
+
 /// The server still serves: health SERVING, and a reservation on the probe environment is granted and
 /// released.
 async fn still_serving(server: &TestServer) -> Result<(), TestCaseError> {
-    let health = server.health.clone().check(HealthCheckRequest { service: String::new() }).await;
-    prop_assert_eq!(health.map(|h| h.into_inner().status).map_err(|s| s.code()), Ok(ServingStatus::Serving as i32));
+    healthy(server).await?;
     let reserved = server.try_reserve(common::reserve_request(PROBE_ENV, 1)).await;
     prop_assert!(reserved.is_ok(), "the known-good reservation was refused: {:?}", reserved);
     server.release(&reserved.unwrap().reservation_id).await;
     Ok(())
 }
 
-/// Runs `case` against a new server, so that every case starts from the same state and a failing one
-/// replays exactly.
-fn with_server<F: Future<Output = Result<(), TestCaseError>>>(
-    runtime: &tokio::runtime::Runtime,
-    settings: Settings,
-    case: impl FnOnce(TestServer) -> F,
-) -> Result<(), TestCaseError> {
-    runtime.block_on(async move {
-        let server = spawn_server_with(settings).await;
-        case(server).await
-    })
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+/// Fuzzes `case` with inputs from `strategy`, each case against a new server with `settings`, so that
+/// every case starts from the same state and a failing one replays exactly; after each case the server
+/// must still serve.
+fn fuzz_on_new_servers<S>(
+    strategy: S,
+    settings: fn() -> Settings,
+    case: impl AsyncFn(&TestServer, S::Value) -> Result<(), TestCaseError>,
+) where
+    S: Strategy,
+    S::Value: Debug,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    fuzzing::fuzz(strategy, 8, |value| {
+        runtime.block_on(async {
+            let server = spawn_server_with(settings()).await;
+            case(&server, value).await?;
+            still_serving(&server).await
+        })
+    });
 }
 
 /// Sends `call` and checks its answer, and that the server is still healthy.
@@ -591,9 +601,7 @@ async fn check_call(session: &mut Session<'_>, call: &Call) -> Result<(), TestCa
         prop_assert_eq!(&session.current, &after, "{:?} was refused ({:?}) and changed the state", call, status);
     }
     session.current = after;
-    let health = session.server.health.clone().check(HealthCheckRequest { service: String::new() }).await;
-    prop_assert_eq!(health.map(|h| h.into_inner().status).map_err(|s| s.code()), Ok(ServingStatus::Serving as i32));
-    Ok(())
+    healthy(session.server).await
 }
 
 #[test]
@@ -601,15 +609,12 @@ fn arbitrary_requests_are_answered_or_refused_with_a_client_error_that_changes_n
     // Proves that any sequence of requests, each field anything a client could send, is answered or
     // refused with a client-error code and a BadRequest or ErrorInfo saying why, that a refusal changes
     // nothing the quota and admin calls show, and that the server keeps serving.
-    let runtime = runtime();
-    fuzzing::fuzz(proptest::collection::vec(call(), 1..=12), 8, |calls| {
-        with_server(&runtime, settings(), |server| async move {
-            let mut session = Session::new(&server).await;
-            for call in &calls {
-                check_call(&mut session, call).await?;
-            }
-            still_serving(&server).await
-        })
+    fuzz_on_new_servers(proptest::collection::vec(call(), 1..=12), settings, async |server, calls| {
+        let mut session = Session::new(server).await;
+        for call in &calls {
+            check_call(&mut session, call).await?;
+        }
+        Ok(())
     });
 }
 
@@ -790,9 +795,7 @@ async fn check_body(session: &mut Session<'_>, channel: &Channel, body: &Body) -
         prop_assert!(well_formed, "a body that is not a {} was accepted", message);
     }
     session.current = after;
-    let health = session.server.health.clone().check(HealthCheckRequest { service: String::new() }).await;
-    prop_assert_eq!(health.map(|h| h.into_inner().status).map_err(|s| s.code()), Ok(ServingStatus::Serving as i32));
-    Ok(())
+    healthy(session.server).await
 }
 
 #[test]
@@ -800,16 +803,13 @@ fn arbitrary_bodies_are_malformed_requests_or_answered_as_requests() {
     // Proves that any bytes sent as the body of any unary method are refused as INVALID_ARGUMENT
     // MALFORMED_REQUEST naming the message type when they do not decode as it (never INTERNAL), are
     // answered like any request when they do, change nothing when refused, and leave the server serving.
-    let runtime = runtime();
-    fuzzing::fuzz(proptest::collection::vec(body(), 1..=8), 8, |bodies| {
-        with_server(&runtime, settings(), |server| async move {
-            let channel = common::connect(server.addr).await;
-            let mut session = Session::new(&server).await;
-            for body in &bodies {
-                check_body(&mut session, &channel, body).await?;
-            }
-            still_serving(&server).await
-        })
+    fuzz_on_new_servers(proptest::collection::vec(body(), 1..=8), settings, async |server, bodies| {
+        let channel = common::connect(server.addr).await;
+        let mut session = Session::new(server).await;
+        for body in &bodies {
+            check_body(&mut session, &channel, body).await?;
+        }
+        Ok(())
     });
 }
 
@@ -977,7 +977,7 @@ fn usage_items(items: &[(String, u64)]) -> Vec<UsageItem> {
 }
 
 /// A refusal that must name `field`.
-fn expect_field(result: Result<impl std::fmt::Debug, Status>, field: &str) -> Result<(), TestCaseError> {
+fn expect_field(result: Result<impl Debug, Status>, field: &str) -> Result<(), TestCaseError> {
     let status = match result {
         Ok(answer) => return Err(TestCaseError::fail(format!("expected a refusal naming {field}, got {answer:?}"))),
         Err(status) => status,
@@ -1100,24 +1100,19 @@ fn prices_are_exact_at_the_version_in_force_or_refused_as_too_large() {
     // a reservation's price is exactly what the version in force says and its commit's what the hold's
     // version says (rounded up per item), and that a price past the largest amount, even one
     // overflowing 128 bits, is refused naming `usage`, never a panic or a wrapped price.
-    let runtime = runtime();
-    fuzzing::fuzz(proptest::collection::vec(pricing_step(), 1..=20), 8, |steps| {
-        with_server(&runtime, pricing_settings(), |server| async move {
-            let mut model = PricingModel::new(&server).await;
-            for step in &steps {
-                match step {
-                    PricingStep::SetRateCard { rates, effective } => {
-                        set_rate_card(&server, &mut model, rates, effective).await?
-                    }
-                    PricingStep::Reserve { items, dry_run } => {
-                        reserve_priced(&server, &mut model, items, *dry_run).await?
-                    }
-                    PricingStep::Commit { pick, items } => commit_priced(&server, &mut model, *pick, items).await?,
-                    PricingStep::Advance { ms } => server.clock.advance_ms(*ms),
+    fuzz_on_new_servers(proptest::collection::vec(pricing_step(), 1..=20), pricing_settings, async |server, steps| {
+        let mut model = PricingModel::new(server).await;
+        for step in &steps {
+            match step {
+                PricingStep::SetRateCard { rates, effective } => {
+                    set_rate_card(server, &mut model, rates, effective).await?
                 }
+                PricingStep::Reserve { items, dry_run } => reserve_priced(server, &mut model, items, *dry_run).await?,
+                PricingStep::Commit { pick, items } => commit_priced(server, &mut model, *pick, items).await?,
+                PricingStep::Advance { ms } => server.clock.advance_ms(*ms),
             }
-            still_serving(&server).await
-        })
+        }
+        Ok(())
     });
 }
 

@@ -12,7 +12,8 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use super::render::Format;
 use crate::proto;
 
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+/// The server called without `--server`, over `http://`, or `https://` with `--tls-ca`.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:50051";
 pub const DEFAULT_TIMEOUT: &str = "10s";
 /// Longer than any admin call needs; a typo such as `10h` is refused rather than waited out.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
@@ -44,9 +45,10 @@ pub struct AdminArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
-    /// The quotad to call: `http://host:port`, `https://host:port` with `--tls-ca`, or `host:port`.
-    #[arg(long, global = true, env = "QUOTAD_SERVER", default_value = DEFAULT_SERVER)]
-    pub server: String,
+    /// The quotad to call: `http://host:port`, `https://host:port` with `--tls-ca`, or `host:port`
+    /// [default: 127.0.0.1:50051, over TLS with `--tls-ca`].
+    #[arg(long, global = true, env = "QUOTAD_SERVER")]
+    pub server: Option<String>,
     /// Sent as `authorization: Bearer <token>` with every call; never printed.
     #[arg(long, global = true, env = "QUOTAD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -142,10 +144,19 @@ pub struct RevokeApiKeyArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("page_size", |arg| arg.help(page_size_help("Keys"))))]
 pub struct ListApiKeysArgs {
     #[arg(long, visible_alias = "tenant")]
     pub tenant_id: String,
-    /// Keys per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`.
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// The paging flags of a listing that can follow its pages. Each listing says what a page holds in
+/// the help of `--page-size` (`page_size_help`).
+#[derive(Debug, Args)]
+pub struct PageArgs {
+    /// Items per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`.
     #[arg(long, default_value_t = 0)]
     pub page_size: u32,
     /// The page to start from, as printed on stderr after a page that has more.
@@ -154,6 +165,11 @@ pub struct ListApiKeysArgs {
     /// Follow the pages to the last one and print them as one list.
     #[arg(long)]
     pub all: bool,
+}
+
+/// The help of `--page-size` for a listing of `items`.
+fn page_size_help(items: &str) -> String {
+    format!("{items} per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`")
 }
 
 #[derive(Debug, Args)]
@@ -332,21 +348,15 @@ pub struct SetRateCardArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("page_size", |arg| arg.help(page_size_help("Holds"))))]
 pub struct ReservationsArgs {
     #[arg(long, visible_alias = "environment")]
     pub environment_id: String,
     /// Only this agent's holds.
     #[arg(long, visible_alias = "agent", default_value = "")]
     pub agent_id: String,
-    /// Holds per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`.
-    #[arg(long, default_value_t = 0)]
-    pub page_size: u32,
-    /// The page to start from, as printed on stderr after a page that has more.
-    #[arg(long, default_value = "")]
-    pub page_token: String,
-    /// Follow the pages to the last one and print them as one list.
-    #[arg(long)]
-    pub all: bool,
+    #[command(flatten)]
+    pub page: PageArgs,
 }
 
 #[derive(Debug, Args)]
@@ -574,10 +584,12 @@ fn split_utc_offset(text: &str) -> Option<(&str, i64)> {
     Some((local, sign * (hours * 3_600 + minutes * 60)))
 }
 
-/// The address as given, or `host:port` with the scheme put in front: `https://` when calling over TLS
-/// (`--tls-ca`), `http://` otherwise. A scheme that disagrees with the TLS options is refused rather
-/// than failing later with a transport error.
-pub fn server_uri(server: &str, tls: bool) -> Result<String, String> {
+/// The address as given, or `host:port` (`DEFAULT_SERVER` without `--server`) with the scheme put in
+/// front: `https://` when calling over TLS (`--tls-ca`), `http://` otherwise. A scheme given with
+/// `--server` that disagrees with the TLS options is refused rather than failing later with a
+/// transport error.
+pub fn server_uri(server: Option<&str>, tls: bool) -> Result<String, String> {
+    let server = server.unwrap_or(DEFAULT_SERVER);
     let scheme = if tls { "https://" } else { "http://" };
     if server.starts_with("https://") && !tls {
         return Err(format!(
@@ -596,6 +608,8 @@ pub fn server_uri(server: &str, tls: bool) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<AdminArgs, clap::Error> {
@@ -626,19 +640,46 @@ mod tests {
 
     #[test]
     fn servers_get_the_scheme_that_fits_the_tls_options() {
-        assert_eq!(server_uri("127.0.0.1:50051", false).unwrap(), "http://127.0.0.1:50051");
-        assert_eq!(server_uri("127.0.0.1:50051", true).unwrap(), "https://127.0.0.1:50051");
-        assert_eq!(server_uri("http://quotad.internal:50051", false).unwrap(), "http://quotad.internal:50051");
-        assert_eq!(server_uri("https://quotad.internal", true).unwrap(), "https://quotad.internal");
-        assert!(server_uri("https://quotad.internal", false).unwrap_err().contains("--tls-ca"));
-        assert!(server_uri("http://quotad.internal", true).unwrap_err().contains("https://"));
-        assert!(server_uri("http://", false).is_err());
+        assert_eq!(server_uri(Some("127.0.0.1:50051"), false).unwrap(), "http://127.0.0.1:50051");
+        assert_eq!(server_uri(Some("127.0.0.1:50051"), true).unwrap(), "https://127.0.0.1:50051");
+        assert_eq!(server_uri(Some("http://quotad.internal:50051"), false).unwrap(), "http://quotad.internal:50051");
+        assert_eq!(server_uri(Some("https://quotad.internal"), true).unwrap(), "https://quotad.internal");
+        assert!(server_uri(Some("https://quotad.internal"), false).unwrap_err().contains("--tls-ca"));
+        assert!(server_uri(Some("http://quotad.internal"), true).unwrap_err().contains("https://"));
+        assert!(server_uri(Some("http://"), false).is_err());
+    }
+
+    #[test]
+    fn the_default_server_follows_the_tls_flags_and_a_given_one_must_agree() {
+        let server = |args: &[&str], tls: bool| server_uri(parse(args).unwrap().global.server.as_deref(), tls);
+        assert_eq!(server(&["balance", "e"], false).unwrap(), "http://127.0.0.1:50051");
+        assert_eq!(server(&["--tls-ca", "ca.pem", "balance", "e"], true).unwrap(), "https://127.0.0.1:50051");
+        let explicit = server(&["--tls-ca", "ca.pem", "--server", "http://127.0.0.1:50051", "balance", "e"], true);
+        assert!(explicit.unwrap_err().starts_with("--server http://127.0.0.1:50051: --tls-ca calls over TLS"));
+    }
+
+    #[test]
+    fn the_paging_flags_are_the_same_in_each_listing_but_for_what_a_page_holds() {
+        let args = parse(&["reservations", "--environment", "e", "--page-size", "5", "--page-token", "t"]).unwrap();
+        let Command::Reservations(reservations) = args.command else { panic!("not reservations") };
+        assert_eq!((reservations.page.page_size, reservations.page.page_token.as_str()), (5, "t"));
+        assert!(!reservations.page.all);
+        let args = parse(&["api-key", "list", "--tenant", "acme", "--all"]).unwrap();
+        let Command::ApiKey(ApiKeyCommand::List(keys)) = args.command else { panic!("not api-key list") };
+        assert!(keys.page.all && keys.page.page_size == 0 && keys.page.page_token.is_empty());
+        let command = AdminArgs::command();
+        let help = |path: &[&str]| {
+            let listing = path.iter().fold(&command, |command, name| command.find_subcommand(name).unwrap());
+            listing.get_arguments().find(|arg| arg.get_id() == "page_size").unwrap().get_help().unwrap().to_string()
+        };
+        assert_eq!(help(&["reservations"]), "Holds per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`");
+        assert_eq!(help(&["api-key", "list"]), "Keys per page, 1 to 1,000; 0 = 100, or 1,000 with `--all`");
     }
 
     #[test]
     fn global_flags_have_defaults_and_go_anywhere() {
         let args = parse(&["balance", "acme-prod"]).unwrap();
-        assert_eq!(args.global.server, DEFAULT_SERVER);
+        assert_eq!(args.global.server, None);
         assert_eq!(args.global.timeout, Duration::from_secs(10));
         assert_eq!(args.global.format, Format::Table);
         assert!(args.global.token.is_none());

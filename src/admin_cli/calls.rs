@@ -7,16 +7,19 @@ use std::{future::Future, io::Write, time::Duration};
 use tonic::{
     Code, Request, Response, Status,
     metadata::{AsciiMetadataValue, MetadataKey},
-    transport::{Channel, ClientTlsConfig, Endpoint},
+    transport::{Channel, Endpoint},
 };
 
 use super::{
     Failure,
-    args::{ApiKeyCommand, Command, ListApiKeysArgs, ReservationsArgs, WatchAlertsArgs},
+    args::{ApiKeyCommand, Command, ListApiKeysArgs, PageArgs, ReservationsArgs, WatchAlertsArgs},
     records,
     render::{Format, Output, Record, RowStream},
 };
-use crate::proto::{self, quota_admin_client::QuotaAdminClient, quota_client::QuotaClient};
+use crate::{
+    proto::{self, quota_admin_client::QuotaAdminClient, quota_client::QuotaClient},
+    transport::tls::ClientTls,
+};
 
 /// The largest page `ListReservations` serves; `--all` asks for it unless told otherwise.
 const MAX_PAGE_SIZE: u32 = 1_000;
@@ -38,7 +41,7 @@ impl Client {
     /// Connects, within `timeout`. A server that does not answer is [`Failure::Unreachable`].
     pub async fn connect(
         server: &str,
-        tls: Option<ClientTlsConfig>,
+        tls: Option<ClientTls>,
         authorization: Option<AsciiMetadataValue>,
         timeout: Duration,
     ) -> Result<Self, Failure> {
@@ -48,9 +51,10 @@ impl Client {
             .tcp_nodelay(true);
         let tls = match tls {
             None => false,
-            Some(config) => {
-                endpoint =
-                    endpoint.tls_config(config).map_err(|e| Failure::Usage(format!("--tls-ca: {}", chain(&e))))?;
+            Some(tls) => {
+                endpoint = endpoint
+                    .tls_config(tls.config())
+                    .map_err(|e| Failure::Usage(format!("--tls-ca: {}", chain(&e))))?;
                 true
             }
         };
@@ -187,10 +191,10 @@ fn rate_card(card: &proto::RateCard) -> Output {
 /// One page, or with `--all` every page from `--page-token` on. When a single page has more after it,
 /// the token of the next one goes to stderr, so that stdout stays one clean list.
 async fn reservations(client: &Client, args: ReservationsArgs) -> Result<Output, Failure> {
-    let page_size = if args.all && args.page_size == 0 { MAX_PAGE_SIZE } else { args.page_size };
+    let page_size = page_size(&args.page);
     let template = records::reservation(&proto::Reservation::default());
     let mut rows = Vec::new();
-    let mut page_token = args.page_token;
+    let mut page_token = args.page.page_token;
     for _ in 0..MAX_PAGES_FOLLOWED {
         let request = proto::ListReservationsRequest {
             environment_id: args.environment_id.clone(),
@@ -203,7 +207,7 @@ async fn reservations(client: &Client, args: ReservationsArgs) -> Result<Output,
         if page.next_page_token.is_empty() {
             return Ok(Output::Rows { template, rows });
         }
-        if !args.all {
+        if !args.page.all {
             eprintln!("quotad admin: reservations: more holds follow: --page-token {}", page.next_page_token);
             return Ok(Output::Rows { template, rows });
         }
@@ -214,12 +218,17 @@ async fn reservations(client: &Client, args: ReservationsArgs) -> Result<Output,
     ))))
 }
 
+/// `--page-size`, or with `--all` and no size the largest page.
+fn page_size(page: &PageArgs) -> u32 {
+    if page.all && page.page_size == 0 { MAX_PAGE_SIZE } else { page.page_size }
+}
+
 /// One page of a tenant's keys, or with `--all` every page from `--page-token` on, as `reservations` does.
 async fn api_keys(client: &Client, args: ListApiKeysArgs) -> Result<Output, Failure> {
-    let page_size = if args.all && args.page_size == 0 { MAX_PAGE_SIZE } else { args.page_size };
+    let page_size = page_size(&args.page);
     let template = records::api_key(&proto::ApiKey::default());
     let mut rows = Vec::new();
-    let mut page_token = args.page_token;
+    let mut page_token = args.page.page_token;
     for _ in 0..MAX_PAGES_FOLLOWED {
         let request = proto::ListApiKeysRequest { tenant_id: args.tenant_id.clone(), page_size, page_token };
         let page = client.call(client.admin().list_api_keys(client.request(request))).await?;
@@ -227,7 +236,7 @@ async fn api_keys(client: &Client, args: ListApiKeysArgs) -> Result<Output, Fail
         if page.next_page_token.is_empty() {
             return Ok(Output::Rows { template, rows });
         }
-        if !args.all {
+        if !args.page.all {
             eprintln!("quotad admin: api-key: more keys follow: --page-token {}", page.next_page_token);
             return Ok(Output::Rows { template, rows });
         }

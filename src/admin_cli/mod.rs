@@ -96,7 +96,7 @@ async fn run(args: AdminArgs) -> Result<(), Failure> {
         global.tls_key.as_deref(),
     )
     .map_err(|e| Failure::Usage(e.to_string()))?;
-    let server = args::server_uri(&global.server, tls.is_some()).map_err(Failure::Usage)?;
+    let server = args::server_uri(global.server.as_deref(), tls.is_some()).map_err(Failure::Usage)?;
     let authorization = global.token.as_deref().map(bearer).transpose()?;
     let client = Client::connect(&server, tls, authorization, global.timeout).await?;
     calls::run(&client, args.command, args.global.format, &mut std::io::stdout().lock()).await

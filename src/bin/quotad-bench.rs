@@ -126,7 +126,7 @@ async fn connect(plan: &Plan) -> Result<Vec<Connection>, String> {
         .timeout(plan.timeout)
         .tcp_nodelay(true);
     if let Some(tls) = &plan.tls {
-        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("--tls-ca: {}", chain(&e)))?;
+        endpoint = endpoint.tls_config(tls.config()).map_err(|e| format!("--tls-ca: {}", chain(&e)))?;
     }
     let mut channels = Vec::with_capacity(plan.connections);
     for _ in 0..plan.connections {

@@ -100,13 +100,35 @@ impl ServerTls {
     }
 }
 
+/// A client's TLS configuration, its files read and checked.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: ClientTlsConfig,
+    mutual: bool,
+}
+
+/// Says whether TLS is mutual and nothing else: tonic's `Identity`, in the configuration of mutual
+/// TLS, prints its private key in its `Debug`.
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls").field("mutual", &self.mutual).finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// What tonic's endpoint is given.
+    pub fn config(&self) -> ClientTlsConfig {
+        self.config.clone()
+    }
+
+    pub fn is_mutual(&self) -> bool {
+        self.mutual
+    }
+}
+
 /// A client's TLS from `--tls-ca`, `--tls-cert` and `--tls-key`: none without any; the CA is
 /// required (no system roots are built in), and the certificate and key go together.
-pub fn client_tls(
-    ca: Option<&Path>,
-    cert: Option<&Path>,
-    key: Option<&Path>,
-) -> Result<Option<ClientTlsConfig>, TlsError> {
+pub fn client_tls(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<Option<ClientTls>, TlsError> {
     let identity = match (cert, key) {
         (Some(cert), Some(key)) => Some(client_identity(cert, key)?),
         (None, None) => None,
@@ -122,8 +144,8 @@ pub fn client_tls(
     trust_anchors("--tls-ca", ca)?;
     let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
     Ok(Some(match identity {
-        None => config,
-        Some(identity) => config.identity(identity),
+        None => ClientTls { config, mutual: false },
+        Some(identity) => ClientTls { config: config.identity(identity), mutual: true },
     }))
 }
 
@@ -260,5 +282,20 @@ mod tests {
         assert!(error(Some(&cert), None, Some(&key)).contains("--tls-key needs --tls-cert"));
         assert!(error(Some(&key), None, None).starts_with("--tls-ca"));
         assert!(error(Some(&cert), Some(&cert), Some(&other_key)).contains("does not go with --tls-cert"));
+    }
+
+    #[test]
+    fn a_client_configuration_prints_no_private_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path(), "client");
+        let mutual = client_tls(Some(&cert), Some(&cert), Some(&key)).unwrap().unwrap();
+        assert_eq!(format!("{mutual:?}"), "ClientTls { mutual: true, .. }");
+        assert_eq!(
+            format!("{:?}", client_tls(Some(&cert), None, None).unwrap()),
+            "Some(ClientTls { mutual: false, .. })"
+        );
+        // What the wrapper keeps out: tonic's own `Debug` prints the key's bytes.
+        let key_bytes = format!("{:?}", std::fs::read(&key).unwrap());
+        assert!(format!("{:?}", mutual.config()).contains(key_bytes.trim_matches(['[', ']'])));
     }
 }

@@ -2,13 +2,13 @@
 //!
 //! Every quantity is bounded, so a typo cannot turn a benchmark into an unbounded flood.
 
-use std::{path::PathBuf, time::Duration};
+use std::{fmt, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use quotad::transport::tls::client_tls;
-use tonic::transport::ClientTlsConfig;
+use quotad::transport::tls::{ClientTls, client_tls};
 
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+/// The server loaded without `--server`, over `http://`, or `https://` with `--tls-ca`.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:50051";
 pub const DEFAULT_CONCURRENCY: usize = 64;
 pub const DEFAULT_CONNECTIONS: usize = 4;
 pub const DEFAULT_DURATION: &str = "10s";
@@ -88,9 +88,10 @@ impl Scenario {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Args {
-    /// The quotad to load (`http://host:port`, or `https://host:port` with `--tls-ca`).
-    #[arg(long, default_value = DEFAULT_SERVER)]
-    pub server: String,
+    /// The quotad to load (`http://host:port`, or `https://host:port` with `--tls-ca`) [default:
+    /// 127.0.0.1:50051, over TLS with `--tls-ca`].
+    #[arg(long)]
+    pub server: Option<String>,
     /// Connect over TLS, trusting the CA certificates in this PEM file.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
@@ -165,11 +166,11 @@ pub enum Limit {
 }
 
 /// Validated arguments.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Plan {
     pub server: String,
     /// `Some` for an `https://` server.
-    pub tls: Option<ClientTlsConfig>,
+    pub tls: Option<ClientTls>,
     pub scenario: Scenario,
     pub concurrency: usize,
     pub connections: usize,
@@ -186,6 +187,50 @@ pub struct Plan {
     pub timeout: Duration,
     pub json: Option<PathBuf>,
     pub token: Option<String>,
+}
+
+/// Every field but the token, of which only whether there is one: a plan may be printed.
+impl fmt::Debug for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Plan {
+            server,
+            tls,
+            scenario,
+            concurrency,
+            connections,
+            limit,
+            warmup,
+            environments,
+            agents,
+            tenant,
+            setup,
+            setup_only,
+            allocation_messages,
+            ttl_seconds,
+            timeout,
+            json,
+            token,
+        } = self;
+        f.debug_struct("Plan")
+            .field("server", server)
+            .field("tls", tls)
+            .field("scenario", scenario)
+            .field("concurrency", concurrency)
+            .field("connections", connections)
+            .field("limit", limit)
+            .field("warmup", warmup)
+            .field("environments", environments)
+            .field("agents", agents)
+            .field("tenant", tenant)
+            .field("setup", setup)
+            .field("setup_only", setup_only)
+            .field("allocation_messages", allocation_messages)
+            .field("ttl_seconds", ttl_seconds)
+            .field("timeout", timeout)
+            .field("json", json)
+            .field("token", &token.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 impl Args {
@@ -217,14 +262,20 @@ impl Args {
         range("allocation-messages", u128::from(self.allocation_messages), 0, u128::from(u64::MAX / 1_000))?;
         let tls = client_tls(self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())
             .map_err(|e| e.to_string())?;
-        match (self.server.split_once("://").map(|(scheme, _)| scheme), &tls) {
-            (Some("http"), None) | (Some("https"), Some(_)) => {}
-            (Some("https"), None) => return Err(format!("--server {}: https:// needs --tls-ca", self.server)),
-            (Some("http"), Some(_)) => return Err(format!("--server {}: --tls-ca needs https://", self.server)),
-            _ => return Err(format!("--server {}: must start with http:// (or https://)", self.server)),
-        }
+        let server = match self.server {
+            None => format!("{}://{DEFAULT_SERVER}", if tls.is_some() { "https" } else { "http" }),
+            Some(server) => {
+                match (server.split_once("://").map(|(scheme, _)| scheme), &tls) {
+                    (Some("http"), None) | (Some("https"), Some(_)) => {}
+                    (Some("https"), None) => return Err(format!("--server {server}: https:// needs --tls-ca")),
+                    (Some("http"), Some(_)) => return Err(format!("--server {server}: --tls-ca needs https://")),
+                    _ => return Err(format!("--server {server}: must start with http:// (or https://)")),
+                }
+                server
+            }
+        };
         Ok(Plan {
-            server: self.server,
+            server,
             tls,
             scenario: self.scenario,
             concurrency: self.concurrency,
@@ -284,6 +335,37 @@ mod tests {
         assert!(plan(&["--server", "127.0.0.1:50051"]).is_err());
         assert!(plan(&["--server", "https://127.0.0.1:50051"]).unwrap_err().contains("--tls-ca"));
         assert!(plan(&["--tls-cert", "client.pem"]).unwrap_err().contains("--tls-key"));
+    }
+
+    /// A self-signed certificate for localhost and its key, as PEM files in `dir`.
+    fn self_signed(dir: &std::path::Path) -> (String, String) {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        (cert.display().to_string(), key.display().to_string())
+    }
+
+    #[test]
+    fn the_default_server_follows_the_tls_flags_and_a_given_one_must_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = self_signed(dir.path());
+        assert_eq!(plan(&[]).unwrap().server, "http://127.0.0.1:50051");
+        assert_eq!(plan(&["--tls-ca", &ca]).unwrap().server, "https://127.0.0.1:50051");
+        let explicit = plan(&["--tls-ca", &ca, "--server", "http://127.0.0.1:50051"]).unwrap_err();
+        assert_eq!(explicit, "--server http://127.0.0.1:50051: --tls-ca needs https://");
+    }
+
+    #[test]
+    fn a_plan_prints_neither_the_private_key_nor_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path());
+        let plan = plan(&["--tls-ca", &cert, "--tls-cert", &cert, "--tls-key", &key, "--token", "s3cret"]).unwrap();
+        let printed = format!("{plan:?}");
+        let key_bytes = format!("{:?}", std::fs::read(&key).unwrap());
+        assert!(!printed.contains(key_bytes.trim_matches(['[', ']'])), "{printed}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("ClientTls { mutual: true, .. }") && printed.contains("<hidden>"), "{printed}");
     }
 
     #[test]
