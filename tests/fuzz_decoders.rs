@@ -35,8 +35,8 @@ use quotad::{
         store::{StorageConfig, Store, StoreError},
     },
     ledger::{
-        AgentId, AgentLimit, Balance, Command, EnvironmentId, Event, IdempotencyKey, Ledger, LedgerError, Limits,
-        Outcome, ReservationId, SnapshotItem, TenantCapacity, TenantId, Usage, UsageItem,
+        AgentId, AgentLimit, Balance, Command, EnvironmentId, Event, IdempotencyKey, Ledger, LedgerError, Levels,
+        Limits, Outcome, ReservationId, SnapshotItem, TenantCapacity, TenantId, Usage, UsageItem,
         pricing::{Rate, RateCard},
     },
 };
@@ -436,8 +436,11 @@ fn segment_file(input: &SegmentInput) -> (String, Vec<u8>, Option<&'static Vec<u
 /// Reads a segment file and decodes each record's payload as recovery does.
 fn decode_segment(path: PathBuf) -> Result<(format::Segment, usize), format::FormatError> {
     let segment = format::read_segment(&path)?;
-    let decodable =
-        segment.records.iter().filter(|(_, payload)| postcard::from_bytes::<(u64, Event)>(payload).is_ok()).count();
+    let decodable = segment
+        .records
+        .iter()
+        .filter(|(_, payload)| postcard::from_bytes::<(u64, Event, Option<Levels>)>(payload).is_ok())
+        .count();
     Ok((segment, decodable))
 }
 
@@ -727,9 +730,9 @@ fn forge_log(dir: &Path, edit: impl Fn(&mut Event)) {
     let mut bytes = Vec::new();
     format::encode_segment_header(*first_seq, &mut bytes);
     for (seq, payload) in &segment.records {
-        let (now, mut event): (u64, Event) = postcard::from_bytes(payload).unwrap();
+        let (now, mut event, levels): (u64, Event, Option<Levels>) = postcard::from_bytes(payload).unwrap();
         edit(&mut event);
-        format::encode_record(*seq, &postcard::to_stdvec(&(now, event)).unwrap(), &mut bytes);
+        format::encode_record(*seq, &postcard::to_stdvec(&(now, event, levels)).unwrap(), &mut bytes);
     }
     std::fs::write(path, bytes).unwrap();
 }

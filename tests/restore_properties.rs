@@ -19,8 +19,8 @@ use std::sync::{
 use proptest::prelude::*;
 use proptest::sample::Index;
 use quotad::ledger::{
-    ApiKeyId, Balance, Command, EnvironmentId, Event, EventSink, Ledger, LedgerError, Limits, Milli, Outcome, Quote,
-    ReservationId, RestoreError, SnapshotItem, TenantCapacity, TenantId, Usage,
+    ApiKeyId, Balance, Command, EnvironmentId, Event, EventSink, Ledger, LedgerError, Levels, Limits, Milli, Outcome,
+    Quote, ReservationId, RestoreError, SnapshotItem, TenantCapacity, TenantId, Usage,
     api_keys::ApiKeyPage,
     usage::{Dimension, UsageQuery, UsageRange, UsageRow},
 };
@@ -65,8 +65,8 @@ fn env(i: usize) -> EnvironmentId {
 // ---------------------------------------------------------------------------------------------
 // The recording sink.
 
-/// One logged event: (sequence number, time applied, event).
-type Logged = (u64, u64, Event);
+/// One logged event: (sequence number, time applied, event, the alert levels logged with it).
+type Logged = (u64, u64, Event, Option<Levels>);
 
 /// Numbers events from 1 (or from where a restored ledger's log left off) and keeps them in order.
 #[derive(Default)]
@@ -92,15 +92,15 @@ impl Recorder {
     }
 
     fn events_after(&self, seq: u64) -> Vec<Logged> {
-        self.log.lock().unwrap().iter().filter(|(s, _, _)| *s > seq).cloned().collect()
+        self.log.lock().unwrap().iter().filter(|(s, ..)| *s > seq).cloned().collect()
     }
 }
 
 impl EventSink for Recorder {
-    fn record(&self, now: u64, event: &Event) -> u64 {
+    fn record(&self, now: u64, event: &Event, levels: Option<Levels>) -> u64 {
         let mut log = self.log.lock().unwrap();
         let seq = self.last.fetch_add(1, Ordering::SeqCst) + 1;
-        log.push((seq, now, event.clone()));
+        log.push((seq, now, event.clone(), levels));
         seq
     }
 }
@@ -114,15 +114,15 @@ fn recorded() -> (Ledger, Arc<Recorder>) {
 /// events logged after `covered` (the last sequence number assigned when the snapshot began, 0
 /// without a snapshot), finish. The new ledger's sink numbers on from the last event.
 fn restore(items: Vec<SnapshotItem>, covered: u64, events: &[Logged]) -> Result<(Ledger, Arc<Recorder>), RestoreError> {
-    let last = events.last().map_or(covered, |(seq, _, _)| *seq);
+    let last = events.last().map_or(covered, |(seq, ..)| *seq);
     let recorder = Arc::new(Recorder::starting_after(last));
     let ledger = Ledger::with_sink(limits(), recorder.clone());
     for item in items {
         ledger.import(item)?;
     }
     ledger.recompute_totals();
-    for (seq, now, event) in events.iter().filter(|(seq, _, _)| *seq > covered) {
-        ledger.replay(*seq, *now, event)?;
+    for (seq, now, event, levels) in events.iter().filter(|(seq, ..)| *seq > covered) {
+        ledger.replay(*seq, *now, event, *levels)?;
     }
     ledger.finish_restore()?;
     Ok((ledger, recorder))
@@ -682,4 +682,34 @@ fn an_environment_replayed_mid_export_keeps_its_level_when_a_sibling_takes_the_p
     behave_alike(&mut driver, (&a, &a_log), (&b, &b_log), &scenario.phase3).unwrap();
     let tenant = TenantId::new(TENANTS[0]).unwrap();
     assert_eq!(b.recent_alerts(&tenant, Some(&env(3)), 10), Vec::new(), "e3 never alerted");
+}
+
+/// Proves that a tenant's capacity alert fires after a restore exactly where it fired live. Here e3,
+/// created mid-export, takes half the purchase and gives it back before e1, copied after both, takes
+/// more than half: live the tenant never reaches its purchase, but replaying e3's allocation against
+/// e1's copy would find it over, so the tenant level logged with the event must be the one replay takes.
+#[test]
+fn a_tenant_replayed_mid_export_alerts_only_where_it_crossed_live() {
+    let mut driver = Driver::new();
+    let setup = vec![
+        Step::Purchase { tenant: 0, amount: 10_000, key: None },
+        Step::Allocate { tenant: 0, env: 1, amount: Allocation::Exactly(0), pool: true },
+    ];
+    // Run right after the tenant is copied; e1 is copied after them, e3 is replayed from the log.
+    let busy = vec![
+        Step::Allocate { tenant: 0, env: 3, amount: Allocation::Exactly(5_000), pool: true },
+        Step::Allocate { tenant: 0, env: 3, amount: Allocation::Exactly(0), pool: true },
+        Step::Allocate { tenant: 0, env: 1, amount: Allocation::Exactly(6_000), pool: true },
+    ];
+    let after = vec![Step::SetPayAsYouGo { env: 3, enabled: false, budget: 0 }];
+    let scenario = Scenario { phase1: setup, during: vec![busy], phase2: vec![], phase3: after };
+    let (a, a_log, items, s) = run_with_mixed_snapshot(&mut driver, &scenario).unwrap();
+    assert!(matches!(items.first(), Some(SnapshotItem::Tenant { .. })), "the busy steps ran after the tenant's copy");
+    let tenant = TenantId::new(TENANTS[0]).unwrap();
+    assert_eq!(a.recent_alerts(&tenant, None, 10), Vec::new(), "nothing alerted live");
+
+    let (b, b_log) = restore(items, s, &a_log.events_after(s)).expect("the snapshot restores");
+    assert_eq!(b.recent_alerts(&tenant, None, 10), Vec::new(), "nothing alerted at replay");
+    assert_same(&a, &b, driver.now).unwrap();
+    behave_alike(&mut driver, (&a, &a_log), (&b, &b_log), &scenario.phase3).unwrap();
 }

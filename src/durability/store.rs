@@ -15,7 +15,7 @@ use super::{
     journal::{Durability, Journal, Unavailable},
     stats::SnapshotStats,
 };
-use crate::ledger::{Event, EventSink, Ledger, Limits, RestoreError, SnapshotItem, pricing::RateCard};
+use crate::ledger::{Event, EventSink, Ledger, Levels, Limits, RestoreError, SnapshotItem, pricing::RateCard};
 
 /// Log segments are rotated at this size.
 pub const DEFAULT_MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -91,11 +91,12 @@ thread_local! {
 }
 
 impl EventSink for JournalSink {
-    fn record(&self, now: u64, event: &Event) -> u64 {
+    fn record(&self, now: u64, event: &Event, levels: Option<Levels>) -> u64 {
         let journal = self.journal.get().expect("events are recorded only after recovery");
         ENCODED.with_borrow_mut(|buffer| {
             buffer.clear();
-            let encoded = postcard::to_extend(&(now, event), std::mem::take(buffer)).expect("events always encode");
+            let encoded =
+                postcard::to_extend(&(now, event, levels), std::mem::take(buffer)).expect("events always encode");
             let seq = journal.append(&encoded);
             *buffer = encoded;
             seq
@@ -315,12 +316,9 @@ fn replay_log(ledger: &Ledger, listing: &DataDirListing, covered: u64) -> Result
             if *seq != last + 1 {
                 return Err(StoreError::Gap { covered, resumes: *seq, from: last + 1, to: seq - 1 });
             }
-            let (now, event): (u64, Event) = postcard::from_bytes(payload).map_err(|e| StoreError::Decode {
-                path: path.clone(),
-                seq: *seq,
-                reason: e.to_string(),
-            })?;
-            trusting(path, || format!("record {seq}"), || ledger.replay(*seq, now, &event))??;
+            let (now, event, levels): (u64, Event, Option<Levels>) = postcard::from_bytes(payload)
+                .map_err(|e| StoreError::Decode { path: path.clone(), seq: *seq, reason: e.to_string() })?;
+            trusting(path, || format!("record {seq}"), || ledger.replay(*seq, now, &event, levels))??;
             last = *seq;
             replayed += 1;
         }

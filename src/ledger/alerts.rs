@@ -4,16 +4,19 @@
 //! the alert names the new level, RESTORED for back to normal); a level that falls re-arms the alert
 //! silently, so each crossing fires once.
 //!
-//! Alerts are raised after an event is applied, live and at replay alike, from state alone, so a
-//! restart neither repeats nor loses them. The recent alerts of each tenant are kept, bounded, in the
-//! ledger (and in snapshots); new ones are also handed to an [`AlertSink`] for live watchers.
+//! Alerts are raised after an event is applied, live and at replay alike, so a restart neither repeats
+//! nor loses them: budget and agent alerts from the environment's own state, environment and tenant
+//! alerts from the levels logged with the event ([`Levels`]), since those depend on the tenant pool
+//! that sibling environments share. The recent alerts of each tenant are kept, bounded, in the ledger
+//! (and in snapshots); new ones are also handed to an [`AlertSink`] for live watchers.
 
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentId, Balance, BalanceState, Books, EnvironmentId, Event, Ledger, MILLI_PER_MESSAGE, Milli, Source, TenantId,
+    AgentId, Balance, BalanceState, Books, EnvironmentId, Event, Ledger, Levels, MILLI_PER_MESSAGE, Milli, Source,
+    TenantId, TenantLevels,
     account::{AgentBook, Tenant},
 };
 
@@ -141,12 +144,17 @@ pub fn tenant_level(tenant: &Tenant) -> u8 {
 
 impl Ledger {
     /// Compares the levels after `event` with those last alerted, records and publishes what fired.
-    pub(super) fn raise_alerts(&self, books: &mut Books<'_>, event: &Event, now: u64, seq: u64) {
+    /// The environment's and the tenant's levels are `levels`, decided live before the event was logged
+    /// and read back from the log at replay; the budget's and agents' are the environment's own. The
+    /// amounts an alert reports are the books' now: at replay the pool in them can hold a sibling's
+    /// later change only for an event applied before the snapshot copied the alert log, whose alerts
+    /// the restored log already holds and skips.
+    pub(super) fn raise_alerts(&self, books: &mut Books<'_>, event: &Event, levels: Levels, now: u64, seq: u64) {
         let mut fired: Vec<(AlertKind, Option<AgentId>, u32, Milli, Milli, String)> = Vec::new();
         let environment = books.cell.id.clone();
 
-        // On the hot path: the level alone, without building a balance, unless it changed.
-        let level = super::balance_state(books.available().saturating_total(), &books.env);
+        // On the hot path: no balance is built unless the level changed.
+        let level = levels.environment;
         if level != books.env.alert_level {
             let balance = books.balance();
             // The alert names the new level: LOW also when a depleted environment gets some capacity back.
@@ -207,8 +215,8 @@ impl Ledger {
         }
 
         let mut tenant_alert = None;
-        if let Some(tenant) = books.tenant.as_deref_mut() {
-            tenant_alert = tenant_crossing(tenant, &books.env.tenant);
+        if let (Some(tenant), Some(crossing)) = (books.tenant.as_deref_mut(), levels.tenant) {
+            tenant_alert = tenant_crossing(tenant, &books.env.tenant, crossing);
         }
 
         if fired.is_empty() && tenant_alert.is_none() {
@@ -291,10 +299,15 @@ impl Ledger {
     }
 }
 
-/// The tenant alert that fires now, if its level rose; re-arms it if the level fell.
-fn tenant_crossing(tenant: &mut Tenant, id: &TenantId) -> Option<(AlertKind, u32, Milli, Milli, String)> {
-    let level = tenant_level(tenant);
-    let previous = std::mem::replace(&mut tenant.alerted, level);
+/// The tenant alert that fires now, if its level rose from the one last alerted; re-arms it if the
+/// level fell.
+fn tenant_crossing(
+    tenant: &mut Tenant,
+    id: &TenantId,
+    levels: TenantLevels,
+) -> Option<(AlertKind, u32, Milli, Milli, String)> {
+    let TenantLevels { before: previous, after: level } = levels;
+    tenant.alerted = level;
     if level <= previous {
         return None;
     }

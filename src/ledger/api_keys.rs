@@ -184,7 +184,7 @@ impl Ledger {
         if self.api_keys.contains_key(&record.id) {
             return Err(LedgerError::ApiKeyIdTaken(record.id));
         }
-        self.sink.record(now, &Event::ApiKeyCreated { key: record.clone() });
+        self.sink.record(now, &Event::ApiKeyCreated { key: record.clone() }, None);
         Ok(self.insert_api_key(record).view())
     }
 
@@ -192,7 +192,7 @@ impl Ledger {
     pub(super) fn revoke_api_key(&self, id: &ApiKeyId, now: u64) -> Result<ApiKeyView, LedgerError> {
         let _admin = self.admin.lock();
         let key = self.api_key(id.as_str()).ok_or_else(|| LedgerError::UnknownApiKey(id.clone()))?;
-        self.sink.record(now, &Event::ApiKeyRevoked { id: id.clone() });
+        self.sink.record(now, &Event::ApiKeyRevoked { id: id.clone() }, None);
         self.remove_api_key(id);
         Ok(key.view())
     }
@@ -379,14 +379,14 @@ mod tests {
     use parking_lot::Mutex;
 
     use super::*;
-    use crate::ledger::{Command, EventSink, Limits, Outcome, Usage};
+    use crate::ledger::{Command, EventSink, Levels, Limits, Outcome, Usage};
 
     /// Counts the events it is given.
     #[derive(Default)]
     struct Count(Mutex<u64>);
 
     impl EventSink for Count {
-        fn record(&self, _now: u64, _event: &Event) -> u64 {
+        fn record(&self, _now: u64, _event: &Event, _levels: Option<Levels>) -> u64 {
             let mut count = self.0.lock();
             *count += 1;
             *count

@@ -1,13 +1,14 @@
 //! Events: what applying a command did, with every decision already made (which sources a hold draws
 //! on, what a commit charged). The ledger changes state only by applying events, live right after a
 //! command is decided and at recovery from the log, so replay re-decides nothing and reaches the same
-//! state whatever else it has already restored.
+//! state whatever else it has already restored. What an environment event leaves the alert levels at
+//! is decided too, and logged with it as its [`Levels`].
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentId, AgentLimit, ApiKeyId, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId, Settlement, TenantId,
-    api_keys::ApiKeyRecord, pricing::RateCardVersion, usage::PricedItem,
+    AgentId, AgentLimit, ApiKeyId, BalanceState, Draws, EnvironmentId, IdempotencyKey, Milli, ReservationId,
+    Settlement, TenantId, api_keys::ApiKeyRecord, pricing::RateCardVersion, usage::PricedItem,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,10 +106,32 @@ pub enum Event {
     },
 }
 
+/// The alert levels an environment event left, decided when it was applied and logged next to it.
+/// Both are decided from the tenant's pool and counters, which the tenant's other environments change
+/// too. A snapshot copies environments one at a time, so at replay the pool may already hold a later
+/// change of a sibling copied after this environment: replay takes these levels instead of deciding
+/// them again, and so keeps and alerts exactly the levels the live ledger did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Levels {
+    /// The environment's level after the event (its last alerted level becomes this one).
+    pub environment: BalanceState,
+    /// Set when the event was applied with the tenant locked: its capacity level then.
+    pub tenant: Option<TenantLevels>,
+}
+
+/// A tenant's capacity level (0, 1 or 2, see `alerts::tenant_level`) last alerted before an event, and
+/// its level after it: a tenant alert fires when `after` is higher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantLevels {
+    pub before: u8,
+    pub after: u8,
+}
+
 /// Where applied events go: called once per event, in the order events are applied to any one
-/// environment or tenant, while their locks are held. Returns the event's sequence number.
+/// environment or tenant, while their locks are held, with the levels an environment event left
+/// (`None` for the others). Returns the event's sequence number.
 pub trait EventSink: Send + Sync + 'static {
-    fn record(&self, now: u64, event: &Event) -> u64;
+    fn record(&self, now: u64, event: &Event, levels: Option<Levels>) -> u64;
 }
 
 /// Keeps nothing: for a ledger that lives in memory only.
@@ -116,7 +139,7 @@ pub trait EventSink: Send + Sync + 'static {
 pub struct Discard;
 
 impl EventSink for Discard {
-    fn record(&self, _now: u64, _event: &Event) -> u64 {
+    fn record(&self, _now: u64, _event: &Event, _levels: Option<Levels>) -> u64 {
         0
     }
 }

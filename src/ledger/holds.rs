@@ -133,16 +133,16 @@ mod tests {
     use parking_lot::Mutex;
 
     use super::*;
-    use crate::ledger::{Command, EventSink, Limits, Outcome, RestoreError, TenantId, Usage};
+    use crate::ledger::{Command, EventSink, Levels, Limits, Outcome, RestoreError, TenantId, Usage};
 
     /// Keeps every event with its time, numbered from 1.
     #[derive(Default)]
-    struct Log(Mutex<Vec<(u64, Event)>>);
+    struct Log(Mutex<Vec<(u64, Event, Option<Levels>)>>);
 
     impl EventSink for Log {
-        fn record(&self, now: u64, event: &Event) -> u64 {
+        fn record(&self, now: u64, event: &Event, levels: Option<Levels>) -> u64 {
             let mut log = self.0.lock();
-            log.push((now, event.clone()));
+            log.push((now, event.clone(), levels));
             log.len() as u64
         }
     }
@@ -263,8 +263,8 @@ mod tests {
         reserve(&ledger, "a", 700, T0 + 11);
 
         let replayed = Ledger::new(Limits::default());
-        for (seq, (now, event)) in log.0.lock().iter().enumerate() {
-            replayed.replay(seq as u64 + 1, *now, event).unwrap();
+        for (seq, (now, event, levels)) in log.0.lock().iter().enumerate() {
+            replayed.replay(seq as u64 + 1, *now, event, *levels).unwrap();
         }
         assert_eq!(replayed.finish_restore(), Ok(()));
         assert_eq!(all_open(&replayed), all_open(&ledger));
@@ -282,17 +282,21 @@ mod tests {
         reserve(&ledger, "a", 1_000, T0);
         reserve(&ledger, "a", 2_000, T0);
         let mut events: Vec<_> = log.0.lock().clone();
+        let levels = events.last().unwrap().2;
         events.push((
             T0,
             Event::ReleasedAll { environment: env(), agent: None, through_seq: 2, count: 2, released_milli: 3_001 },
+            levels,
         ));
         let replayed = Ledger::new(Limits::default());
         let last = events.len() as u64;
-        for (seq, (now, event)) in events.iter().enumerate().take(events.len() - 1) {
-            replayed.replay(seq as u64 + 1, *now, event).unwrap();
+        for (seq, (now, event, levels)) in events.iter().enumerate().take(events.len() - 1) {
+            replayed.replay(seq as u64 + 1, *now, event, *levels).unwrap();
         }
-        let (now, event) = events.last().unwrap();
-        assert!(matches!(replayed.replay(last, *now, event), Err(RestoreError::Event { seq, .. }) if seq == last));
+        let (now, event, levels) = events.last().unwrap();
+        assert!(
+            matches!(replayed.replay(last, *now, event, *levels), Err(RestoreError::Event { seq, .. }) if seq == last)
+        );
         assert_eq!(replayed.balance(&env(), T0).unwrap().reserved_milli, 3_000);
     }
 

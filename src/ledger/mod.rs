@@ -43,7 +43,7 @@ pub use command::{
     UsageItem,
 };
 pub use error::{LedgerError, OpenReservationScope};
-pub use event::{Discard, Event, EventSink};
+pub use event::{Discard, Event, EventSink, Levels, TenantLevels};
 pub use holds::{HoldPage, MAX_HOLDS_SCANNED_PER_PAGE, OpenHold};
 pub use ids::{
     AgentId, ApiKeyId, EnvironmentId, IdError, IdempotencyKey, MAX_ID_BYTES, MAX_RESERVATION_ID_BYTES, ReservationId,
@@ -212,6 +212,18 @@ impl<'a> Books<'a> {
 
     fn available(&self) -> Draws {
         self.env.available(self.tenant.as_deref())
+    }
+
+    /// The alert levels the books are at, to be logged with the event just applied to them: the
+    /// environment's from what it has available (its tenant's pool included), and, with the tenant
+    /// locked, the tenant's level last alerted and its level now. On the hot path: no balance is built.
+    fn levels(&self) -> Levels {
+        let environment = balance_state(self.available().saturating_total(), &self.env);
+        let tenant = self
+            .tenant
+            .as_deref()
+            .map(|tenant| TenantLevels { before: tenant.alerted, after: alerts::tenant_level(tenant) });
+        Levels { environment, tenant }
     }
 
     /// Runs `f` on the tenant, locking it for the call if the books do not hold it already (lock
@@ -641,7 +653,7 @@ impl Ledger {
             .ok_or(LedgerError::CounterOverflow { what: "the tenant's purchased capacity" })?;
         let event = Event::Purchased { tenant: tenant.clone(), amount_milli: amount, idempotency_key: key.cloned() };
         self.evolve_tenant(&mut books, &event, now);
-        books.applied_seq = self.sink.record(now, &event);
+        books.applied_seq = self.sink.record(now, &event, None);
         let summary = tenant_capacity(tenant, &books);
         drop(books);
         if existing.is_none() {
@@ -745,7 +757,7 @@ impl Ledger {
         };
         let event =
             Event::Linked { app_environment: app.clone(), environment: target.as_ref().map(|(e, _)| e.clone()) };
-        let applied_seq = self.sink.record(now, &event);
+        let applied_seq = self.sink.record(now, &event, None);
         self.environments
             .insert(app.clone(), Slot::App { target: target.as_ref().map(|(e, _)| e.clone()), applied_seq });
         Ok(Link { app_environment: app.clone(), target })
@@ -776,7 +788,7 @@ impl Ledger {
         }
         let event = Event::TenantPolicySet { tenant: tenant.clone(), grace_percent, time_zone: time_zone.to_owned() };
         self.evolve_tenant(&mut books, &event, now);
-        books.applied_seq = self.sink.record(now, &event);
+        books.applied_seq = self.sink.record(now, &event, None);
         Ok(tenant_capacity(tenant, &books))
     }
 
@@ -830,7 +842,7 @@ impl Ledger {
             });
         }
         let rate_card = RateCardVersion { version: newest.version + 1, effective_at_ms, card: card.clone() };
-        self.sink.record(now, &Event::RateCardSet { rate_card: rate_card.clone() });
+        self.sink.record(now, &Event::RateCardSet { rate_card: rate_card.clone() }, None);
         cards.push(rate_card.clone());
         Ok(rate_card)
     }
@@ -1016,11 +1028,13 @@ impl Ledger {
     }
 
     /// Applies a decided event to one environment's books and hands it to the sink, under the same locks.
+    /// The alert levels it leaves are decided before it is logged, and logged with it.
     fn record(&self, books: &mut Books<'_>, event: &Event, now: u64) {
         self.evolve(books, event, now).expect("a decided event applies");
-        let seq = self.sink.record(now, event);
+        let levels = books.levels();
+        let seq = self.sink.record(now, event, Some(levels));
         books.env.applied_seq = seq;
-        self.raise_alerts(books, event, now, seq);
+        self.raise_alerts(books, event, levels, now, seq);
     }
 
     /// Applies a tenant-level event.

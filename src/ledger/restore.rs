@@ -1,11 +1,13 @@
 //! Rebuilding a ledger: exporting its state one object at a time for a snapshot, importing a snapshot,
 //! and replaying the events logged after it.
 //!
-//! A snapshot is not a single instant: each tenant and link, and the environments of each tenant
-//! together, are copied under their own locks at slightly different times, and each object records the
-//! sequence number of the last event applied to it. Replay skips the events an object already holds,
-//! and the tenant counters that are sums over environments are recomputed rather than restored, so the
-//! mix of instants adds up exactly.
+//! A snapshot is not a single instant: each tenant, environment and link is copied under its own lock
+//! at a slightly different time, and records the sequence number of the last event applied to it.
+//! Replay skips the events an object already holds, and the tenant counters that are sums over
+//! environments are recomputed rather than restored, so the mix of instants adds up exactly. While
+//! replay catches up, that mix may show a tenant's pool with a sibling environment's later changes, so
+//! nothing decided from the pool is decided again: an event's draws and charges are in the event, and
+//! the alert levels it left are logged with it.
 
 use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering};
 
@@ -13,7 +15,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Books, EnvironmentId, Event, Ledger, LedgerError, Milli, Slot, Source, TenantId,
+    Books, EnvironmentId, Event, Ledger, LedgerError, Levels, Milli, Slot, Source, TenantId,
     account::{Environment, Tenant},
     alerts::AlertLog,
     api_keys::ApiKeyRecord,
@@ -61,9 +63,8 @@ pub enum RestoreError {
 
 impl Ledger {
     /// Hands every tenant, then every capacity environment, then every app environment to `emit`,
-    /// copying each under its own lock only (a tenant's environments together), so requests to other
-    /// objects never wait. Which objects there are is read once, first, under the admin lock (the hot
-    /// path never waits for it).
+    /// copying each under its own lock only, so requests to other objects never wait. Which objects
+    /// there are is read once, first, under the admin lock (the hot path never waits for it).
     pub fn export(&self, mut emit: impl FnMut(SnapshotItem)) {
         // Admin commands log their event before they publish the tenant, environment or link they
         // create, and publish it before they release the admin lock. Listing under that lock sees
@@ -80,20 +81,20 @@ impl Ledger {
             (rate_cards, tenants, slots, api_keys)
         };
         rate_cards.into_iter().map(SnapshotItem::RateCard).for_each(&mut emit);
-        for (id, cell) in &tenants {
+        for (id, cell) in tenants {
             let tenant = cell.lock().clone();
-            emit(SnapshotItem::Tenant { id: id.clone(), tenant });
+            emit(SnapshotItem::Tenant { id, tenant });
         }
         api_keys.into_iter().map(SnapshotItem::ApiKey).for_each(&mut emit);
         let mut apps = Vec::new();
         for (id, slot) in slots {
-            // Capacity environments are copied with their tenant's others, below.
-            if let Slot::App { target, applied_seq } = slot {
-                apps.push(SnapshotItem::App { id, target, applied_seq });
+            match slot {
+                Slot::Capacity(cell) => {
+                    let books = Box::new(cell.books.lock().clone());
+                    emit(SnapshotItem::Environment { id, books });
+                }
+                Slot::App { target, applied_seq } => apps.push(SnapshotItem::App { id, target, applied_seq }),
             }
-        }
-        for (_, cell) in &tenants {
-            self.copy_environments_of(cell).into_iter().for_each(&mut emit);
         }
         apps.into_iter().for_each(&mut emit);
         let logs: Vec<_> = self.alert_logs.iter().map(|l| (l.key().clone(), l.value().clone())).collect();
@@ -101,30 +102,6 @@ impl Ledger {
             let log = log.lock().clone();
             emit(SnapshotItem::Alerts { tenant, log });
         }
-    }
-
-    /// Copies the capacity environments of one tenant (given by its cell, which theirs share) at one
-    /// instant: all of them are locked before the first is copied, with the admin lock held so that
-    /// none is being created. Replay decides an environment's alert level after each event from its
-    /// tenant's pool, which the tenant's other environments change too, so it must find the pool as it
-    /// was when the event was applied. Copied one at a time, an environment copied after an event of
-    /// another one that replay applies could already hold later changes to the pool.
-    fn copy_environments_of(&self, tenant: &Arc<Mutex<Tenant>>) -> Vec<SnapshotItem> {
-        let _admin = self.admin.lock();
-        // Collected first: no dashmap guard is held while an environment is locked.
-        let cells: Vec<_> = self
-            .environments
-            .iter()
-            .filter_map(|slot| match slot.value() {
-                Slot::Capacity(cell) if Arc::ptr_eq(&cell.tenant, tenant) => Some(cell.clone()),
-                _ => None,
-            })
-            .collect();
-        // Nothing else holds two environments' locks at once, and exports copy under the admin lock,
-        // so locking them in any order cannot deadlock.
-        let locked: Vec<_> = cells.iter().map(|cell| cell.books.lock()).collect();
-        let books = locked.into_iter().map(|books| Box::new(books.clone()));
-        cells.iter().zip(books).map(|(cell, books)| SnapshotItem::Environment { id: cell.id.clone(), books }).collect()
     }
 
     /// Loads one snapshot item into a ledger being restored; tenants come before their environments.
@@ -181,8 +158,9 @@ impl Ledger {
     }
 
     /// Applies an event read from the log during recovery, unless the object it belongs to already
-    /// holds it. Call [`Ledger::recompute_totals`] after the snapshot is imported and before replay.
-    pub fn replay(&self, seq: u64, now: u64, event: &Event) -> Result<(), RestoreError> {
+    /// holds it, with the alert levels logged with it (which every environment event has). Call
+    /// [`Ledger::recompute_totals`] after the snapshot is imported and before replay.
+    pub fn replay(&self, seq: u64, now: u64, event: &Event, levels: Option<Levels>) -> Result<(), RestoreError> {
         let fail = |reason: String| RestoreError::Event { seq, reason };
         match event {
             Event::RateCardSet { rate_card } => self.add_rate_card(rate_card.clone()).map_err(fail)?,
@@ -240,29 +218,37 @@ impl Ledger {
                         cell
                     }
                 };
-                self.replay_on(&cell, seq, now, event).map_err(fail)?;
+                self.replay_on(&cell, seq, now, event, levels).map_err(fail)?;
             }
             Event::PayAsYouGoSet { environment, .. }
             | Event::EnvironmentAlertsSet { environment, .. }
             | Event::AgentLimitSet { environment, .. }
             | Event::ReleasedAll { environment, .. } => {
                 let cell = self.named_capacity_cell(environment).map_err(|e| fail(e.to_string()))?;
-                self.replay_on(&cell, seq, now, event).map_err(fail)?;
+                self.replay_on(&cell, seq, now, event, levels).map_err(fail)?;
             }
             Event::Reserved { reservation, .. }
             | Event::Committed { reservation, .. }
             | Event::Released { reservation }
             | Event::Expired { reservation } => {
                 let cell = self.reservation_cell(reservation).map_err(|e: LedgerError| fail(e.to_string()))?;
-                self.replay_on(&cell, seq, now, event).map_err(fail)?;
+                self.replay_on(&cell, seq, now, event, levels).map_err(fail)?;
             }
         }
         Ok(())
     }
 
-    /// Locks as the live command did (the tenant only where it did), so that tenant alerts are
-    /// raised at the same events.
-    fn replay_on(&self, cell: &super::CapacityCell, seq: u64, now: u64, event: &Event) -> Result<(), String> {
+    /// Locks as the live command did (the tenant only where it did), and raises alerts from the
+    /// levels logged with the event, so that the same alerts fire at the same events.
+    fn replay_on(
+        &self,
+        cell: &super::CapacityCell,
+        seq: u64,
+        now: u64,
+        event: &Event,
+        levels: Option<Levels>,
+    ) -> Result<(), String> {
+        let levels = levels.ok_or("an environment event logged without its alert levels")?;
         let mut books = match event {
             Event::Allocated { .. } => Books::lock_with_tenant(cell, now),
             _ => Books::lock(cell, now),
@@ -272,7 +258,12 @@ impl Ledger {
         }
         self.evolve(&mut books, event, now)?;
         books.env.applied_seq = seq;
-        self.raise_alerts(&mut books, event, now, seq);
+        // A live command locks once for all its events (a commit's expiry, then the commit), so it may
+        // have held the tenant for an event whose books alone would not take it.
+        if levels.tenant.is_some() && books.tenant.is_none() {
+            books.tenant = Some(cell.tenant.lock());
+        }
+        self.raise_alerts(&mut books, event, levels, now, seq);
         Ok(())
     }
 
@@ -378,13 +369,16 @@ mod tests {
 
     /// Keeps every event with its sequence number, numbered from 1.
     #[derive(Default)]
-    struct Log(parking_lot::Mutex<Vec<(u64, u64, Event)>>);
+    struct Log(parking_lot::Mutex<Vec<Logged>>);
+
+    /// Sequence number, time applied, event and the levels logged with it.
+    type Logged = (u64, u64, Event, Option<Levels>);
 
     impl EventSink for Log {
-        fn record(&self, now: u64, event: &Event) -> u64 {
+        fn record(&self, now: u64, event: &Event, levels: Option<Levels>) -> u64 {
             let mut log = self.0.lock();
             let seq = log.len() as u64 + 1;
-            log.push((seq, now, event.clone()));
+            log.push((seq, now, event.clone(), levels));
             seq
         }
     }
@@ -441,8 +435,8 @@ mod tests {
             restored.import(item).unwrap();
         }
         restored.recompute_totals();
-        for (seq, now, event) in log.0.lock().iter().filter(|(seq, _, _)| *seq > covered) {
-            restored.replay(*seq, *now, event).unwrap();
+        for (seq, now, event, levels) in log.0.lock().iter().filter(|(seq, ..)| *seq > covered) {
+            restored.replay(*seq, *now, event, *levels).unwrap();
         }
         assert_eq!(restored.finish_restore(), Ok(()));
         for tenant in ["t0", "t1"].map(|t| TenantId::new(t).unwrap()) {
