@@ -42,7 +42,7 @@ pub struct AdminArgs {
     pub command: Command,
 }
 
-#[derive(Debug, Args)]
+#[derive(Args)]
 #[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// The quotad to call: `http://host:port`, `https://host:port` with `--tls-ca`, or `host:port`
@@ -67,6 +67,21 @@ pub struct GlobalArgs {
     /// Mutual TLS: the private key of `--tls-cert` (PEM).
     #[arg(long, global = true, env = "QUOTAD_CLIENT_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+}
+
+/// By hand, so that no `Debug` of the arguments prints the token.
+impl std::fmt::Debug for GlobalArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlobalArgs")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .field("timeout", &self.timeout)
+            .field("format", &self.format)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .finish()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -614,6 +629,14 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<AdminArgs, clap::Error> {
         AdminArgs::try_parse_from(std::iter::once("quotad admin").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_token_is_never_in_a_debug_of_the_arguments() {
+        let args = parse(&["--token", "s3cret-admin-token", "tenant", "acme"]).unwrap();
+        let printed = format!("{args:?}");
+        assert!(!printed.contains("s3cret-admin-token"), "{printed}");
+        assert!(printed.contains("<hidden>"), "{printed}");
     }
 
     #[test]
