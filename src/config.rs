@@ -61,6 +61,7 @@ const REQUEST_TIMEOUT_SECONDS_CEILING: u64 = 3_600;
 const MAX_CONNECTION_AGE_SECONDS_CEILING: u64 = 30 * 86_400;
 /// Keys are kept in memory and in every snapshot, and listed a page at a time.
 const MAX_API_KEYS_PER_TENANT_CEILING: usize = 100_000;
+const MAX_WORKER_THREADS: usize = 1_024;
 
 const _: () = assert!(DEFAULT_TTL_SECONDS <= DEFAULT_MAX_TTL_SECONDS);
 const _: () = assert!(DEFAULT_MAX_USAGE_ITEMS <= MAX_USAGE_ITEMS_CEILING);
@@ -208,6 +209,8 @@ pub struct Settings {
     pub max_connection_age_seconds: u64,
     pub max_api_keys_per_tenant: usize,
     pub max_open_reservations_per_api_key: u64,
+    /// 0: one per core this process may run on.
+    pub worker_threads: usize,
     /// Replaces the whole default rate card when given; it is rate card version 1.
     pub rate_card: Option<BTreeMap<String, Rate>>,
     /// Tenants created at startup on empty state.
@@ -246,6 +249,7 @@ impl Default for Settings {
             max_connection_age_seconds: transport::DEFAULT_MAX_CONNECTION_AGE_SECONDS,
             max_api_keys_per_tenant: ledger::api_keys::DEFAULT_MAX_API_KEYS_PER_TENANT,
             max_open_reservations_per_api_key: ledger::api_keys::DEFAULT_MAX_OPEN_RESERVATIONS_PER_API_KEY,
+            worker_threads: 0,
             rate_card: None,
             bootstrap: Vec::new(),
         }
@@ -345,6 +349,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// No endpoint unless set (the flags set one by default; embedding and tests do not).
     pub metrics: MetricsConfig,
+    /// Threads of the async runtime the binary builds, at least 1.
+    pub worker_threads: usize,
 }
 
 impl Default for Config {
@@ -496,6 +502,11 @@ impl Config {
         if s.max_open_reservations_per_api_key == 0 {
             return Err(invalid("max_open_reservations_per_api_key", &0, "must be at least 1"));
         }
+        let worker_threads = match s.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n if n <= MAX_WORKER_THREADS => n,
+            n => return Err(invalid("worker_threads", &n, "must be between 0 (one per core) and 1024")),
+        };
         let policy = Policy {
             pack_milli,
             default_ttl_seconds: s.default_ttl_seconds,
@@ -540,6 +551,7 @@ impl Config {
             tls: None,
             auth: AuthConfig::on(None),
             metrics: MetricsConfig::default(),
+            worker_threads,
         })
     }
 }
@@ -813,7 +825,7 @@ mod tests {
     fn transport_limits_have_defaults_and_are_refused_outside_their_ranges() {
         assert_eq!(Config::default().transport, TransportLimits::default());
         assert_eq!(Config::default().policy.max_alert_watches_per_tenant, grpc::DEFAULT_MAX_ALERT_WATCHES_PER_TENANT);
-        let ranges: [(&str, u64, u64); 10] = [
+        let ranges: [(&str, u64, u64); 11] = [
             ("max_connections", 1, 100_000),
             ("max_concurrent_streams_per_connection", 1, 10_000),
             ("max_header_list_bytes", 1_024, 1_048_576),
@@ -824,6 +836,7 @@ mod tests {
             ("request_timeout_seconds", 1, 3_600),
             ("max_connection_age_seconds", 0, 2_592_000),
             ("max_alert_watches_per_tenant", 1, 100_000),
+            ("worker_threads", 0, 1_024),
         ];
         for (key, min, max) in ranges {
             parse(&format!("{key} = {min}")).unwrap_or_else(|e| panic!("{key} = {min}: {e}"));
@@ -837,6 +850,9 @@ mod tests {
         assert_eq!(limits.max_connection_age, Some(Duration::from_secs(600)));
         assert_eq!(limits.request_timeout, Duration::from_secs(5));
         assert_eq!(parse("max_connection_age_seconds = 0").unwrap().transport.max_connection_age, None);
+        assert_eq!(parse("worker_threads = 1").unwrap().worker_threads, 1);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(parse("worker_threads = 0").unwrap().worker_threads, cores);
     }
 
     #[test]

@@ -17,6 +17,10 @@ mod setup;
 
 use std::{process::ExitCode, time::Duration};
 
+// The same allocator as the server: the load generator's own cost per call bounds what it can measure.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use tonic::{
     Request, Status,

@@ -261,7 +261,7 @@ pub struct Environment {
     pub next_seq: u64,
     /// By sequence number, so that they can be listed oldest first and paged through without sorting.
     pub open: BTreeMap<u64, Hold>,
-    pub resolved: HashMap<u64, Resolved>,
+    pub resolved: BTreeMap<u64, Resolved>,
     /// (resolved at, seq), oldest first: resolved records are dropped from the front.
     pub resolved_order: VecDeque<(u64, u64)>,
     /// Idempotency key → seq of the open or resolved reservation it made.
@@ -296,7 +296,7 @@ impl Environment {
             overage: 0,
             next_seq: 1,
             open: BTreeMap::new(),
-            resolved: HashMap::new(),
+            resolved: BTreeMap::new(),
             resolved_order: VecDeque::new(),
             idempotency: HashMap::new(),
             applied_seq: 0,
