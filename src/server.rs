@@ -25,8 +25,10 @@ use crate::{
 /// How often expired holds are looked for. Holds are released within this long of their expiry
 /// (the contract promises within a second).
 pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(200);
-/// Expiries applied between two yields to the runtime, so a mass expiry does not starve requests.
-const EXPIRY_CHUNK: usize = 1_024;
+/// Expiries applied between two yields to the runtime, so a mass expiry does not starve requests: a
+/// chunk takes about 0.3 ms of one core (about 2.5 µs an expiry, logged), which is what a call in
+/// flight may wait behind it.
+const EXPIRY_CHUNK: usize = 128;
 
 /// Health names that report the server's state; `""` is the whole server.
 const HEALTH_SERVICES: [&str; 3] = ["", "quota.v1.Quota", "quota.v1.QuotaAdmin"];
