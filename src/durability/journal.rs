@@ -439,6 +439,8 @@ trait SegmentFile: Send + Sync + 'static {
     /// Cuts off what a failed write may have left after `len`.
     fn set_len(&self, len: u64) -> io::Result<()>;
     fn sync_data(&self) -> io::Result<()>;
+    /// The bytes before `len` are synced and will not be written again: they need not stay in memory.
+    fn forget_synced(&self, _len: u64) {}
     /// The segment is complete at `len` bytes: drops the space reserved beyond it, durably.
     fn finish(&self, len: u64) -> io::Result<()>;
 }
@@ -485,6 +487,8 @@ impl Storage for DirStorage {
 struct MappedSegment {
     file: fs::File,
     map: Option<memmap2::MmapRaw>,
+    /// The mapping's pages before this were dropped from memory.
+    forgotten: AtomicU64,
 }
 
 impl MappedSegment {
@@ -494,10 +498,10 @@ impl MappedSegment {
             || rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, preallocate_bytes).is_err()
         {
             debug!(preallocate_bytes, "log segment not preallocated; appends are written with pwrite");
-            return Ok(Self { file, map: None });
+            return Ok(Self { file, map: None, forgotten: AtomicU64::new(0) });
         }
         let map = memmap2::MmapOptions::new().len(preallocate_bytes as usize).map_raw(&file)?;
-        Ok(Self { file, map: Some(map) })
+        Ok(Self { file, map: Some(map), forgotten: AtomicU64::new(0) })
     }
 
     fn mapped_len(&self) -> u64 {
@@ -566,6 +570,26 @@ impl SegmentFile for MappedSegment {
 
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// Unmaps the whole pages before `len`: the log is append-only, so they are never written again, and
+    /// they stay in the page cache. Without this, every byte ever logged to a segment counts in quotad's
+    /// resident memory until the segment is full.
+    fn forget_synced(&self, len: u64) {
+        let Some(map) = &self.map else { return };
+        let page = rustix::param::page_size() as u64;
+        let end = len.min(map.len() as u64) / page * page;
+        let start = self.forgotten.fetch_max(end, Ordering::Relaxed);
+        if end > start {
+            // SAFETY: the mapping is shared, so MADV_DONTNEED drops only this process's view of the
+            // pages; a later access reads them back from the file. No reference into these pages is held.
+            let advised = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start as usize, (end - start) as usize)
+            };
+            if let Err(error) = advised {
+                debug!(%error, "could not release synced log pages");
+            }
+        }
     }
 
     fn finish(&self, len: u64) -> io::Result<()> {
@@ -852,6 +876,7 @@ impl<S: Storage> Writer<S> {
             return Err(e);
         }
         self.shared.stats.synced(started.elapsed());
+        self.file.forget_synced(self.segment_len);
         self.resync = false;
         self.synced(self.segment_len);
         Ok(())
@@ -1068,6 +1093,7 @@ fn run_syncer(jobs: mpsc::Receiver<SyncJob>, shared: &Shared) {
         let result = job.file.sync_data();
         if result.is_ok() {
             shared.stats.synced(started.elapsed());
+            job.file.forget_synced(job.len);
         }
         shared.pending.lock().sync_done = Some(SyncDone { segment: job.segment, len: job.len, result });
         shared.wake.notify_one();

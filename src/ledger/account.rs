@@ -280,10 +280,34 @@ pub struct Environment {
     pub alert_level: BalanceState,
     pub budget_alerted: u32,
     /// What was charged and reserved, by day and month.
-    pub usage: UsageBook,
+    /// Made at the first reservation: the largest part of an environment that has not been used yet.
+    /// Kept in snapshots as a whole book, empty when there is none.
+    #[serde(with = "lazy_usage")]
+    pub usage: Option<Box<UsageBook>>,
+}
+
+mod lazy_usage {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::UsageBook;
+
+    pub fn serialize<S: Serializer>(usage: &Option<Box<UsageBook>>, serializer: S) -> Result<S::Ok, S::Error> {
+        match usage {
+            Some(book) => book.serialize(serializer),
+            None => UsageBook::default().serialize(serializer),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Box<UsageBook>>, D::Error> {
+        UsageBook::deserialize(deserializer).map(|book| Some(Box::new(book)))
+    }
 }
 
 impl Environment {
+    pub fn usage_mut(&mut self) -> &mut UsageBook {
+        self.usage.get_or_insert_default()
+    }
+
     pub fn new(tenant: TenantId) -> Self {
         Self {
             tenant,
@@ -306,7 +330,7 @@ impl Environment {
             budget_thresholds: DEFAULT_BUDGET_THRESHOLDS.to_vec(),
             alert_level: BalanceState::Ok,
             budget_alerted: 0,
-            usage: UsageBook::default(),
+            usage: None,
         }
     }
 

@@ -463,7 +463,9 @@ impl Ledger {
                 }
                 continue;
             }
-            env.usage.collect(&cell.id, &query.range, query.agent.as_ref(), &mut report);
+            if let Some(usage) = &env.usage {
+                usage.collect(&cell.id, &query.range, query.agent.as_ref(), &mut report);
+            }
         }
         Ok(report.into_rows())
     }
@@ -507,7 +509,7 @@ impl Ledger {
         scenarios: impl IntoIterator<Item = &'a str>,
         now: u64,
     ) -> bool {
-        let new_keys = books.env.usage.new_keys(now, agent, scenarios);
+        let new_keys = books.env.usage_mut().new_keys(now, agent, scenarios);
         if new_keys == 0 {
             return false;
         }
@@ -520,7 +522,7 @@ impl Ledger {
     /// logged) and returns the refusal.
     fn refuse(books: &mut Books<'_>, agent: &AgentId, error: LedgerError, max_agents: u64, now: u64) -> LedgerError {
         if matches!(error, LedgerError::QuotaDepleted { .. } | LedgerError::TooManyOpenReservations { .. }) {
-            books.env.usage.record_refusal(now, agent, max_agents);
+            books.env.usage_mut().record_refusal(now, agent, max_agents);
         }
         error
     }
@@ -1127,7 +1129,7 @@ impl Ledger {
                 env.open.insert(seq, hold);
                 self.expiries.push(*expires_at_ms, reservation.clone());
                 let usage_agent = if *attributed_to_other { other() } else { agent.clone() };
-                let new_keys = env.usage.record_grant(now, &usage_agent);
+                let new_keys = env.usage_mut().record_grant(now, &usage_agent);
                 count_usage_keys(cell, tenant, new_keys, now);
             }
             Event::Committed { reservation, actual_milli, settlement, items, attributed_to_other } => {
@@ -1160,7 +1162,7 @@ impl Ledger {
                 }
                 let usage_agent = if *attributed_to_other { other() } else { agent };
                 let lines = usage::split(items, settlement.charged, settlement.overage_milli);
-                let new_keys = env.usage.record_charge(now, &usage_agent, &lines);
+                let new_keys = env.usage_mut().record_charge(now, &usage_agent, &lines);
                 count_usage_keys(cell, tenant, new_keys, now);
             }
             Event::Released { reservation } => {

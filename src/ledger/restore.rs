@@ -325,7 +325,9 @@ impl Ledger {
         for slot in self.environments.iter() {
             let Slot::Capacity(cell) = slot.value() else { continue };
             let env = cell.books.lock();
-            let Some((month, keys)) = env.usage.keys_per_month().last() else { continue };
+            let Some((month, keys)) = env.usage.as_deref().and_then(|usage| usage.keys_per_month().last()) else {
+                continue;
+            };
             let entry = newest.entry(env.tenant.clone()).or_default();
             if entry.0.as_str() < month {
                 *entry = (month.to_owned(), 0);
