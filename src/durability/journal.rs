@@ -1290,6 +1290,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn forgetting_synced_pages_keeps_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = DirStorage { dir: dir.path().to_owned(), preallocate_bytes: 1 << 20 };
+        let segment = storage.create_segment(1).unwrap();
+        let page = rustix::param::page_size();
+        let bytes: Vec<u8> = (0..3 * page + 100).map(|i| (i % 251) as u8).collect();
+        segment.write_all_at(&bytes, FILE_HEADER_LEN as u64).unwrap();
+        segment.sync_data().unwrap();
+        let end = (FILE_HEADER_LEN + bytes.len()) as u64;
+        segment.forget_synced(end);
+        // Only whole pages go; the page being appended to stays.
+        assert_eq!(segment.forgotten.load(Ordering::Relaxed), end / page as u64 * page as u64);
+        segment.forget_synced(FILE_HEADER_LEN as u64);
+        assert_eq!(segment.forgotten.load(Ordering::Relaxed), end / page as u64 * page as u64, "never moves back");
+        let map = segment.map.as_ref().unwrap();
+        // SAFETY: the range is within the mapping, and nothing writes it meanwhile.
+        let mapped = unsafe { std::slice::from_raw_parts(map.as_ptr().add(FILE_HEADER_LEN), bytes.len()) };
+        assert_eq!(mapped, &bytes[..], "the pages read back from the file");
+        segment.write_all_at(b"after", end).unwrap();
+        let on_disk = fs::read(dir.path().join(format::segment_file_name(1))).unwrap();
+        assert_eq!(&on_disk[FILE_HEADER_LEN..end as usize], &bytes[..]);
+        assert_eq!(&on_disk[end as usize..end as usize + 5], b"after");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_waiters_all_see_their_records_durable() {
         let dir = tempfile::tempdir().unwrap();
