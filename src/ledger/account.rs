@@ -239,7 +239,7 @@ pub enum Resolution {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Resolved {
-    pub hold: Hold,
+    pub hold: Box<Hold>,
     pub resolution: Resolution,
 }
 
@@ -260,7 +260,9 @@ pub struct Environment {
     pub overage: Milli,
     pub next_seq: u64,
     /// By sequence number, so that they can be listed oldest first and paged through without sorting.
-    pub open: BTreeMap<u64, Hold>,
+    /// Boxed: a B-tree node then holds 11 pointers rather than 11 holds, and nodes filled by appending
+    /// in sequence order are about half full.
+    pub open: BTreeMap<u64, Box<Hold>>,
     pub resolved: BTreeMap<u64, Resolved>,
     /// (resolved at, seq), oldest first: resolved records are dropped from the front.
     pub resolved_order: VecDeque<(u64, u64)>,
@@ -508,7 +510,7 @@ impl Environment {
         through_seq: u64,
     ) -> impl Iterator<Item = (u64, &'a Hold)> + 'a {
         let of_agent = move |hold: &Hold| agent.is_none_or(|agent| hold.agent == *agent);
-        self.open.range(..=through_seq).filter(move |(_, hold)| of_agent(hold)).map(|(seq, hold)| (*seq, hold))
+        self.open.range(..=through_seq).filter(move |(_, hold)| of_agent(hold)).map(|(seq, hold)| (*seq, &**hold))
     }
 
     /// Releases the hold `seq` if it is open and remembers it as released; returns the amount it held.

@@ -1126,7 +1126,7 @@ impl Ledger {
                     api_key: api_key.clone(),
                 };
                 // The key's count, like the server's, was taken when the hold was decided.
-                env.open.insert(seq, hold);
+                env.open.insert(seq, Box::new(hold));
                 self.expiries.push(*expires_at_ms, reservation.clone());
                 let usage_agent = if *attributed_to_other { other() } else { agent.clone() };
                 let new_keys = env.usage_mut().record_grant(now, &usage_agent);
