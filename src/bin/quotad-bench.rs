@@ -3,17 +3,24 @@
 //! `reserve+release`, `balance`, or `health` for the transport's own cost) at a fixed concurrency over
 //! a few HTTP/2 connections, and reports throughput, latency percentiles and errors by status code.
 //!
+//! `--window` adds latency per window of the wall clock, `--expire-at` makes holds expire in one chosen
+//! second, and `--grpc-body` writes one call's framed body for HTTP/2 tools such as h2load.
+//!
 //! It sends traffic only to `--server`, for a bounded time or count: point it at a quotad on this
-//! machine (loopback, e.g. `http://127.0.0.1:50051`). `bench/durability.sh` shows it in use.
+//! machine (loopback, e.g. `http://127.0.0.1:50051`). `bench/suite.sh` shows it in use.
 
 #[path = "quotad_bench/cli.rs"]
 mod cli;
+#[path = "quotad_bench/grpc_body.rs"]
+mod grpc_body;
 #[path = "quotad_bench/load.rs"]
 mod load;
 #[path = "quotad_bench/report.rs"]
 mod report;
 #[path = "quotad_bench/setup.rs"]
 mod setup;
+#[path = "quotad_bench/windows.rs"]
+mod windows;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -74,6 +81,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(plan: &Plan) -> Result<ExitCode, String> {
+    if let Some(path) = &plan.grpc_body {
+        let (call_path, body) = grpc_body::request(plan).ok_or("--grpc-body: no fixed body for this scenario")?;
+        std::fs::write(path, body).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("{call_path}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let channels = connect(plan).await?;
     let mut stdout = std::io::stdout().lock();
     if let Some(environments) = plan.setup_only {

@@ -31,6 +31,14 @@ pub const MAX_AGENTS: usize = 1_000_000;
 /// The longest tenant prefix that leaves room for `-env-<index>` within quotad's 128-byte ids.
 pub const MAX_TENANT_BYTES: usize = 100;
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// `--window` bounds: shorter windows hold too few operations for a p99, and every window keeps a
+/// histogram, so a run has at most `MAX_WINDOWS` of them.
+pub const MIN_WINDOW: Duration = Duration::from_millis(10);
+pub const MAX_WINDOWS: u64 = 3_600;
+/// How far ahead `--expire-at` may be when the run starts: at least far enough for the first request
+/// to ask for a whole second, at most a day (quotad's own `max_ttl_seconds` refuses more by default).
+pub const MIN_EXPIRE_AHEAD_SECONDS: u64 = 2;
+pub const MAX_EXPIRE_AHEAD_SECONDS: u64 = 86_400;
 
 const _: () = assert!(DEFAULT_CONNECTIONS <= DEFAULT_CONCURRENCY);
 const _: () = assert!(DEFAULT_CONCURRENCY <= MAX_CONCURRENCY && DEFAULT_CONNECTIONS <= MAX_CONNECTIONS);
@@ -156,6 +164,23 @@ pub struct Args {
     /// API key's secret (load with `--no-setup`). None for a quotad with `--auth off`.
     #[arg(long, env = "QUOTAD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Also report latency per window of this length (e.g. `1s`), by when each operation started:
+    /// printed, and in the JSON's `windows`. For following a run through a moment such as a mass
+    /// expiry, which the whole run's percentiles dilute. Windows start at multiples of their length on
+    /// the wall clock. Whole milliseconds, at least 10ms; at most 3,600 windows are kept (operations
+    /// after them count in the totals only).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub window: Option<Duration>,
+    /// Give each reservation the `ttl_seconds` that makes its hold expire within this second (Unix
+    /// time, seconds), instead of `--ttl-seconds`: holds made over a minute then all expire together.
+    /// Between 2 s and a day ahead when the run starts.
+    #[arg(long, value_name = "UNIX_SECONDS")]
+    pub expire_at: Option<u64>,
+    /// Write the gRPC-framed request body of one `--scenario` call (`reserve`, `balance` or `health`,
+    /// for environment and agent 0) to FILE, print the call's path, and exit: for HTTP/2 load tools
+    /// that send a fixed body, such as h2load.
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub grpc_body: Option<PathBuf>,
 }
 
 /// When recording stops.
@@ -187,6 +212,12 @@ pub struct Plan {
     pub timeout: Duration,
     pub json: Option<PathBuf>,
     pub token: Option<String>,
+    /// `Some`: latency is also reported per window of this length.
+    pub window: Option<Duration>,
+    /// `Some(second)`: holds are made to expire within that Unix second, whatever `ttl_seconds` says.
+    pub expire_at: Option<u64>,
+    /// `Some`: write the scenario's framed request body there and exit.
+    pub grpc_body: Option<PathBuf>,
 }
 
 /// Every field but the token, of which only whether there is one: a plan may be printed.
@@ -210,6 +241,9 @@ impl fmt::Debug for Plan {
             timeout,
             json,
             token,
+            window,
+            expire_at,
+            grpc_body,
         } = self;
         f.debug_struct("Plan")
             .field("server", server)
@@ -229,12 +263,20 @@ impl fmt::Debug for Plan {
             .field("timeout", timeout)
             .field("json", json)
             .field("token", &token.as_ref().map(|_| "<hidden>"))
+            .field("window", window)
+            .field("expire_at", expire_at)
+            .field("grpc_body", grpc_body)
             .finish()
     }
 }
 
 impl Args {
     pub fn into_plan(self) -> Result<Plan, String> {
+        self.into_plan_at(unix_now_ms())
+    }
+
+    /// Validates the arguments as at `now_unix_ms` (which `--expire-at` is checked against).
+    pub fn into_plan_at(self, now_unix_ms: u64) -> Result<Plan, String> {
         let range = |name: &str, value: u128, min: u128, max: u128| {
             if (min..=max).contains(&value) { Ok(()) } else { Err(format!("--{name} {value}: must be {min} to {max}")) }
         };
@@ -260,6 +302,37 @@ impl Args {
         range("timeout (ms)", self.timeout.as_millis(), 1, MAX_TIMEOUT.as_millis())?;
         range("tenant (bytes)", self.tenant.len() as u128, 1, MAX_TENANT_BYTES as u128)?;
         range("allocation-messages", u128::from(self.allocation_messages), 0, u128::from(u64::MAX / 1_000))?;
+        if let Some(window) = self.window {
+            range("window (ms)", window.as_millis(), MIN_WINDOW.as_millis(), MAX_DURATION.as_millis())?;
+            if window.subsec_nanos() % 1_000_000 != 0 {
+                return Err(format!("--window {}: must be whole milliseconds", humantime::format_duration(window)));
+            }
+            if let Limit::Duration(duration) = limit
+                && duration.as_nanos().div_ceil(window.as_nanos()) > u128::from(MAX_WINDOWS)
+            {
+                return Err(format!(
+                    "--window {}: the run would have more than {MAX_WINDOWS} windows; give a longer window",
+                    humantime::format_duration(window)
+                ));
+            }
+        }
+        if let Some(second) = self.expire_at {
+            let now_s = now_unix_ms / 1_000;
+            let (min, max) = (now_s + MIN_EXPIRE_AHEAD_SECONDS, now_s + MAX_EXPIRE_AHEAD_SECONDS);
+            if !(min..=max).contains(&second) {
+                return Err(format!(
+                    "--expire-at {second}: must be {MIN_EXPIRE_AHEAD_SECONDS} s to {MAX_EXPIRE_AHEAD_SECONDS} s \
+                     ahead, {min} to {max} now"
+                ));
+            }
+        }
+        if self.grpc_body.is_some() && self.scenario.calls() != 1 {
+            return Err(format!(
+                "--grpc-body: {} needs the reservation id of the reserve's answer, which one fixed body \
+                 cannot carry; use reserve, balance or health",
+                self.scenario.as_str()
+            ));
+        }
         let tls = client_tls(self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())
             .map_err(|e| e.to_string())?;
         let server = match self.server {
@@ -292,8 +365,25 @@ impl Args {
             timeout: self.timeout,
             json: self.json,
             token: self.token,
+            window: self.window,
+            expire_at: self.expire_at,
+            grpc_body: self.grpc_body,
         })
     }
+}
+
+/// The wall clock in Unix milliseconds; a clock before 1970 reads as 0.
+pub fn unix_now_ms() -> u64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The `ttl_seconds` that makes a hold requested at `now_unix_ms` expire within `second`: quotad
+/// expires it at its own clock plus the TTL, so a request sent in second S with a TTL of
+/// `second - S` expires within `second` (by as much later as the request takes to arrive). At least 1,
+/// as 0 would ask for quotad's default TTL.
+pub fn ttl_until(second: u64, now_unix_ms: u64) -> u32 {
+    u32::try_from(second.saturating_sub(now_unix_ms / 1_000)).unwrap_or(u32::MAX).max(1)
 }
 
 /// The id of environment `index` of `tenant`; zero-padded so ids sort in creation order.
@@ -373,6 +463,48 @@ mod tests {
         let plan = plan(&["--no-setup", "--scenario", "reserve+release"]).unwrap();
         assert!(!plan.setup);
         assert_eq!(plan.scenario, Scenario::ReserveRelease);
+    }
+
+    #[test]
+    fn windows_are_bounded_in_length_and_number() {
+        assert!(plan(&["--window", "10ms", "--duration", "36s"]).is_ok());
+        assert!(plan(&["--window", "9ms"]).unwrap_err().contains("--window (ms) 9: must be 10 to"));
+        assert!(plan(&["--window", "10ms", "--duration", "36001ms"]).unwrap_err().contains("more than 3600 windows"));
+        assert!(plan(&["--window", "1s", "--duration", "1h"]).is_ok());
+        assert!(plan(&["--window", "10ms 500us"]).unwrap_err().contains("must be whole milliseconds"));
+        // With a request count the number of windows is not known ahead: those past the limit are not kept.
+        assert!(plan(&["--window", "10ms", "--requests", "1000000"]).is_ok());
+    }
+
+    #[test]
+    fn expire_at_must_be_between_two_seconds_and_a_day_ahead() {
+        let at = |second: u64, now_ms: u64| {
+            let args = Args::try_parse_from(["quotad-bench", "--expire-at", &second.to_string()]).unwrap();
+            args.into_plan_at(now_ms).map(|plan| plan.expire_at)
+        };
+        let now_ms = 1_800_000_000_999;
+        assert_eq!(at(1_800_000_002, now_ms), Ok(Some(1_800_000_002)));
+        assert!(at(1_800_000_001, now_ms).unwrap_err().starts_with("--expire-at 1800000001: must be 2 s to 86400 s"));
+        assert_eq!(at(1_800_086_400, now_ms), Ok(Some(1_800_086_400)));
+        assert!(at(1_800_086_401, now_ms).is_err());
+    }
+
+    #[test]
+    fn a_ttl_until_a_second_expires_within_it() {
+        let second = 1_800_000_060;
+        for now_ms in [1_800_000_000_000, 1_800_000_000_999, 1_800_000_059_000] {
+            let expires_ms = now_ms + u64::from(ttl_until(second, now_ms)) * 1_000;
+            assert_eq!(expires_ms / 1_000, second, "requested at {now_ms}");
+        }
+        assert_eq!(ttl_until(second, second * 1_000), 1, "never 0, which would ask for the default TTL");
+        assert_eq!(ttl_until(second, (second + 10) * 1_000), 1);
+    }
+
+    #[test]
+    fn a_grpc_body_is_only_for_scenarios_of_one_call() {
+        assert!(plan(&["--grpc-body", "body.bin", "--scenario", "reserve"]).is_ok());
+        let refused = plan(&["--grpc-body", "body.bin", "--scenario", "reserve+commit"]).unwrap_err();
+        assert!(refused.starts_with("--grpc-body: reserve+commit needs the reservation id"), "{refused}");
     }
 
     #[test]

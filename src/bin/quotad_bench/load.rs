@@ -20,12 +20,13 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
     Connection,
-    cli::{Limit, Plan, Scenario, agent_id, environment_id},
+    cli::{Limit, Plan, Scenario, agent_id, environment_id, ttl_until, unix_now_ms},
+    windows::{WindowRecorder, WindowReport, Windows},
 };
 
 /// The histogram's range in microseconds: 1 µs to 10 minutes at 3 significant digits. Larger values
 /// are clamped (a call cannot take longer than `--timeout` anyway).
-const HISTOGRAM_MAX_US: u64 = 600_000_000;
+pub const HISTOGRAM_MAX_US: u64 = 600_000_000;
 const HISTOGRAM_DIGITS: u8 = 3;
 
 /// What all tasks recorded, merged.
@@ -39,6 +40,8 @@ pub struct Recorded {
     pub errors: BTreeMap<String, u64>,
     /// From the end of the warmup to the last recorded completion.
     pub elapsed: Duration,
+    /// With `--window`: latency per window.
+    pub windows: Option<Vec<WindowReport>>,
 }
 
 /// Shared by all tasks; read-only but for the request counter.
@@ -48,30 +51,37 @@ struct Shared {
     agents: Vec<String>,
     concurrency: usize,
     ttl_seconds: u32,
+    /// `Some(second)`: each reservation's TTL is chosen so that its hold expires within that second.
+    expire_at: Option<u64>,
     /// Recording starts here; operations that begin earlier are warmup.
     record_from: Instant,
     limit: Limit,
     /// Operations claimed in `--requests` mode.
     claimed: AtomicU64,
+    windows: Option<Arc<Windows>>,
 }
 
 /// Runs the scenario over `channels` as `plan` says, and returns what was recorded.
 pub async fn run(plan: &Plan, channels: &[Connection]) -> Result<Recorded, String> {
+    let (now, now_unix_ms) = (Instant::now(), unix_now_ms());
+    let record_from = now + plan.warmup;
+    let record_from_unix_ms = now_unix_ms + u64::try_from(plan.warmup.as_millis()).unwrap_or(u64::MAX);
     let shared = Arc::new(Shared {
         scenario: plan.scenario,
         environments: (0..plan.environments).map(|i| environment_id(&plan.tenant, i)).collect(),
         agents: (0..plan.agents).map(agent_id).collect(),
         concurrency: plan.concurrency,
         ttl_seconds: plan.ttl_seconds,
-        record_from: Instant::now() + plan.warmup,
+        expire_at: plan.expire_at,
+        record_from,
         limit: plan.limit,
         claimed: AtomicU64::new(0),
+        windows: plan.window.map(|width| Windows::new(width, record_from, record_from_unix_ms)),
     });
     let tasks: Vec<_> = (0..plan.concurrency)
         .map(|index| tokio::spawn(worker(shared.clone(), index, channels[index % channels.len()].clone())))
         .collect();
-    let mut recorded =
-        Recorded { latency_us: new_histogram(), ok: 0, calls: 0, errors: BTreeMap::new(), elapsed: Duration::ZERO };
+    let mut recorded = Recorded::new();
     for task in tasks {
         let part = task.await.map_err(|e| format!("load task failed: {e}"))?;
         recorded.latency_us.add(&part.latency_us).expect("histograms share their bounds");
@@ -82,7 +92,21 @@ pub async fn run(plan: &Plan, channels: &[Connection]) -> Result<Recorded, Strin
         }
         recorded.elapsed = recorded.elapsed.max(part.elapsed);
     }
+    recorded.windows = shared.windows.as_ref().map(|windows| windows.report());
     Ok(recorded)
+}
+
+impl Recorded {
+    fn new() -> Self {
+        Self {
+            latency_us: new_histogram(),
+            ok: 0,
+            calls: 0,
+            errors: BTreeMap::new(),
+            elapsed: Duration::ZERO,
+            windows: None,
+        }
+    }
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -93,27 +117,34 @@ pub fn new_histogram() -> Histogram<u64> {
 /// concurrency, so tasks cover all environments without two tasks sharing one at the same step.
 async fn worker(shared: Arc<Shared>, index: usize, channel: Connection) -> Recorded {
     let mut client = Client::new(shared.scenario, channel);
-    let mut recorded =
-        Recorded { latency_us: new_histogram(), ok: 0, calls: 0, errors: BTreeMap::new(), elapsed: Duration::ZERO };
+    let mut recorded = Recorded::new();
+    let mut windows = shared.windows.clone().map(WindowRecorder::new);
     let mut slot = index;
     loop {
         let started = Instant::now();
         let recording = started >= shared.record_from;
         if recording && !claim(&shared, started) {
+            if let Some(windows) = &mut windows {
+                windows.flush();
+            }
             return recorded;
         }
         let environment = &shared.environments[slot % shared.environments.len()];
         let agent = &shared.agents[slot % shared.agents.len()];
         slot = slot.wrapping_add(shared.concurrency);
-        let result = client.operation(environment, agent, shared.ttl_seconds).await;
+        let ttl_seconds = match shared.expire_at {
+            Some(second) => ttl_until(second, unix_now_ms()),
+            None => shared.ttl_seconds,
+        };
+        let result = client.operation(environment, agent, ttl_seconds).await;
         if !recording {
             continue;
         }
         let finished = Instant::now();
         recorded.elapsed = finished - shared.record_from;
+        let micros = u64::try_from((finished - started).as_micros()).unwrap_or(u64::MAX);
         match result {
             Ok(()) => {
-                let micros = u64::try_from((finished - started).as_micros()).unwrap_or(u64::MAX);
                 recorded.latency_us.saturating_record(micros.max(1));
                 recorded.ok += 1;
                 recorded.calls += shared.scenario.calls();
@@ -122,6 +153,9 @@ async fn worker(shared: Arc<Shared>, index: usize, channel: Connection) -> Recor
                 recorded.calls += calls;
                 *recorded.errors.entry(code_name(code)).or_default() += 1;
             }
+        }
+        if let Some(windows) = &mut windows {
+            windows.record(started, result.is_ok().then_some(micros));
         }
     }
 }

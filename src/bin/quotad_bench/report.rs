@@ -8,6 +8,7 @@ use crate::{
     cli::{Limit, Plan},
     load::Recorded,
     setup::SetupReport,
+    windows::WindowReport,
 };
 
 /// Latency of successful operations, in microseconds (a pair is timed from the reserve's start to the
@@ -49,6 +50,14 @@ pub struct Report {
     /// Failed operations by the status code of the failing call.
     pub errors: BTreeMap<String, u64>,
     pub setup: Option<SetupReport>,
+    /// `--expire-at`: the Unix second in which the holds were made to expire.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expire_at: Option<u64>,
+    /// `--window`: the length of each window, and latency per window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<WindowReport>>,
 }
 
 impl Report {
@@ -87,6 +96,9 @@ impl Report {
             },
             errors: recorded.errors,
             setup,
+            expire_at: plan.expire_at,
+            window_s: plan.window.map(|w| w.as_secs_f64()),
+            windows: recorded.windows,
         }
     }
 
@@ -116,6 +128,20 @@ impl Report {
         )?;
         for (code, count) in &self.errors {
             writeln!(out, "  error {code}: {count}")?;
+        }
+        if let Some(windows) = &self.windows {
+            writeln!(
+                out,
+                "{:>10} {:>10} {:>8} {:>8} {:>8} {:>8}   (per window)",
+                "start s", "ok", "failed", "p50", "p99", "max"
+            )?;
+            for w in windows {
+                writeln!(
+                    out,
+                    "{:>10.3} {:>10} {:>8} {:>8} {:>8} {:>8}",
+                    w.start_s, w.ok, w.failed, w.p50, w.p99, w.max
+                )?;
+            }
         }
         Ok(())
     }
