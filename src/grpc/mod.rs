@@ -5,6 +5,7 @@ mod admin;
 mod alerts;
 mod api_keys;
 mod auth;
+mod batch;
 mod billing;
 pub(crate) mod codec;
 mod convert;
@@ -29,7 +30,7 @@ use status::FieldError;
 use crate::{
     clock::Clock,
     durability::store::Store,
-    ledger::{Command, Ledger, LedgerError, Milli, Outcome},
+    ledger::{ApiKeyId, Command, EnvironmentId, Ledger, LedgerError, Milli, Outcome},
     metrics::Metrics,
     proto,
 };
@@ -139,6 +140,20 @@ impl Context {
             store.wait_durable().await.map_err(|_| Refusal::LogUnavailable)?;
         }
         Ok(outcome)
+    }
+
+    /// Counts a refused reservation by its reason. A key's refusal counts under the key's own tenant,
+    /// never under the tenant of the environment it named: that may be another tenant's, whose name and
+    /// books a key must not reach, not even through the time its lookup takes.
+    fn count_refused_reservation(&self, reason: &'static str, environment_id: &str, api_key: Option<&ApiKeyId>) {
+        let ledger = &self.ledger;
+        self.metrics.reservation_refused(reason, || match api_key {
+            Some(id) => Some(ledger.api_key(id.as_str())?.tenant().clone()),
+            None => {
+                let environment = EnvironmentId::new(environment_id).ok()?;
+                Some(ledger.balance(&environment, self.clock.now_ms()).ok()?.tenant)
+            }
+        });
     }
 }
 
