@@ -1,7 +1,8 @@
 //! `quotad-bench`: a gRPC load generator that knows the quota flow. It bootstraps a tenant and its
 //! environments through `QuotaAdmin`, then drives one scenario (`reserve`, `reserve+commit`,
 //! `reserve+release`, `balance`, or `health` for the transport's own cost) at a fixed concurrency over
-//! a few HTTP/2 connections, and reports throughput, latency percentiles and errors by status code.
+//! a few HTTP/2 connections, with the unary calls or (`--batch-size`) their batch forms, and reports
+//! throughput in calls and items, latency percentiles and errors by status code.
 //!
 //! It sends traffic only to `--server`, for a bounded time or count: point it at a quotad on this
 //! machine (loopback, e.g. `http://127.0.0.1:50051`). `bench/durability.sh` shows it in use.
@@ -95,7 +96,7 @@ async fn run(plan: &Plan) -> Result<ExitCode, String> {
         report::write_json(path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     // A run in which nothing succeeded measured nothing; say so to the calling script.
-    Ok(if report.ok > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.ok > 0 && report.items_ok > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn setup_plan(plan: &Plan, environments: usize) -> SetupPlan {
