@@ -15,7 +15,7 @@ use quotad::{
     config::{AuthConfig, Config, Settings},
     proto::{
         CheckAndReserveBatchRequest, CheckAndReserveRequest, CommitBatchRequest, CommitRequest, CreateApiKeyRequest,
-        ReleaseBatchRequest, ReleaseRequest, SetAgentLimitRequest,
+        ReleaseBatchRequest, ReleaseRequest, ScenarioRate, SetAgentLimitRequest, SetRateCardRequest,
     },
 };
 use tonic::{Code, Request, Response, Status};
@@ -241,6 +241,25 @@ async fn commit_and_release_batches_settle_each_item_on_its_own() {
     assert_same_refusal(refused(&after_release[0]), &server.try_commit(commit_request(&ids[3], 1)).await.unwrap_err());
     let balance = server.balance("e").await;
     assert_eq!((balance.reserved_milli, balance.allocation_used_milli), (0, milli(4)));
+}
+
+#[tokio::test]
+async fn the_largest_answer_of_a_full_batch_is_delivered() {
+    // Proves that a batch of 1,000 items each refused with the longest message there is (an unknown
+    // scenario on a rate card of 256 scenarios with the longest names, a message and a BadRequest
+    // description of 1 KiB each) is answered whole within what a gRPC client accepts by default (4 MiB).
+    let server = spawn_server().await;
+    server.bootstrap("acme", "e", 10).await;
+    let rates = (0..256).map(|i| ScenarioRate { scenario: format!("{i:064}"), messages: 1, per: 1 }).collect();
+    server.admin.clone().set_rate_card(SetRateCardRequest { rates, effective_at_unix_ms: 0 }).await.unwrap();
+    let results = server.reserve_batch(vec![reserve_usage_request("e", &[("unknown", 1)]); MAX_ITEMS]).await;
+    assert_eq!(results.len(), MAX_ITEMS);
+    for result in &results {
+        let item = refused(result);
+        assert_eq!(item_bad_field(item), "usage[0].scenario");
+        assert!(item.message.len() <= 1_024 && item.message.len() > 1_000, "{}", item.message.len());
+    }
+    assert_eq!(server.balance("e").await.reserved_milli, 0);
 }
 
 // An API key's scope and cap, item by item.

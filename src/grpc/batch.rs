@@ -26,8 +26,9 @@ use crate::{
     },
 };
 
-/// The most items one batch call carries: with a few hundred bytes per result, a full batch's answer
-/// stays well within what gRPC clients accept by default (4 MiB).
+/// The most items one batch call carries. A result takes at most about 2 KiB (a refusal's message and
+/// `BadRequest` description are bounded to 1 KiB each), so a full batch's answer stays within what
+/// gRPC clients accept by default (4 MiB).
 pub const MAX_BATCH_ITEMS: usize = 1_000;
 
 /// Refuses a batch that is empty or holds more than [`MAX_BATCH_ITEMS`], before any item is looked at.

@@ -7,7 +7,8 @@
 //! Concurrency: each capacity environment has its own lock, and a tenant's lock is taken inside it
 //! only when an operation may touch the tenant pool (lock order: environment, then tenant). Admin
 //! commands, which change which environments exist and how they relate, are serialised on one admin
-//! lock that the hot path (reserve, commit, release, expire, balance) never takes. The rate card
+//! lock that the hot path (reserve, commit, release, expire, balance) never takes; a batch of hot-path
+//! commands takes an environment's lock once for a run of its commands (see `batch`). The rate card
 //! versions have a read-write lock of their own, read by the hot path inside an environment's lock
 //! and written only under the admin lock. API keys are read by every request that carries one and
 //! created and revoked only under the admin lock.
