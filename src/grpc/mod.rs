@@ -190,6 +190,9 @@ mod tests {
         let methods = served_methods();
         for method in [
             "quota.v1.Quota/CheckAndReserve",
+            "quota.v1.Quota/CheckAndReserveBatch",
+            "quota.v1.Quota/CommitBatch",
+            "quota.v1.Quota/ReleaseBatch",
             "quota.v1.QuotaAdmin/WatchAlerts",
             "grpc.health.v1.Health/Check",
             "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
