@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the accounting core, without the transport or the log: a `Ledger` in memory
 //! with the `Discard` sink, driven directly. They show what one decision costs in the core, how that
-//! changes with the number of environments, and what contention on one environment's lock costs
-//! compared with the same threads spread over separate environments.
+//! changes with the number of environments, what contention on one environment's lock costs
+//! compared with the same threads spread over separate environments, and what applying pairs in
+//! batches costs per pair.
 //!
 //! Every reservation is committed at once, so holds never pile up, and every environment has an
 //! allocation far larger than any run can use. Resolved reservations are kept as in production
@@ -132,5 +133,53 @@ fn contention(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, one_environment, many_environments, contention);
+/// Items in one batch of the batch benchmarks.
+const BATCH: usize = 100;
+
+/// `BATCH` reservations applied as one batch, then their commits as another, the items taking
+/// `environments` round-robin: consecutive items on one environment share its lock, items on
+/// different ones do not.
+fn batch_pairs(ledger: &Ledger, environments: &[EnvironmentId], agent: &AgentId, next: &mut usize) {
+    let reserves: Vec<Command> = (0..BATCH)
+        .map(|_| {
+            let environment = environments[*next % environments.len()].clone();
+            *next += 1;
+            Command::Reserve {
+                environment,
+                agent: agent.clone(),
+                usage: Usage::Milli(AMOUNT_MILLI),
+                idempotency_key: None,
+                expires_at_ms: EXPIRES_AT_MS,
+                api_key: None,
+            }
+        })
+        .collect();
+    let commits: Vec<Command> = ledger
+        .apply_batch(&reserves, NOW_MS)
+        .into_iter()
+        .map(|result| {
+            let Ok(Outcome::Reserved(grant)) = result else { panic!("the reservation is granted") };
+            Command::Commit { reservation: grant.reservation, usage: Usage::Milli(AMOUNT_MILLI), api_key: None }
+        })
+        .collect();
+    black_box(ledger.apply_batch(&commits, NOW_MS));
+}
+
+/// Pairs applied in batches of `BATCH`, on one environment (runs share its lock) and over 64 (no two
+/// consecutive items share one): what a batch saves in the core alone, against `reserve_commit`.
+fn batches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("reserve_commit_batch_of_100");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let agent = agent();
+    for count in [1, 64] {
+        let (ledger, environments) = ledger_with(count);
+        let mut next = 0;
+        group.bench_function(BenchmarkId::new("environments", count), |b| {
+            b.iter(|| batch_pairs(&ledger, &environments, &agent, &mut next))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, one_environment, many_environments, contention, batches);
 criterion_main!(benches);

@@ -8,8 +8,9 @@ use std::{collections::HashMap, net::SocketAddr, process::Stdio};
 
 use common::*;
 use quotad::proto::{
-    Balance, CheckAndReserveRequest, CheckAndReserveResponse, CommitRequest, CommitResponse, GetBalanceRequest,
-    ReleaseRequest, ReleaseResponse,
+    Balance, CheckAndReserveBatchRequest, CheckAndReserveBatchResponse, CheckAndReserveRequest,
+    CheckAndReserveResponse, CommitBatchRequest, CommitBatchResponse, CommitRequest, CommitResponse, GetBalanceRequest,
+    ReleaseBatchRequest, ReleaseBatchResponse, ReleaseRequest, ReleaseResponse,
     quota_server::{Quota, QuotaServer},
 };
 use tokio::net::TcpListener;
@@ -330,6 +331,21 @@ impl Quota for BalanceOnly {
     async fn get_balance(&self, request: Request<GetBalanceRequest>) -> Result<Response<Balance>, Status> {
         let environment_id = request.into_inner().environment_id;
         Ok(Response::new(Balance { environment_id, ..Balance::default() }))
+    }
+
+    async fn check_and_reserve_batch(
+        &self,
+        _: Request<CheckAndReserveBatchRequest>,
+    ) -> Result<Response<CheckAndReserveBatchResponse>, Status> {
+        Err(Status::unimplemented("not in this stand-in"))
+    }
+
+    async fn commit_batch(&self, _: Request<CommitBatchRequest>) -> Result<Response<CommitBatchResponse>, Status> {
+        Err(Status::unimplemented("not in this stand-in"))
+    }
+
+    async fn release_batch(&self, _: Request<ReleaseBatchRequest>) -> Result<Response<ReleaseBatchResponse>, Status> {
+        Err(Status::unimplemented("not in this stand-in"))
     }
 }
 

@@ -250,6 +250,59 @@ async fn a_change_applied_before_its_log_write_failed_is_counted_once() {
     server.shutdown().await.expect("a clean shutdown");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_log_cannot_hold_is_refused_whole_and_its_retry_holds_each_item_once() {
+    // Proves: on a full disk a CheckAndReserveBatch is answered UNAVAILABLE (LOG_UNAVAILABLE) as a whole,
+    // with no item's result, and refused up front while health is NOT_SERVING; once there is room again,
+    // retrying it with the same idempotency keys holds each of its items exactly once, whether or not it
+    // had been applied before its log write failed.
+    let Some(disk) = Tmpfs::mount(2 * 1024 * 1024) else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let dir = disk.path.join("data");
+    let server =
+        spawn_server_with_config(config_on(&dir, 64 * 1024 * 1024), Arc::new(ManualClock::new(START_MS))).await;
+    server.bootstrap("acme", "acme-prod", 100_000).await;
+    let batch = |attempt: usize| -> Vec<_> {
+        (0..5)
+            .map(|i| quotad::proto::CheckAndReserveRequest {
+                idempotency_key: format!("full-{attempt}-{i}"),
+                ..reserve_request("acme-prod", 1)
+            })
+            .collect()
+    };
+    let filler = fill(&disk.path);
+    let mut acknowledged = 0;
+    let mut refused = None;
+    for attempt in 0..2_000 {
+        match server.try_reserve_batch(batch(attempt)).await {
+            Ok(results) => {
+                assert!(results.iter().all(Result::is_ok), "{results:?}");
+                acknowledged += results.len();
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                error_info(&status, "LOG_UNAVAILABLE");
+                refused = Some(attempt);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a full disk refuses a batch within 2,000 small ones");
+    wait_for_health(&server, ServingStatus::NotServing).await;
+    let up_front = server.try_reserve_batch(batch(refused + 1)).await.unwrap_err();
+    assert_eq!(up_front.code(), Code::Unavailable, "refused before anything is applied: {up_front:?}");
+
+    std::fs::remove_file(filler).unwrap();
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let retried = server.reserve_batch(batch(refused)).await;
+    assert!(retried.iter().all(Result::is_ok), "{retried:?}");
+    let held = server.balance("acme-prod").await.reserved_milli;
+    assert_eq!(held, milli(acknowledged as u64 + 5), "each item of the refused batch is held once");
+    server.shutdown().await.expect("a clean shutdown");
+}
+
 /// The value of the sample `series` (its name and labels as the text format writes them) in a scrape.
 async fn metric(addr: std::net::SocketAddr, series: &str) -> f64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -3,14 +3,16 @@
 //!
 //! - Arbitrary request messages for every method: ids empty, at and over their length limit, huge,
 //!   non-ASCII or with control characters; numbers at 0, 1, their limits and `u64::MAX`; lists at and
-//!   over their limits; enum values out of range.
+//!   over their limits; enum values out of range; batches of such reservations, commits and releases,
+//!   empty, of a few items, and around the limit of 1,000.
 //! - Arbitrary bytes as the protobuf body of every unary method, and valid bodies damaged.
 //! - Rate cards with arbitrary scenarios and rates, then reservations and commits priced with them.
 //!
 //! After every call the server must still answer a health check, and after every case a known-good
-//! reservation; every refusal must carry a client-error code with a `BadRequest` naming the field or an `ErrorInfo` giving
-//! a reason (never INTERNAL or UNKNOWN), and change nothing the admin and quota calls show; and a price
-//! must be exactly what the rate card says, or a refusal when it is too large.
+//! reservation; every refusal, a batch item's included, must carry a client-error code with a
+//! `BadRequest` naming the field or an `ErrorInfo` giving a reason (never INTERNAL or UNKNOWN), and change
+//! nothing the admin and quota calls show (a batch: when every item is refused); and a price must be
+//! exactly what the rate card says, or a refusal when it is too large.
 
 mod common;
 mod fuzzing;
@@ -18,7 +20,7 @@ mod fuzzing;
 use std::{collections::BTreeMap, fmt::Debug};
 
 use bytes::{Buf, BufMut};
-use common::{START_MS, TestServer, spawn_server_with};
+use common::{ItemError, START_MS, TestServer, spawn_server_with};
 use fuzzing::{At, Mutation, at};
 use http::uri::PathAndQuery;
 use proptest::{prelude::*, test_runner::TestCaseError};
@@ -27,10 +29,11 @@ use quotad::{
     clock::Clock,
     config::{BootstrapEnvironment, BootstrapTenant, Settings},
     proto::{
-        AllocateCapacityRequest, Balance, CheckAndReserveRequest, CommitRequest, GetBalanceRequest, GetRateCardRequest,
-        GetTenantRequest, GetUsageRequest, LinkEnvironmentRequest, ListAgentLimitsRequest, ListAgentLimitsResponse,
-        ListAlertsRequest, ListReservationsRequest, ListReservationsResponse, PurchaseCapacityRequest, RateCard,
-        ReleaseAllRequest, ReleaseRequest, ScenarioRate, SetAgentLimitRequest, SetEnvironmentAlertsRequest,
+        AllocateCapacityRequest, Balance, CheckAndReserveBatchRequest, CheckAndReserveRequest, CommitBatchRequest,
+        CommitRequest, GetBalanceRequest, GetRateCardRequest, GetTenantRequest, GetUsageRequest,
+        LinkEnvironmentRequest, ListAgentLimitsRequest, ListAgentLimitsResponse, ListAlertsRequest,
+        ListReservationsRequest, ListReservationsResponse, PurchaseCapacityRequest, RateCard, ReleaseAllRequest,
+        ReleaseBatchRequest, ReleaseRequest, ScenarioRate, SetAgentLimitRequest, SetEnvironmentAlertsRequest,
         SetPayAsYouGoRequest, SetRateCardRequest, SetTenantPolicyRequest, TenantCapacity, UsageItem,
         WatchAlertsRequest,
     },
@@ -265,39 +268,50 @@ enum Call {
     ReleaseAll(ReleaseAllRequest),
     Alerts(ListAlertsRequest),
     WatchAlerts(WatchAlertsRequest),
+    ReserveBatch(Vec<CheckAndReserveRequest>),
+    CommitBatch(Vec<CommitItem>),
+    ReleaseBatch(Vec<ReservationPick>),
 }
 
-fn quota_call() -> BoxedStrategy<Call> {
-    let reserve = (
+/// A commit as generated: the reservation it names, and its use.
+#[derive(Debug, Clone)]
+struct CommitItem {
+    reservation: ReservationPick,
+    messages: Option<u64>,
+    usage: Vec<UsageItem>,
+}
+
+/// Reservation requests: any field anything, or well-formed (so that cases reach holds, caps and
+/// settled reservations).
+fn reserve_request() -> BoxedStrategy<CheckAndReserveRequest> {
+    let arbitrary = (
         (environment(), agent(), proptest::option::of(edge_u64()), usage()),
         (optional(text(vec!["k0".into(), long_id('k', 128)])), edge_u32(), any::<bool>()),
     )
         .prop_map(|((environment_id, agent_id, messages, usage), (idempotency_key, ttl_seconds, dry_run))| {
-            Call::Reserve(CheckAndReserveRequest {
-                environment_id,
-                agent_id,
-                messages,
-                usage,
-                idempotency_key,
-                ttl_seconds,
-                dry_run,
-            })
+            CheckAndReserveRequest { environment_id, agent_id, messages, usage, idempotency_key, ttl_seconds, dry_run }
         });
-    // Well-formed reservations and commits too, so that cases reach holds, caps and settled reservations.
-    let plausible_usage = prop_oneof![
+    prop_oneof![4 => arbitrary, 3 => plausible_reserve_request()].boxed()
+}
+
+fn plausible_usage() -> impl Strategy<Value = (Option<u64>, Vec<UsageItem>)> {
+    prop_oneof![
         (1..=200u64).prop_map(|m| (Some(m), Vec::new())),
         (proptest::sample::select(&["classic_answer", "agent_flow_actions"][..]), 1..=50u64)
             .prop_map(|(scenario, quantity)| (None, vec![UsageItem { scenario: scenario.into(), quantity }])),
-    ];
-    let plausible_reserve = (
+    ]
+}
+
+fn plausible_reserve_request() -> BoxedStrategy<CheckAndReserveRequest> {
+    (
         proptest::sample::select(env_ids()),
         proptest::sample::select(agent_ids()),
-        plausible_usage.clone(),
+        plausible_usage(),
         prop_oneof![Just(String::new()), Just("k0".to_owned())],
         prop_oneof![Just(0u32), Just(1), Just(3_600)],
     )
         .prop_map(|(environment_id, agent_id, (messages, usage), idempotency_key, ttl_seconds)| {
-            Call::Reserve(CheckAndReserveRequest {
+            CheckAndReserveRequest {
                 environment_id,
                 agent_id,
                 messages,
@@ -305,21 +319,52 @@ fn quota_call() -> BoxedStrategy<Call> {
                 idempotency_key,
                 ttl_seconds,
                 dry_run: false,
-            })
-        });
-    let plausible_commit = (at(), plausible_usage).prop_map(|(pick, (messages, usage))| Call::Commit {
+            }
+        })
+        .boxed()
+}
+
+/// Commits: of a granted reservation with plausible use, or of anything with any use.
+fn commit_item() -> BoxedStrategy<CommitItem> {
+    let plausible = (at(), plausible_usage()).prop_map(|(pick, (messages, usage))| CommitItem {
         reservation: ReservationPick::Granted(pick),
         messages,
         usage,
     });
+    let arbitrary = (reservation(), proptest::option::of(edge_u64()), usage())
+        .prop_map(|(reservation, messages, usage)| CommitItem { reservation, messages, usage });
+    prop_oneof![2 => plausible, 3 => arbitrary].boxed()
+}
+
+/// The items of a batch call: a few most often, else none, or around the limit of 1,000 (copies of one
+/// small item, so that the request stays within the size limit and the case within memory).
+fn batch<T: Clone + Debug + 'static>(
+    item: BoxedStrategy<T>,
+    small_item: BoxedStrategy<T>,
+) -> impl Strategy<Value = Vec<T>> {
     prop_oneof![
-        4 => reserve,
-        3 => plausible_reserve,
-        2 => plausible_commit,
-        3 => (reservation(), proptest::option::of(edge_u64()), usage())
-            .prop_map(|(reservation, messages, usage)| Call::Commit { reservation, messages, usage }),
+        8 => proptest::collection::vec(item, 1..=6),
+        1 => Just(Vec::new()),
+        1 => (small_item, 999..=1_001usize).prop_map(|(item, n)| vec![item; n]),
+    ]
+}
+
+fn quota_call() -> BoxedStrategy<Call> {
+    let granted_commit = (at(), plausible_usage()).prop_map(|(pick, (messages, usage))| CommitItem {
+        reservation: ReservationPick::Granted(pick),
+        messages,
+        usage,
+    });
+    let granted_release = at().prop_map(ReservationPick::Granted).boxed();
+    prop_oneof![
+        4 => reserve_request().prop_map(Call::Reserve),
+        3 => plausible_reserve_request().prop_map(Call::Reserve),
+        5 => commit_item().prop_map(|CommitItem { reservation, messages, usage }| Call::Commit { reservation, messages, usage }),
         2 => reservation().prop_map(Call::Release),
         1 => environment().prop_map(|environment_id| Call::Balance(GetBalanceRequest { environment_id })),
+        2 => batch(reserve_request(), plausible_reserve_request()).prop_map(Call::ReserveBatch),
+        1 => batch(commit_item(), granted_commit.boxed()).prop_map(Call::CommitBatch),
+        1 => batch(reservation().boxed(), granted_release).prop_map(Call::ReleaseBatch),
     ]
     .boxed()
 }
@@ -426,6 +471,23 @@ impl<'a> Session<'a> {
         }
     }
 
+    fn commit_request(&self, item: &CommitItem) -> CommitRequest {
+        CommitRequest {
+            reservation_id: self.reservation(&item.reservation),
+            messages: item.messages,
+            usage: item.usage.clone(),
+        }
+    }
+
+    fn commit_batch(&self, items: &[CommitItem]) -> CommitBatchRequest {
+        CommitBatchRequest { items: items.iter().map(|item| self.commit_request(item)).collect() }
+    }
+
+    fn release_batch(&self, picks: &[ReservationPick]) -> ReleaseBatchRequest {
+        let release = |pick| ReleaseRequest { reservation_id: self.reservation(pick) };
+        ReleaseBatchRequest { items: picks.iter().map(release).collect() }
+    }
+
     /// The request as sent, and its protobuf size (what the server's size limit applies to).
     fn encoded_len(&self, call: &Call) -> usize {
         match call {
@@ -454,21 +516,63 @@ impl<'a> Session<'a> {
             Call::ReleaseAll(r) => r.encoded_len(),
             Call::Alerts(r) => r.encoded_len(),
             Call::WatchAlerts(r) => r.encoded_len(),
+            Call::ReserveBatch(items) => CheckAndReserveBatchRequest { items: items.clone() }.encoded_len(),
+            Call::CommitBatch(items) => self.commit_batch(items).encoded_len(),
+            Call::ReleaseBatch(picks) => self.release_batch(picks).encoded_len(),
         }
     }
 
-    /// Sends `call`; notes the reservation it was granted, if any.
-    async fn send(&mut self, call: &Call) -> Result<(), Status> {
+    /// Sends `call`; notes the reservations it was granted, if any. A batch call answers the items it
+    /// refused.
+    async fn send(&mut self, call: &Call) -> Result<Vec<ItemError>, Status> {
         let mut quota = self.server.quota.clone();
         let mut admin = self.server.admin.clone();
-        fn ok<T>(_: T) {}
+        fn ok<T>(_: T) -> Vec<ItemError> {
+            Vec::new()
+        }
         match call.clone() {
             Call::Reserve(r) => {
                 let granted = quota.check_and_reserve(r).await?.into_inner();
                 if !granted.reservation_id.is_empty() {
                     self.granted.push(granted.reservation_id);
                 }
-                Ok(())
+                Ok(Vec::new())
+            }
+            Call::ReserveBatch(items) => {
+                use quotad::proto::check_and_reserve_result::Outcome;
+                let results = quota.check_and_reserve_batch(CheckAndReserveBatchRequest { items }).await?;
+                let mut refused = Vec::new();
+                for result in results.into_inner().results {
+                    match result.outcome {
+                        Some(Outcome::Ok(granted)) if !granted.reservation_id.is_empty() => {
+                            self.granted.push(granted.reservation_id)
+                        }
+                        Some(Outcome::Ok(_)) => {}
+                        Some(Outcome::Error(error)) => refused.push(error),
+                        None => panic!("a result without an outcome"),
+                    }
+                }
+                Ok(refused)
+            }
+            Call::CommitBatch(items) => {
+                use quotad::proto::commit_result::Outcome;
+                let results = quota.commit_batch(self.commit_batch(&items)).await?.into_inner().results;
+                let refused = results.into_iter().filter_map(|result| match result.outcome {
+                    Some(Outcome::Ok(_)) => None,
+                    Some(Outcome::Error(error)) => Some(error),
+                    None => panic!("a result without an outcome"),
+                });
+                Ok(refused.collect())
+            }
+            Call::ReleaseBatch(picks) => {
+                use quotad::proto::release_result::Outcome;
+                let results = quota.release_batch(self.release_batch(&picks)).await?.into_inner().results;
+                let refused = results.into_iter().filter_map(|result| match result.outcome {
+                    Some(Outcome::Ok(_)) => None,
+                    Some(Outcome::Error(error)) => Some(error),
+                    None => panic!("a result without an outcome"),
+                });
+                Ok(refused.collect())
             }
             Call::Commit { reservation, messages, usage } => {
                 let request = CommitRequest { reservation_id: self.reservation(&reservation), messages, usage };
@@ -591,17 +695,50 @@ fn fuzz_on_new_servers<S>(
     });
 }
 
-/// Sends `call` and checks its answer, and that the server is still healthy.
+/// Sends `call` and checks its answer, and that the server is still healthy. A batch whose every item is
+/// refused must change nothing either, and each refused item must say why as a refused call does.
 async fn check_call(session: &mut Session<'_>, call: &Call) -> Result<(), TestCaseError> {
     let encoded_len = session.encoded_len(call);
     let result = session.send(call).await;
     let after = visible(session.server).await;
-    if let Err(status) = result {
-        check_refusal(&status, encoded_len)?;
-        prop_assert_eq!(&session.current, &after, "{:?} was refused ({:?}) and changed the state", call, status);
+    match result {
+        Err(status) => {
+            check_refusal(&status, encoded_len)?;
+            prop_assert_eq!(&session.current, &after, "{:?} was refused ({:?}) and changed the state", call, status);
+        }
+        Ok(refused_items) => {
+            for item in &refused_items {
+                check_refusal(&item_status(item), 0)?;
+            }
+            if !refused_items.is_empty() && refused_items.len() == call.items() {
+                prop_assert_eq!(
+                    &session.current,
+                    &after,
+                    "every item of {:?} was refused, yet the state changed",
+                    call
+                );
+            }
+        }
     }
     session.current = after;
     healthy(session.server).await
+}
+
+/// A batch item's refusal as the status a unary call carries it in.
+fn item_status(item: &ItemError) -> Status {
+    Status::with_details(Code::from(item.code), item.message.clone(), item.encode_to_vec().into())
+}
+
+impl Call {
+    /// The items of a batch call; 0 for any other.
+    fn items(&self) -> usize {
+        match self {
+            Call::ReserveBatch(items) => items.len(),
+            Call::CommitBatch(items) => items.len(),
+            Call::ReleaseBatch(picks) => picks.len(),
+            _ => 0,
+        }
+    }
 }
 
 #[test]
@@ -667,11 +804,14 @@ fn decodes<M: Message + Default>(bytes: &[u8]) -> bool {
 /// Every unary method: its path, its request message's name, and whether bytes decode as that message.
 type Method = (&'static str, &'static str, fn(&[u8]) -> bool);
 
-const METHODS: [Method; 19] = [
+const METHODS: [Method; 22] = [
     ("/quota.v1.Quota/CheckAndReserve", "CheckAndReserveRequest", decodes::<CheckAndReserveRequest>),
     ("/quota.v1.Quota/Commit", "CommitRequest", decodes::<CommitRequest>),
     ("/quota.v1.Quota/Release", "ReleaseRequest", decodes::<ReleaseRequest>),
     ("/quota.v1.Quota/GetBalance", "GetBalanceRequest", decodes::<GetBalanceRequest>),
+    ("/quota.v1.Quota/CheckAndReserveBatch", "CheckAndReserveBatchRequest", decodes::<CheckAndReserveBatchRequest>),
+    ("/quota.v1.Quota/CommitBatch", "CommitBatchRequest", decodes::<CommitBatchRequest>),
+    ("/quota.v1.Quota/ReleaseBatch", "ReleaseBatchRequest", decodes::<ReleaseBatchRequest>),
     ("/quota.v1.QuotaAdmin/PurchaseCapacity", "PurchaseCapacityRequest", decodes::<PurchaseCapacityRequest>),
     ("/quota.v1.QuotaAdmin/AllocateCapacity", "AllocateCapacityRequest", decodes::<AllocateCapacityRequest>),
     ("/quota.v1.QuotaAdmin/SetPayAsYouGo", "SetPayAsYouGoRequest", decodes::<SetPayAsYouGoRequest>),
@@ -745,6 +885,12 @@ impl Session<'_> {
             Call::ReleaseAll(r) => (method("ReleaseAllRequest"), r.encode_to_vec()),
             Call::Alerts(r) => (method("ListAlertsRequest"), r.encode_to_vec()),
             Call::WatchAlerts(_) => unreachable!("only unary calls are sent as raw bodies"),
+            Call::ReserveBatch(items) => {
+                let request = CheckAndReserveBatchRequest { items: items.clone() };
+                (method("CheckAndReserveBatchRequest"), request.encode_to_vec())
+            }
+            Call::CommitBatch(items) => (method("CommitBatchRequest"), self.commit_batch(items).encode_to_vec()),
+            Call::ReleaseBatch(picks) => (method("ReleaseBatchRequest"), self.release_batch(picks).encode_to_vec()),
         }
     }
 

@@ -18,7 +18,7 @@ use quotad::{
     clock::ManualClock,
     config::{AuthConfig, Config, Settings},
     durability::journal::Durability,
-    proto::{Balance, CheckAndReserveRequest, CreateApiKeyRequest},
+    proto::{Balance, CheckAndReserveRequest, CreateApiKeyRequest, ReleaseRequest},
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -218,6 +218,48 @@ async fn reservations_charges_holds_and_alerts_are_counted_as_calls_are_made() {
             assert!(!sample.labels.contains_key("tenant"), "{sample:?}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_batch_counts_as_one_call_and_each_item_as_its_unary_call_would() {
+    // Proves: a batch call is counted once under its own RPC and code (a refused batch too), while each
+    // item moves the business counters as its unary call would: grants, refusals by reason (a bad field
+    // as INVALID_ARGUMENT), no dry run, commits' charges and overage, and a retried commit not again.
+    let (server, metrics) = spawn_with_metrics(false).await;
+    server.bootstrap("acme", "acme-prod", 10).await;
+    let dry_run = CheckAndReserveRequest { dry_run: true, ..reserve_request("acme-prod", 1) };
+    let reserves = vec![
+        reserve_request("acme-prod", 4),
+        reserve_request("acme-prod", 3),
+        reserve_request("acme-prod", 7),
+        reserve_request("", 1),
+        dry_run,
+        reserve_request("acme-prod", 3),
+    ];
+    let results = server.reserve_batch(reserves).await;
+    let ids: Vec<String> = results.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.reservation_id.clone()).collect();
+    assert_eq!(ids.len(), 4, "three grants and a dry run: {results:?}");
+    // 4 used of a 4-message hold; 5 of a 3-message one with nothing left to cover the other 2.
+    let commits = vec![commit_request(&ids[0], 4), commit_request(&ids[1], 5), commit_request(&ids[0], 4)];
+    assert!(server.commit_batch(commits).await.iter().all(Result::is_ok));
+    server.release_batch(vec![ReleaseRequest { reservation_id: ids[3].clone() }]).await[0].as_ref().unwrap();
+    expect_field(server.try_reserve_batch(Vec::new()).await, "items");
+
+    let scrape = scrape(metrics).await;
+    assert_eq!(scrape.value("quotad_reservations_granted_total", &[]), 3.0);
+    let refused = |reason| scrape.value("quotad_reservations_refused_total", &[("reason", reason)]);
+    assert_eq!((refused("QUOTA_DEPLETED"), refused("INVALID_ARGUMENT")), (1.0, 1.0));
+    assert_eq!(scrape.value("quotad_charged_milli_total", &[("source", "allocation")]), milli(7) as f64);
+    assert_eq!(scrape.value("quotad_overage_milli_total", &[]), milli(2) as f64);
+    assert_eq!(scrape.value("quotad_open_holds", &[]), 0.0);
+    let batch = "quota.v1.Quota/CheckAndReserveBatch";
+    assert_eq!((requests(&scrape, batch, "OK"), requests(&scrape, batch, "INVALID_ARGUMENT")), (1.0, 1.0));
+    assert_eq!(calls_timed(&scrape, batch), 2.0);
+    assert_eq!(requests(&scrape, "quota.v1.Quota/CommitBatch", "OK"), 1.0);
+    assert_eq!(requests(&scrape, "quota.v1.Quota/ReleaseBatch", "OK"), 1.0);
+    assert!(
+        scrape.all("quotad_rpc_requests_total").iter().all(|s| s.labels["rpc"] != RESERVE && s.labels["rpc"] != COMMIT)
+    );
 }
 
 #[tokio::test]
@@ -479,6 +521,40 @@ async fn the_binary_serves_metrics_and_logs_each_call_in_a_span_with_its_fields_
     for logged in before.iter().chain([&line]) {
         assert!(!logged.contains("not-to-be-logged"), "{logged}");
     }
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_is_logged_in_one_span_with_its_item_counts() {
+    // Proves, through the binary with call spans enabled: a CheckAndReserveBatch is one span named after
+    // its RPC that gives its number of items, granted and refused, and its items open no span of their own.
+    let (mut child, mut lines) = start_binary(&["--log-format", "json"], "info,quotad=debug");
+    let (listening, _) = line_where(&mut lines, "the listening line", |l| l.contains("\"listening\"")).await;
+    let channel = connect(json_address(&listening, "address")).await;
+    let mut admin = quotad::proto::quota_admin_client::QuotaAdminClient::new(channel.clone());
+    let purchase = quotad::proto::PurchaseCapacityRequest { tenant_id: "acme".into(), packs: 1, ..Default::default() };
+    admin.purchase_capacity(purchase).await.unwrap();
+    admin.allocate_capacity(allocate_request("acme", "env-7", 10, false)).await.unwrap();
+    let items = vec![reserve_request("env-7", 1), reserve_request("env-7", 2), reserve_request("nowhere", 1)];
+    let mut quota = quotad::proto::quota_client::QuotaClient::new(channel);
+    quota.check_and_reserve_batch(quotad::proto::CheckAndReserveBatchRequest { items }).await.unwrap();
+
+    let span_name = |line: &str| {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        value["span"]["name"].as_str().map(str::to_owned)
+    };
+    let closes_batch_span = |line: &str| {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        value["span"]["name"] == "CheckAndReserveBatch" && value["fields"]["message"] == "close"
+    };
+    let (line, before) = line_where(&mut lines, "the CheckAndReserveBatch span", closes_batch_span).await;
+    let span = &serde_json::from_str::<serde_json::Value>(&line).unwrap()["span"];
+    assert_eq!(span["rpc"], "quota.v1.Quota/CheckAndReserveBatch", "{line}");
+    assert_eq!(
+        (span["items"].as_u64(), span["granted"].as_u64(), span["refused"].as_u64()),
+        (Some(3), Some(2), Some(1))
+    );
+    assert!(!before.iter().any(|l| span_name(l).as_deref() == Some("CheckAndReserve")), "{before:#?}");
     child.kill().await.unwrap();
 }
 

@@ -1,7 +1,8 @@
 //! `quotad-bench`: a gRPC load generator that knows the quota flow. It bootstraps a tenant and its
 //! environments through `QuotaAdmin`, then drives one scenario (`reserve`, `reserve+commit`,
 //! `reserve+release`, `balance`, or `health` for the transport's own cost) at a fixed concurrency over
-//! a few HTTP/2 connections, and reports throughput, latency percentiles and errors by status code.
+//! a few HTTP/2 connections, with the unary calls or (`--batch-size`) their batch forms, and reports
+//! throughput in calls and items, latency percentiles and errors by status code.
 //!
 //! `--window` adds latency per window of the wall clock, `--expire-at` makes holds expire in one chosen
 //! second, and `--grpc-body` writes one call's framed body for HTTP/2 tools such as h2load.
@@ -112,7 +113,7 @@ async fn run(plan: &Plan) -> Result<ExitCode, String> {
         report::write_json(path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     // A run in which nothing succeeded measured nothing; say so to the calling script.
-    Ok(if report.ok > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.ok > 0 && report.items_ok > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn setup_plan(plan: &Plan, environments: usize) -> SetupPlan {

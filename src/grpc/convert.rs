@@ -3,13 +3,11 @@
 
 use std::fmt;
 
-use tonic::Status;
-
-use super::{Policy, status::FieldError};
+use super::{Policy, Refusal, status::FieldError};
 use crate::{
     ledger::{
-        Balance, BalanceState, Draws, IdError, IdempotencyKey, MAX_ID_BYTES, MILLI_PER_MESSAGE, Milli, ReservationId,
-        ReservationIdError, Source, Usage, UsageItem,
+        Balance, BalanceState, Draws, Grant, IdError, IdempotencyKey, MAX_ID_BYTES, MILLI_PER_MESSAGE, Milli, Quote,
+        ReservationId, ReservationIdError, Settled, Settlement, Source, Usage, UsageItem,
     },
     proto,
 };
@@ -42,7 +40,7 @@ pub fn idempotency_key(field: &str, value: &str) -> Result<Option<IdempotencyKey
 }
 
 /// Parses a reservation id; a well-formed id this server never issued is NOT_FOUND.
-pub fn reservation_id(value: &str) -> Result<ReservationId, Status> {
+pub fn reservation_id(value: &str) -> Result<ReservationId, Refusal> {
     ReservationId::parse(value).map_err(|e| match e {
         ReservationIdError::Invalid(e) => FieldError::new("reservation_id", e.to_string()).into(),
         ReservationIdError::Unknown => crate::ledger::LedgerError::UnknownReservation(value.to_owned()).into(),
@@ -140,6 +138,44 @@ pub fn allocation_milli(messages: u64) -> Result<Milli, FieldError> {
     messages.checked_mul(MILLI_PER_MESSAGE).ok_or_else(|| {
         FieldError::new("messages", format!("is {messages}; the limit is {} messages", u64::MAX / MILLI_PER_MESSAGE))
     })
+}
+
+/// What CheckAndReserve answers for a grant (a new hold or an idempotent retry's first one).
+pub fn granted(grant: Grant) -> proto::CheckAndReserveResponse {
+    proto::CheckAndReserveResponse {
+        reservation_id: grant.reservation.to_string(),
+        reserved_milli: grant.amount_milli,
+        draws: draws(&grant.draws),
+        expires_at_unix_ms: grant.expires_at_ms,
+        balance: Some(balance(grant.balance)),
+    }
+}
+
+/// What CheckAndReserve answers for a dry run: no reservation id, no expiry.
+pub fn quoted(quote: Quote) -> proto::CheckAndReserveResponse {
+    proto::CheckAndReserveResponse {
+        reservation_id: String::new(),
+        reserved_milli: quote.amount_milli,
+        draws: draws(&quote.draws),
+        expires_at_unix_ms: 0,
+        balance: Some(balance(quote.balance)),
+    }
+}
+
+pub fn committed(settled: Settled<Settlement>) -> proto::CommitResponse {
+    let settlement = settled.result;
+    proto::CommitResponse {
+        charged_milli: settlement.charged.total(),
+        draws: draws(&settlement.charged),
+        released_milli: settlement.released_milli,
+        overage_milli: settlement.overage_milli,
+        late: settlement.late,
+        balance: Some(balance(settled.balance)),
+    }
+}
+
+pub fn released(settled: Settled<Milli>) -> proto::ReleaseResponse {
+    proto::ReleaseResponse { released_milli: settled.result, balance: Some(balance(settled.balance)) }
 }
 
 pub fn draws(draws: &Draws) -> Vec<proto::Draw> {

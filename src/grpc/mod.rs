@@ -5,6 +5,7 @@ mod admin;
 mod alerts;
 mod api_keys;
 mod auth;
+mod batch;
 mod billing;
 pub(crate) mod codec;
 mod convert;
@@ -29,7 +30,7 @@ use status::FieldError;
 use crate::{
     clock::Clock,
     durability::store::Store,
-    ledger::{Command, Ledger, LedgerError, Milli, Outcome},
+    ledger::{ApiKeyId, Command, EnvironmentId, Ledger, LedgerError, Milli, Outcome},
     metrics::Metrics,
     proto,
 };
@@ -140,6 +141,20 @@ impl Context {
         }
         Ok(outcome)
     }
+
+    /// Counts a refused reservation by its reason. A key's refusal counts under the key's own tenant,
+    /// never under the tenant of the environment it named: that may be another tenant's, whose name and
+    /// books a key must not reach, not even through the time its lookup takes.
+    fn count_refused_reservation(&self, reason: &'static str, environment_id: &str, api_key: Option<&ApiKeyId>) {
+        let ledger = &self.ledger;
+        self.metrics.reservation_refused(reason, || match api_key {
+            Some(id) => Some(ledger.api_key(id.as_str())?.tenant().clone()),
+            None => {
+                let environment = EnvironmentId::new(environment_id).ok()?;
+                Some(ledger.balance(&environment, self.clock.now_ms()).ok()?.tenant)
+            }
+        });
+    }
 }
 
 /// Every method the server serves, as `package.Service/Method`: the quota services, health and
@@ -175,6 +190,9 @@ mod tests {
         let methods = served_methods();
         for method in [
             "quota.v1.Quota/CheckAndReserve",
+            "quota.v1.Quota/CheckAndReserveBatch",
+            "quota.v1.Quota/CommitBatch",
+            "quota.v1.Quota/ReleaseBatch",
             "quota.v1.QuotaAdmin/WatchAlerts",
             "grpc.health.v1.Health/Check",
             "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

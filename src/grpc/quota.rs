@@ -8,6 +8,7 @@ use tracing::{Span, instrument};
 use super::{
     Context, Refusal,
     auth::api_key_of,
+    batch,
     convert::{self, Zero},
 };
 use crate::{
@@ -85,23 +86,13 @@ impl QuotaService {
         })
     }
 
-    /// Counts a refused reservation by its reason (dry runs hold nothing and are not counted). A key's
-    /// refusal counts under the key's own tenant, never under the tenant of the environment it named:
-    /// that may be another tenant's, whose name and books a key must not reach, not even through the
-    /// time its lookup takes.
+    /// Counts a refused reservation by its reason (dry runs hold nothing and are not counted).
     fn refused(&self, request: &proto::CheckAndReserveRequest, api_key: Option<&ApiKeyId>, refusal: &Refusal) {
         Span::current().record("decision", "refused").record("reason", refusal.reason());
         if request.dry_run {
             return;
         }
-        let ledger = &self.context.ledger;
-        self.context.metrics.reservation_refused(refusal.reason(), || match api_key {
-            Some(id) => Some(ledger.api_key(id.as_str())?.tenant().clone()),
-            None => {
-                let environment = EnvironmentId::new(&request.environment_id).ok()?;
-                Some(ledger.balance(&environment, self.context.clock.now_ms()).ok()?.tenant)
-            }
-        });
+        self.context.count_refused_reservation(refusal.reason(), &request.environment_id, api_key);
     }
 }
 
@@ -192,6 +183,30 @@ impl Quota for QuotaService {
             released_milli: settled.result,
             balance: Some(convert::balance(settled.balance)),
         }))
+    }
+
+    async fn check_and_reserve_batch(
+        &self,
+        request: Request<proto::CheckAndReserveBatchRequest>,
+    ) -> Result<Response<proto::CheckAndReserveBatchResponse>, Status> {
+        let api_key = api_key_of(&request)?;
+        batch::check_and_reserve(&self.context, api_key, request.into_inner().items).await.map(Response::new)
+    }
+
+    async fn commit_batch(
+        &self,
+        request: Request<proto::CommitBatchRequest>,
+    ) -> Result<Response<proto::CommitBatchResponse>, Status> {
+        let api_key = api_key_of(&request)?;
+        batch::commit(&self.context, api_key, request.into_inner().items).await.map(Response::new)
+    }
+
+    async fn release_batch(
+        &self,
+        request: Request<proto::ReleaseBatchRequest>,
+    ) -> Result<Response<proto::ReleaseBatchResponse>, Status> {
+        let api_key = api_key_of(&request)?;
+        batch::release(&self.context, api_key, request.into_inner().items).await.map(Response::new)
     }
 
     #[instrument(

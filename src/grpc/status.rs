@@ -3,6 +3,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use prost::Message;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -163,6 +164,20 @@ pub fn malformed_request(message_type: &str, error: &prost::DecodeError) -> Stat
         "MALFORMED_REQUEST",
         HashMap::from([("message_type".to_owned(), message_type.to_owned())]),
     )
+}
+
+/// A refusal as a batch item carries it: the `google.rpc.Status` that the unary call's answer carries
+/// in its `grpc-status-details-bin` trailer, so an item's code, message and details are exactly those
+/// of the unary refusal. (Every status above has details; one without keeps its code and message.)
+pub fn item_error(status: &Status) -> tonic_types::pb::Status {
+    match tonic_types::pb::Status::decode(status.details()) {
+        Ok(carried) if carried.code == status.code() as i32 => carried,
+        _ => tonic_types::pb::Status {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            details: Vec::new(),
+        },
+    }
 }
 
 fn refusal(code: Code, message: String, reason: &str, metadata: HashMap<String, String>) -> Status {
@@ -370,6 +385,21 @@ mod tests {
         let error = LedgerError::ZeroQuantity { index: 0 };
         assert_eq!(reason(&error), INVALID_ARGUMENT);
         assert_eq!(Status::from(error).code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_batch_items_error_is_the_status_a_unary_call_sends() {
+        let environment = EnvironmentId::new("env").unwrap();
+        let status = Status::from(LedgerError::QuotaDepleted { environment, requested_milli: 2, available_milli: 1 });
+        let item = item_error(&status);
+        assert_eq!((item.code, item.message.as_str()), (Code::ResourceExhausted as i32, status.message()));
+        let info = tonic_types::RpcStatusExt::get_details_error_info(&item).unwrap();
+        assert_eq!((info.reason.as_str(), info.metadata["available_milli"].as_str()), ("QUOTA_DEPLETED", "1"));
+        let field = item_error(&Status::from(FieldError::new("agent_id", "must not be empty")));
+        let bad_request = tonic_types::RpcStatusExt::get_details_bad_request(&field).unwrap();
+        assert_eq!(bad_request.field_violations[0].field, "agent_id");
+        let bare = item_error(&Status::internal("no details"));
+        assert_eq!((bare.code, bare.message.as_str(), bare.details.len()), (Code::Internal as i32, "no details", 0));
     }
 
     #[test]

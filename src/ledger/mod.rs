@@ -7,7 +7,8 @@
 //! Concurrency: each capacity environment has its own lock, and a tenant's lock is taken inside it
 //! only when an operation may touch the tenant pool (lock order: environment, then tenant). Admin
 //! commands, which change which environments exist and how they relate, are serialised on one admin
-//! lock that the hot path (reserve, commit, release, expire, balance) never takes. The rate card
+//! lock that the hot path (reserve, commit, release, expire, balance) never takes; a batch of hot-path
+//! commands takes an environment's lock once for a run of its commands (see `batch`). The rate card
 //! versions have a read-write lock of their own, read by the hot path inside an environment's lock
 //! and written only under the admin lock. API keys are read by every request that carries one and
 //! created and revoked only under the admin lock.
@@ -15,6 +16,7 @@
 mod account;
 pub mod alerts;
 pub mod api_keys;
+mod batch;
 mod command;
 mod error;
 mod event;
@@ -857,35 +859,47 @@ impl Ledger {
     ) -> Result<Grant, LedgerError> {
         let (cell, key) = self.scoped_cell(environment, request.api_key)?;
         let mut books = Books::lock(&cell, now);
+        self.reserve_in(&mut books, key.as_deref(), request, now)
+    }
+
+    /// A reservation on books already locked, with the API key the caller found the environment in the
+    /// scope of.
+    fn reserve_in(
+        &self,
+        books: &mut Books<'_>,
+        key: Option<&ApiKey>,
+        request: &ReserveRequest<'_>,
+        now: u64,
+    ) -> Result<Grant, LedgerError> {
         if let Some(key) = request.idempotency_key
             && let Some(&seq) = books.env.idempotency.get(key)
         {
-            return self.replay_grant(&books, seq, request);
+            return self.replay_grant(books, seq, request);
         }
         let rate_card_version = self.rate_cards.read().in_force(now).version;
         let amount = priced_total(&self.price(request.usage, rate_card_version)?);
         let max_agents = self.limits.max_usage_keys_per_tenant;
-        let draws = match self.plan_hold(&books, request.agent, amount) {
+        let draws = match self.plan_hold(books, request.agent, amount) {
             Ok(draws) => draws,
-            Err(error) => return Err(Self::refuse(&mut books, request.agent, error, max_agents, now)),
+            Err(error) => return Err(Self::refuse(books, request.agent, error, max_agents, now)),
         };
-        if let Some(key) = &key
+        if let Some(key) = key
             && let Err(error) = self.take_key_hold(key)
         {
-            return Err(Self::refuse(&mut books, request.agent, error, max_agents, now));
+            return Err(Self::refuse(books, request.agent, error, max_agents, now));
         }
         // The server-wide count is taken last, so that every refusal above leaves it untouched.
         let max_total = self.limits.max_open_reservations_total;
         if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
             self.open_total.fetch_sub(1, Ordering::Relaxed);
-            if let Some(key) = &key {
+            if let Some(key) = key {
                 self.give_back_key_hold(key);
             }
             let error = LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total };
-            return Err(Self::refuse(&mut books, request.agent, error, max_agents, now));
+            return Err(Self::refuse(books, request.agent, error, max_agents, now));
         }
-        let attributed_to_other = self.attributed_to_other(&mut books, request.agent, [usage::COUNTS_SCENARIO], now);
-        let reservation = ReservationId { environment: cell.id.clone(), seq: books.env.next_seq };
+        let attributed_to_other = self.attributed_to_other(books, request.agent, [usage::COUNTS_SCENARIO], now);
+        let reservation = ReservationId { environment: books.cell.id.clone(), seq: books.env.next_seq };
         let event = Event::Reserved {
             reservation: reservation.clone(),
             agent: request.agent.clone(),
@@ -898,7 +912,7 @@ impl Ledger {
             attributed_to_other,
             api_key: key.map(|key| key.id().clone()),
         };
-        self.record(&mut books, &event, now);
+        self.record(books, &event, now);
         Ok(Grant {
             reservation,
             amount_milli: amount,
@@ -944,7 +958,18 @@ impl Ledger {
     ) -> Result<Settled<Settlement>, LedgerError> {
         let cell = self.scoped_reservation_cell(reservation, api_key)?;
         let mut books = Books::lock(&cell, now);
-        self.expire_if_due(&mut books, reservation, now);
+        self.commit_in(&mut books, reservation, usage, now)
+    }
+
+    /// A commit on the reservation's books, already locked.
+    fn commit_in(
+        &self,
+        books: &mut Books<'_>,
+        reservation: &ReservationId,
+        usage: &Usage,
+        now: u64,
+    ) -> Result<Settled<Settlement>, LedgerError> {
+        self.expire_if_due(books, reservation, now);
         let seq = reservation.seq;
         let hold = books.env.open.get(&seq).or_else(|| books.env.resolved.get(&seq).map(|r| &r.hold));
         let Some(hold) = hold else { return Err(LedgerError::UnknownReservation(reservation.to_string())) };
@@ -972,7 +997,7 @@ impl Ledger {
             }
         };
         let lines = usage::split(&items, settlement.charged, settlement.overage_milli);
-        let attributed_to_other = self.attributed_to_other(&mut books, &agent, lines.iter().map(|l| l.scenario), now);
+        let attributed_to_other = self.attributed_to_other(books, &agent, lines.iter().map(|l| l.scenario), now);
         let event = Event::Committed {
             reservation: reservation.clone(),
             actual_milli: actual,
@@ -980,7 +1005,7 @@ impl Ledger {
             items,
             attributed_to_other,
         };
-        self.record(&mut books, &event, now);
+        self.record(books, &event, now);
         Ok(Settled { result: settlement, balance: books.balance(), replayed: false })
     }
 
@@ -992,7 +1017,17 @@ impl Ledger {
     ) -> Result<Settled<Milli>, LedgerError> {
         let cell = self.scoped_reservation_cell(reservation, api_key)?;
         let mut books = Books::lock(&cell, now);
-        self.expire_if_due(&mut books, reservation, now);
+        self.release_in(&mut books, reservation, now)
+    }
+
+    /// A release on the reservation's books, already locked.
+    fn release_in(
+        &self,
+        books: &mut Books<'_>,
+        reservation: &ReservationId,
+        now: u64,
+    ) -> Result<Settled<Milli>, LedgerError> {
+        self.expire_if_due(books, reservation, now);
         let seq = reservation.seq;
         let released = match books.env.open.get(&seq) {
             Some(hold) => hold.amount,
@@ -1006,7 +1041,7 @@ impl Ledger {
                 Some(Resolution::Expired) => 0,
             },
         };
-        self.record(&mut books, &Event::Released { reservation: reservation.clone() }, now);
+        self.record(books, &Event::Released { reservation: reservation.clone() }, now);
         Ok(Settled { result: released, balance: books.balance(), replayed: false })
     }
 

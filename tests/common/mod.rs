@@ -16,10 +16,11 @@ use quotad::{
     durability::{journal::Durability, store::StorageConfig},
     ledger::MILLI_PER_MESSAGE,
     proto::{
-        AllocateCapacityRequest, Balance, CheckAndReserveRequest, CheckAndReserveResponse, CommitRequest,
-        CommitResponse, Draw, GetBalanceRequest, GetTenantRequest, LinkEnvironmentRequest, LinkEnvironmentResponse,
-        PurchaseCapacityRequest, ReleaseRequest, ReleaseResponse, SetPayAsYouGoRequest, Source, TenantCapacity,
-        UsageItem, quota_admin_client::QuotaAdminClient, quota_client::QuotaClient,
+        AllocateCapacityRequest, Balance, CheckAndReserveBatchRequest, CheckAndReserveRequest, CheckAndReserveResponse,
+        CommitBatchRequest, CommitRequest, CommitResponse, Draw, GetBalanceRequest, GetTenantRequest,
+        LinkEnvironmentRequest, LinkEnvironmentResponse, PurchaseCapacityRequest, ReleaseBatchRequest, ReleaseRequest,
+        ReleaseResponse, SetPayAsYouGoRequest, Source, TenantCapacity, UsageItem, check_and_reserve_result,
+        commit_result, quota_admin_client::QuotaAdminClient, quota_client::QuotaClient, release_result,
     },
     server::ServeError,
 };
@@ -289,6 +290,139 @@ impl TestServer {
         .await;
         polled.unwrap_or_else(|_| panic!("the balance of {environment} never met the condition; last: {last:#?}"))
     }
+}
+
+// Batch helpers: each item's result as the unary call's answer or the `google.rpc.Status` of its refusal.
+
+/// A batch item's refusal.
+pub type ItemError = tonic_types::pb::Status;
+
+impl TestServer {
+    pub async fn try_reserve_batch(
+        &self,
+        items: Vec<CheckAndReserveRequest>,
+    ) -> Result<Vec<Result<CheckAndReserveResponse, ItemError>>, Status> {
+        let response = self.quota.clone().check_and_reserve_batch(CheckAndReserveBatchRequest { items }).await?;
+        Ok(response
+            .into_inner()
+            .results
+            .into_iter()
+            .map(|result| match result.outcome {
+                Some(check_and_reserve_result::Outcome::Ok(ok)) => Ok(ok),
+                Some(check_and_reserve_result::Outcome::Error(error)) => Err(error),
+                None => panic!("a result without an outcome"),
+            })
+            .collect())
+    }
+
+    pub async fn reserve_batch(
+        &self,
+        items: Vec<CheckAndReserveRequest>,
+    ) -> Vec<Result<CheckAndReserveResponse, ItemError>> {
+        self.try_reserve_batch(items).await.expect("CheckAndReserveBatch")
+    }
+
+    pub async fn try_commit_batch(
+        &self,
+        items: Vec<CommitRequest>,
+    ) -> Result<Vec<Result<CommitResponse, ItemError>>, Status> {
+        let response = self.quota.clone().commit_batch(CommitBatchRequest { items }).await?;
+        Ok(response
+            .into_inner()
+            .results
+            .into_iter()
+            .map(|result| match result.outcome {
+                Some(commit_result::Outcome::Ok(ok)) => Ok(ok),
+                Some(commit_result::Outcome::Error(error)) => Err(error),
+                None => panic!("a result without an outcome"),
+            })
+            .collect())
+    }
+
+    pub async fn commit_batch(&self, items: Vec<CommitRequest>) -> Vec<Result<CommitResponse, ItemError>> {
+        self.try_commit_batch(items).await.expect("CommitBatch")
+    }
+
+    pub async fn try_release_batch(
+        &self,
+        items: Vec<ReleaseRequest>,
+    ) -> Result<Vec<Result<ReleaseResponse, ItemError>>, Status> {
+        let response = self.quota.clone().release_batch(ReleaseBatchRequest { items }).await?;
+        Ok(response
+            .into_inner()
+            .results
+            .into_iter()
+            .map(|result| match result.outcome {
+                Some(release_result::Outcome::Ok(ok)) => Ok(ok),
+                Some(release_result::Outcome::Error(error)) => Err(error),
+                None => panic!("a result without an outcome"),
+            })
+            .collect())
+    }
+
+    pub async fn release_batch(&self, items: Vec<ReleaseRequest>) -> Vec<Result<ReleaseResponse, ItemError>> {
+        self.try_release_batch(items).await.expect("ReleaseBatch")
+    }
+}
+
+/// A detail of a refusal, decoded, so that two refusals compare whatever order their metadata maps
+/// were encoded in.
+#[derive(Debug, PartialEq)]
+pub enum Detail {
+    ErrorInfo(tonic_types::pb::ErrorInfo),
+    BadRequest(tonic_types::pb::BadRequest),
+    Other(String),
+}
+
+/// A refusal's code, message and details, decoded.
+pub fn refusal_of(status: &ItemError) -> (i32, String, Vec<Detail>) {
+    use prost::Message;
+    let details = status
+        .details
+        .iter()
+        .map(|any| match any.type_url.as_str() {
+            "type.googleapis.com/google.rpc.ErrorInfo" => {
+                Detail::ErrorInfo(tonic_types::pb::ErrorInfo::decode(any.value.as_slice()).unwrap())
+            }
+            "type.googleapis.com/google.rpc.BadRequest" => {
+                Detail::BadRequest(tonic_types::pb::BadRequest::decode(any.value.as_slice()).unwrap())
+            }
+            other => Detail::Other(other.to_owned()),
+        })
+        .collect();
+    (status.code, status.message.clone(), details)
+}
+
+/// Asserts that a batch item was refused exactly as its unary call was: code, message and details.
+#[track_caller]
+pub fn assert_same_refusal(item: &ItemError, unary: &Status) {
+    use prost::Message;
+    let unary = ItemError::decode(unary.details()).expect("a refusal carries a google.rpc.Status");
+    assert_eq!(refusal_of(item), refusal_of(&unary));
+}
+
+/// The `ErrorInfo` of an item's refusal, checked to have `code` and, in quotad's domain, `reason`.
+#[track_caller]
+pub fn item_error_info(item: &ItemError, code: Code, reason: &str) -> tonic_types::pb::ErrorInfo {
+    assert_eq!(item.code, code as i32, "{item:?}");
+    let info = refusal_of(item).2.into_iter().find_map(|detail| match detail {
+        Detail::ErrorInfo(info) => Some(info),
+        _ => None,
+    });
+    let info = info.unwrap_or_else(|| panic!("no ErrorInfo in {item:?}"));
+    assert_eq!((info.reason.as_str(), info.domain.as_str()), (reason, "quotad"), "{item:?}");
+    info
+}
+
+/// The field an INVALID_ARGUMENT item's `BadRequest` names first.
+#[track_caller]
+pub fn item_bad_field(item: &ItemError) -> String {
+    assert_eq!(item.code, Code::InvalidArgument as i32, "{item:?}");
+    let bad_request = refusal_of(item).2.into_iter().find_map(|detail| match detail {
+        Detail::BadRequest(bad_request) => Some(bad_request),
+        _ => None,
+    });
+    bad_request.unwrap_or_else(|| panic!("no BadRequest in {item:?}")).field_violations[0].field.clone()
 }
 
 impl Drop for TestServer {

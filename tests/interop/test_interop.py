@@ -33,11 +33,12 @@ SHUTDOWN_TIMEOUT_S = 30.0
 RPC_TIMEOUT_S = 10.0
 
 # A small world in whole messages: packs of 100, one tenant with 3 packs (300 messages).
-#   roundtrip-env: 60 allocated, may draw on the tenant pool (300 - 60 - 10 - 10 = 220),
+#   roundtrip-env: 60 allocated, may draw on the tenant pool (300 - 60 - 10 - 10 - 10 - 5 = 205),
 #                  then pay-as-you-go up to 50; `roundtrip-app` is linked to it.
 #   depletion-env: 10 allocated, no pool, no pay-as-you-go.
 #   invalid-env:   10 allocated; bad requests are sent to it and must change nothing.
 #   alerts-env:    10 allocated; an agent limit and the alert stream.
+#   batch-env:     5 allocated, no pool, no pay-as-you-go; a batch of reservations.
 CONFIG_TOML = """\
 pack_size_messages = 100
 shutdown_grace_seconds = 5
@@ -65,8 +66,12 @@ messages = 10
 [[bootstrap.environments]]
 id = "alerts-env"
 messages = 10
+
+[[bootstrap.environments]]
+id = "batch-env"
+messages = 5
 """
-TENANT_POOL_MESSAGES = 300 - 60 - 10 - 10 - 10
+TENANT_POOL_MESSAGES = 300 - 60 - 10 - 10 - 10 - 5
 MILLI = 1_000
 # The admin token of the server with authentication on; given through QUOTAD_ADMIN_TOKEN.
 ADMIN_TOKEN = "interop-admin-token-0123456789"
@@ -245,6 +250,11 @@ def _details(error):
     BadRequest details unpacked."""
     status = rpc_status.from_call(error)
     assert status is not None, f"no rich error details on {error.code()}: {error.details()}"
+    return _unpacked(status)
+
+
+def _unpacked(status):
+    """A google.rpc.Status with its ErrorInfo and BadRequest details unpacked."""
     info, bad_request = None, None
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -389,6 +399,37 @@ def test_invalid_argument_names_the_field_and_changes_nothing(pb, quota, field, 
     assert details.bad_request is not None, f"no BadRequest in {details.status}"
     assert [v.field for v in details.bad_request.field_violations] == [field]
     assert _balance(pb, quota, "invalid-env") == before
+
+
+def test_a_reservation_batch_answers_each_item_in_request_order(pb, quota):
+    """CheckAndReserveBatch answers one result per item, in request order: a grant as CheckAndReserve
+    answers it, or the google.rpc.Status of the item's refusal (its code, and an ErrorInfo or a BadRequest
+    as the unary call gives); a refused item holds nothing and the items after it are granted."""
+
+    def item(messages, environment_id="batch-env"):
+        return pb.msg.CheckAndReserveRequest(environment_id=environment_id, agent_id="interop-agent", messages=messages)
+
+    batch = pb.msg.CheckAndReserveBatchRequest(items=[item(3), item(3), item(1, environment_id=""), item(2)])
+    results = quota.CheckAndReserveBatch(batch, timeout=RPC_TIMEOUT_S).results
+    assert [result.WhichOneof("outcome") for result in results] == ["ok", "error", "error", "ok"]
+    assert results[0].ok.reservation_id and results[0].ok.reserved_milli == 3 * MILLI
+    assert results[0].ok.balance.environment_id == "batch-env"
+
+    depleted = _unpacked(results[1].error)
+    assert depleted.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], depleted.status
+    assert depleted.info is not None and depleted.info.reason == "QUOTA_DEPLETED", depleted.status
+    assert depleted.info.domain == "quotad"
+    assert dict(depleted.info.metadata)["available_milli"] == str(2 * MILLI)
+
+    invalid = _unpacked(results[2].error)
+    assert invalid.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], invalid.status
+    assert invalid.bad_request is not None, invalid.status
+    assert [v.field for v in invalid.bad_request.field_violations] == ["environment_id"]
+    assert "environment_id" in invalid.status.message
+
+    assert results[3].ok.reserved_milli == 2 * MILLI
+    assert results[3].ok.reservation_id != results[0].ok.reservation_id
+    assert _balance(pb, quota, "batch-env").reserved_milli == 5 * MILLI
 
 
 def test_agent_limit_refusal_and_the_alert_stream(pb, quota, admin):

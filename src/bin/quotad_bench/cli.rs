@@ -19,6 +19,8 @@ pub const DEFAULT_TENANT: &str = "bench";
 pub const DEFAULT_ALLOCATION_MESSAGES: u64 = 1_000_000;
 pub const DEFAULT_TTL_SECONDS: u32 = 30;
 pub const DEFAULT_TIMEOUT: &str = "10s";
+/// One item per call: the unary calls.
+pub const DEFAULT_BATCH_SIZE: usize = 1;
 
 pub const MAX_CONCURRENCY: usize = 10_000;
 pub const MAX_CONNECTIONS: usize = 1_024;
@@ -39,6 +41,8 @@ pub const MAX_WINDOWS: u64 = 3_600;
 /// to ask for a whole second, at most a day (quotad's own `max_ttl_seconds` refuses more by default).
 pub const MIN_EXPIRE_AHEAD_SECONDS: u64 = 2;
 pub const MAX_EXPIRE_AHEAD_SECONDS: u64 = 86_400;
+/// quotad's limit on the items of one batch call.
+pub const MAX_BATCH_SIZE: usize = 1_000;
 
 const _: () = assert!(DEFAULT_CONNECTIONS <= DEFAULT_CONCURRENCY);
 const _: () = assert!(DEFAULT_CONCURRENCY <= MAX_CONCURRENCY && DEFAULT_CONNECTIONS <= MAX_CONNECTIONS);
@@ -76,6 +80,11 @@ impl Scenario {
             Self::ReserveCommit | Self::ReserveRelease => 2,
             Self::Reserve | Self::Balance | Self::Health => 1,
         }
+    }
+
+    /// Whether the scenario's calls have batch forms.
+    pub fn batches(self) -> bool {
+        matches!(self, Self::Reserve | Self::ReserveCommit | Self::ReserveRelease)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -157,6 +166,12 @@ pub struct Args {
     /// Deadline of each call; a call past it counts as DEADLINE_EXCEEDED (at most 60s).
     #[arg(long, default_value = DEFAULT_TIMEOUT, value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Items per call, 1 to 1,000. Above 1, `reserve` sends CheckAndReserveBatch of this many items, and
+    /// the pairs follow it with CommitBatch or ReleaseBatch of the granted ones: one operation is then a
+    /// batch (or a pair of batches), and its items are spread over environments and agents as that many
+    /// unary operations would be.
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -210,6 +225,8 @@ pub struct Plan {
     pub allocation_messages: u64,
     pub ttl_seconds: u32,
     pub timeout: Duration,
+    /// Items per call: 1 for the unary calls.
+    pub batch_size: usize,
     pub json: Option<PathBuf>,
     pub token: Option<String>,
     /// `Some`: latency is also reported per window of this length.
@@ -239,6 +256,7 @@ impl fmt::Debug for Plan {
             allocation_messages,
             ttl_seconds,
             timeout,
+            batch_size,
             json,
             token,
             window,
@@ -261,6 +279,7 @@ impl fmt::Debug for Plan {
             .field("allocation_messages", allocation_messages)
             .field("ttl_seconds", ttl_seconds)
             .field("timeout", timeout)
+            .field("batch_size", batch_size)
             .field("json", json)
             .field("token", &token.as_ref().map(|_| "<hidden>"))
             .field("window", window)
@@ -333,6 +352,13 @@ impl Args {
                 self.scenario.as_str()
             ));
         }
+        range("batch-size", self.batch_size as u128, 1, MAX_BATCH_SIZE as u128)?;
+        if self.batch_size > 1 && !self.scenario.batches() {
+            return Err(format!(
+                "--batch-size {}: only reserve, reserve+commit and reserve+release have batch calls",
+                self.batch_size
+            ));
+        }
         let tls = client_tls(self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())
             .map_err(|e| e.to_string())?;
         let server = match self.server {
@@ -363,6 +389,7 @@ impl Args {
             allocation_messages: self.allocation_messages,
             ttl_seconds: self.ttl_seconds,
             timeout: self.timeout,
+            batch_size: self.batch_size,
             json: self.json,
             token: self.token,
             window: self.window,
@@ -456,6 +483,19 @@ mod tests {
         assert!(!printed.contains(key_bytes.trim_matches(['[', ']'])), "{printed}");
         assert!(!printed.contains("s3cret"), "{printed}");
         assert!(printed.contains("ClientTls { mutual: true, .. }") && printed.contains("<hidden>"), "{printed}");
+    }
+
+    #[test]
+    fn the_batch_size_is_1_to_1000_and_only_for_the_reserve_scenarios() {
+        assert_eq!(plan(&[]).unwrap().batch_size, 1);
+        assert_eq!(plan(&["--batch-size", "1000"]).unwrap().batch_size, 1_000);
+        assert_eq!(plan(&["--batch-size", "1001"]).unwrap_err(), "--batch-size 1001: must be 1 to 1000");
+        assert!(plan(&["--batch-size", "0"]).is_err());
+        assert!(plan(&["--batch-size", "100", "--scenario", "reserve"]).is_ok());
+        assert!(plan(&["--batch-size", "100", "--scenario", "reserve+release"]).is_ok());
+        let balance = plan(&["--batch-size", "100", "--scenario", "balance"]).unwrap_err();
+        assert!(balance.contains("only reserve, reserve+commit and reserve+release"), "{balance}");
+        assert!(plan(&["--batch-size", "1", "--scenario", "health"]).is_ok());
     }
 
     #[test]

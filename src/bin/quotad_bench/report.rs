@@ -49,6 +49,17 @@ pub struct Report {
     pub latency_us: Latency,
     /// Failed operations by the status code of the failing call.
     pub errors: BTreeMap<String, u64>,
+    /// Items per call (`--batch-size`); 1 for the unary calls.
+    pub batch_size: usize,
+    /// Items sent (reservations), successful or not.
+    pub items: u64,
+    /// Items that succeeded: a reservation, with its commit or release in the pairs.
+    pub items_ok: u64,
+    /// Successful items per second: the messages a batch carries, comparable with `ops_per_s` of the
+    /// unary calls (equal to it with a batch size of 1).
+    pub items_per_second: f64,
+    /// Failed items by status code: refused on their own within a batch, or in a call that failed whole.
+    pub item_errors: BTreeMap<String, u64>,
     pub setup: Option<SetupReport>,
     /// `--expire-at`: the Unix second in which the holds were made to expire.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -95,6 +106,11 @@ impl Report {
                 max: if empty { 0 } else { h.max() },
             },
             errors: recorded.errors,
+            batch_size: plan.batch_size,
+            items: recorded.items,
+            items_ok: recorded.items_ok,
+            items_per_second: recorded.items_ok as f64 / secs,
+            item_errors: recorded.item_errors.by_code(),
             setup,
             expire_at: plan.expire_at,
             window_s: plan.window.map(|w| w.as_secs_f64()),
@@ -107,24 +123,34 @@ impl Report {
         let l = &self.latency_us;
         writeln!(
             out,
-            "{}  c={} connections={} environments={} agents={}  {:.2}s recorded after {:.1}s warmup",
+            "{}  c={} connections={} environments={} agents={} batch={}  {:.2}s recorded after {:.1}s warmup",
             self.scenario,
             self.concurrency,
             self.connections,
             self.environments,
             self.agents,
+            self.batch_size,
             self.elapsed_s,
             self.warmup_s
         )?;
         writeln!(
             out,
-            "{:>12} {:>12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-            "ops/s", "calls/s", "ok", "failed", "p50", "p90", "p99", "p99.9", "max"
+            "{:>12} {:>12} {:>12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "ops/s", "calls/s", "items/s", "ok", "failed", "p50", "p90", "p99", "p99.9", "max"
         )?;
         writeln!(
             out,
-            "{:>12.1} {:>12.1} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}   (latency in µs)",
-            self.ops_per_s, self.calls_per_s, self.ok, self.failed, l.p50, l.p90, l.p99, l.p999, l.max
+            "{:>12.1} {:>12.1} {:>12.1} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}   (latency in µs)",
+            self.ops_per_s,
+            self.calls_per_s,
+            self.items_per_second,
+            self.ok,
+            self.failed,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max
         )?;
         for (code, count) in &self.errors {
             writeln!(out, "  error {code}: {count}")?;
@@ -141,6 +167,12 @@ impl Report {
                     "{:>10.3} {:>10} {:>8} {:>8} {:>8} {:>8}",
                     w.start_s, w.ok, w.failed, w.p50, w.p99, w.max
                 )?;
+            }
+        }
+        // Without batches every failed item is a failed operation, listed above.
+        if self.batch_size > 1 {
+            for (code, count) in &self.item_errors {
+                writeln!(out, "  item error {code}: {count}")?;
             }
         }
         Ok(())
