@@ -2,7 +2,12 @@
 //! reflection (and the metrics endpoint), runs the expiry sweeper, and drains gracefully when the
 //! shutdown future resolves.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::net::TcpListener;
 use tokio_util::{either::Either, sync::CancellationToken};
@@ -25,10 +30,14 @@ use crate::{
 /// How often expired holds are looked for. Holds are released within this long of their expiry
 /// (the contract promises within a second).
 pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(200);
-/// Expiries applied between two yields to the runtime, so a mass expiry does not starve requests: a
-/// chunk takes about 0.3 ms of one core (about 2.5 µs an expiry, logged), which is what a call in
-/// flight may wait behind it.
-const EXPIRY_CHUNK: usize = 128;
+/// Expiries taken from the queue at a time, between checks of the sweep's time slice.
+const EXPIRY_CHUNK: usize = 64;
+/// Bounds of one turn of a sweep that has more to expire than one turn does. Within them a turn lasts half
+/// as long as the other tasks ran since the last one: a backlog of expiries then gets a third of the core
+/// (an expiry costs about a sixth of a call, so expiries keep up with any rate of grants), and a call in
+/// flight waits at most about half as long again as it would without the backlog.
+const EXPIRY_MIN_SLICE: Duration = Duration::from_micros(100);
+const EXPIRY_MAX_SLICE: Duration = Duration::from_millis(5);
 
 /// Health names that report the server's state; `""` is the whole server.
 const HEALTH_SERVICES: [&str; 3] = ["", "quota.v1.Quota", "quota.v1.QuotaAdmin"];
@@ -272,16 +281,21 @@ async fn sweep_expiries(context: Arc<Context>, stop: CancellationToken) {
     }
 }
 
-/// Expires every hold that is due now, in chunks that yield to the runtime in between.
+/// Expires every hold that is due now, in turns that yield to the runtime in between.
 async fn expire_due(context: &Context) {
+    let mut slice = EXPIRY_MIN_SLICE;
     loop {
-        let now = context.clock.now_ms();
-        let due = context.ledger.due_expiries(now, EXPIRY_CHUNK);
-        let done = due.len() < EXPIRY_CHUNK;
-        let expired_any = !due.is_empty();
-        for reservation in due {
-            if let Err(error) = context.ledger.apply(&Command::Expire { reservation }, now) {
-                tracing::error!(%error, "expiry failed");
+        let turn_started = Instant::now();
+        let (mut done, mut expired_any) = (false, false);
+        while !done && turn_started.elapsed() < slice {
+            let now = context.clock.now_ms();
+            let due = context.ledger.due_expiries(now, EXPIRY_CHUNK);
+            done = due.len() < EXPIRY_CHUNK;
+            expired_any |= !due.is_empty();
+            for reservation in due {
+                if let Err(error) = context.ledger.apply(&Command::Expire { reservation }, now) {
+                    tracing::error!(%error, "expiry failed");
+                }
             }
         }
         // Waiting writes the expiries now, as a request's wait would; while the log fails, they are
@@ -292,7 +306,9 @@ async fn expire_due(context: &Context) {
         if done {
             return;
         }
+        let yielded = Instant::now();
         tokio::task::yield_now().await;
+        slice = (yielded.elapsed() / 2).clamp(EXPIRY_MIN_SLICE, EXPIRY_MAX_SLICE);
     }
 }
 
