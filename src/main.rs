@@ -70,7 +70,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
 
 /// A single-threaded runtime for one worker thread: the multi-threaded scheduler on one core still runs its
 /// LIFO slot and work-stealing queues, and served 500 calls in flight unevenly (a longer tail at the same
-/// median; README, "Tail latency").
+/// median; README, "Performance").
 fn runtime(worker_threads: usize) -> tokio::runtime::Builder {
     if worker_threads == 1 {
         return tokio::runtime::Builder::new_current_thread();
