@@ -34,7 +34,7 @@ pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 const EXPIRY_CHUNK: usize = 64;
 /// Bounds of one turn of a sweep that has more to expire than one turn does. Within them a turn lasts half
 /// as long as the other tasks ran since the last one: a backlog of expiries then gets a third of the core
-/// (an expiry costs about a sixth of a call, so expiries keep up with any rate of grants), and a call in
+/// (an expiry costs about a quarter of a reservation, so expiries keep up with any rate of grants), and a call in
 /// flight waits at most about half as long again as it would without the backlog.
 const EXPIRY_MIN_SLICE: Duration = Duration::from_micros(100);
 const EXPIRY_MAX_SLICE: Duration = Duration::from_millis(5);
