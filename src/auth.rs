@@ -103,7 +103,7 @@ impl fmt::Display for LoggedKeyId<'_> {
     }
 }
 
-fn is_key_id(text: &str) -> bool {
+pub fn is_key_id(text: &str) -> bool {
     text.len() == 2 * KEY_ID_BYTES && text.bytes().all(is_lower_hex)
 }
 

@@ -31,6 +31,11 @@ pub async fn create_api_key(context: &Context, request: proto::CreateApiKeyReque
 }
 
 pub async fn revoke_api_key(context: &Context, request: proto::RevokeApiKeyRequest) -> Result<proto::ApiKey, Status> {
+    // An operator revoking a leaked key may paste its whole secret: the answer must not carry it back.
+    if !auth::is_key_id(&request.key_id) {
+        let problem = "is not a key id (16 lowercase hex characters): send the key's id, not its secret";
+        return Err(FieldError::new("key_id", problem).into());
+    }
     let id = convert::id("key_id", &request.key_id, ApiKeyId::new)?;
     let Outcome::ApiKey(view) = context.execute(&Command::RevokeApiKey { id }).await? else {
         unreachable!("a revocation yields a key")
