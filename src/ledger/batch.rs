@@ -69,6 +69,9 @@ impl Ledger {
         let mut books = Books::lock(&cell, now);
         for command in run {
             results.push(self.apply_locked(&mut books, key.as_deref(), command, now));
+            // A command that started the period, or released the last pool hold of an environment that no
+            // longer draws on the pool, leaves the tenant locked where the next command alone would not lock it.
+            books.release_tenant_unless_needed(now);
         }
     }
 
@@ -230,6 +233,22 @@ mod tests {
         assert_eq!(seqs, (1..=count as u64).collect::<Vec<_>>());
         assert_eq!(ledger.open_reservations(), count as u64);
         assert_eq!(ledger.verify(), Ok(()));
+    }
+
+    /// A run whose first command starts a new billing period locks the tenant for that command only, as
+    /// the commands one by one would: the later ones log no tenant levels.
+    #[test]
+    fn a_run_that_starts_a_period_logs_as_its_commands_one_by_one() {
+        let (batched, batched_log) = ledger();
+        let (single, single_log) = ledger();
+        let next_month = 40 * 24 * 60 * 60 * 1_000;
+        let step = Step::Reserve { environment: 1, messages: 1, idempotency_key: None, with_key: false };
+        let commands = vec![command(&step, next_month + 1_000); 3];
+        let one_by_one: Vec<_> = commands.iter().map(|command| single.apply(command, next_month)).collect();
+        assert_eq!(batched.apply_batch(&commands, next_month), one_by_one);
+        let logged = batched_log.0.lock();
+        assert!(logged.iter().rev().take(2).all(|(_, _, levels)| levels.is_some_and(|l| l.tenant.is_none())));
+        assert_eq!(&*logged, &*single_log.0.lock());
     }
 
     /// A refused command in the middle of a run changes nothing, and the commands after it are applied.

@@ -189,10 +189,22 @@ impl<'a> Books<'a> {
     /// new billing period starts, which happens for the tenant first.
     fn lock(cell: &'a CapacityCell, now: u64) -> Self {
         let env = cell.books.lock();
-        let tenant = (env.touches_pool() || now >= env.period.end_ms).then(|| cell.tenant.lock());
+        let tenant = Self::needs_tenant(&env, now).then(|| cell.tenant.lock());
         let mut books = Self { cell, env, tenant };
         books.roll_over(now);
         books
+    }
+
+    fn needs_tenant(env: &Environment, now: u64) -> bool {
+        env.touches_pool() || now >= env.period.end_ms
+    }
+
+    /// Unlocks the tenant if the next operation at `now` would not have locked it: the books then log
+    /// and alert as if locked afresh for it.
+    fn release_tenant_unless_needed(&mut self, now: u64) {
+        if self.tenant.is_some() && !Self::needs_tenant(&self.env, now) {
+            self.tenant = None;
+        }
     }
 
     fn lock_with_tenant(cell: &'a CapacityCell, now: u64) -> Self {
@@ -592,6 +604,12 @@ impl Ledger {
 
     pub fn open_reservations(&self) -> u64 {
         self.open_total.load(Ordering::Relaxed)
+    }
+
+    /// The tenant an environment (or the capacity environment an app is linked to) belongs to, read without
+    /// locking its books.
+    pub fn tenant_of(&self, id: &EnvironmentId) -> Option<TenantId> {
+        self.capacity_cell(id).ok().map(|cell| cell.owner.clone())
     }
 
     fn capacity_cell(&self, id: &EnvironmentId) -> Result<Arc<CapacityCell>, LedgerError> {
