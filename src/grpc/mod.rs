@@ -151,7 +151,7 @@ impl Context {
             Some(id) => Some(ledger.api_key(id.as_str())?.tenant().clone()),
             None => {
                 let environment = EnvironmentId::new(environment_id).ok()?;
-                Some(ledger.balance(&environment, self.clock.now_ms()).ok()?.tenant)
+                ledger.tenant_of(&environment)
             }
         });
     }

@@ -47,13 +47,7 @@ impl QuotaService {
         if request.dry_run {
             let quote = self.context.ledger.dry_run(&environment, &agent, &usage, api_key.as_ref(), now)?;
             span.record("decision", "would_grant").record("amount_milli", quote.amount_milli);
-            return Ok(proto::CheckAndReserveResponse {
-                reservation_id: String::new(),
-                reserved_milli: quote.amount_milli,
-                draws: convert::draws(&quote.draws),
-                expires_at_unix_ms: 0,
-                balance: Some(convert::balance(quote.balance)),
-            });
+            return Ok(convert::quoted(quote));
         }
         let command = Command::Reserve {
             environment,
@@ -77,13 +71,7 @@ impl QuotaService {
         };
         span.record("decision", if grant.replayed { "replayed" } else { "granted" })
             .record("amount_milli", grant.amount_milli);
-        Ok(proto::CheckAndReserveResponse {
-            reservation_id: grant.reservation.to_string(),
-            reserved_milli: grant.amount_milli,
-            draws: convert::draws(&grant.draws),
-            expires_at_unix_ms: grant.expires_at_ms,
-            balance: Some(convert::balance(grant.balance)),
-        })
+        Ok(convert::granted(grant))
     }
 
     /// Counts a refused reservation by its reason (dry runs hold nothing and are not counted).
@@ -149,16 +137,9 @@ impl Quota for QuotaService {
         let command = Command::Commit { reservation, usage, api_key };
         let outcome = self.context.apply_counted(&command, self.context.clock.now_ms(), count).await?;
         let Outcome::Committed(settled) = outcome else { unreachable!("a commit yields a settlement") };
-        let settlement = settled.result;
+        let settlement = &settled.result;
         span.record("actual_milli", settlement.charged.total() + settlement.overage_milli);
-        Ok(Response::new(proto::CommitResponse {
-            charged_milli: settlement.charged.total(),
-            draws: convert::draws(&settlement.charged),
-            released_milli: settlement.released_milli,
-            overage_milli: settlement.overage_milli,
-            late: settlement.late,
-            balance: Some(convert::balance(settled.balance)),
-        }))
+        Ok(Response::new(convert::committed(settled)))
     }
 
     #[instrument(
@@ -179,10 +160,7 @@ impl Quota for QuotaService {
             .record("reservation", request.reservation_id.as_str());
         let outcome = self.context.execute(&Command::Release { reservation, api_key }).await?;
         let Outcome::Released(settled) = outcome else { unreachable!("a release yields a settlement") };
-        Ok(Response::new(proto::ReleaseResponse {
-            released_milli: settled.result,
-            balance: Some(convert::balance(settled.balance)),
-        }))
+        Ok(Response::new(convert::released(settled)))
     }
 
     async fn check_and_reserve_batch(
