@@ -263,6 +263,8 @@ pub struct Environment {
     /// Boxed: a B-tree node then holds 11 pointers rather than 11 holds, and nodes filled by appending
     /// in sequence order are about half full.
     pub open: BTreeMap<u64, Box<Hold>>,
+    /// A B-tree, not a hash table: it grows a node at a time, where a table of up to
+    /// `max_resolved_per_environment` records would rehash whole inside the environment's lock.
     pub resolved: BTreeMap<u64, Resolved>,
     /// (resolved at, seq), oldest first: resolved records are dropped from the front.
     pub resolved_order: VecDeque<(u64, u64)>,
@@ -300,8 +302,10 @@ mod lazy_usage {
         }
     }
 
+    /// An empty book is read back as none, so a restart keeps unused environments small.
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Box<UsageBook>>, D::Error> {
-        UsageBook::deserialize(deserializer).map(|book| Some(Box::new(book)))
+        let book = UsageBook::deserialize(deserializer)?;
+        Ok((!book.is_empty()).then(|| Box::new(book)))
     }
 }
 
@@ -562,6 +566,18 @@ impl Environment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unused_environment_is_restored_without_a_usage_book() {
+        let round_trip =
+            |env: &Environment| -> Environment { postcard::from_bytes(&postcard::to_allocvec(env).unwrap()).unwrap() };
+        let mut env = Environment::new(TenantId::new("t").unwrap());
+        assert!(round_trip(&env).usage.is_none());
+        env.usage_mut();
+        assert!(round_trip(&env).usage.is_none(), "an empty book is no book");
+        env.usage_mut().record_grant(0, &AgentId::new("agent").unwrap());
+        assert!(round_trip(&env).usage.is_some_and(|usage| !usage.is_empty()));
+    }
 
     fn draws(a: Milli, p: Milli, g: Milli) -> Draws {
         Draws([a, p, g])

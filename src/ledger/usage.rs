@@ -140,6 +140,11 @@ struct Refusals {
 }
 
 impl UsageBook {
+    /// No use recorded: what an environment never used holds (refusals are not kept in snapshots).
+    pub fn is_empty(&self) -> bool {
+        self.daily.is_empty() && self.monthly.is_empty()
+    }
+
     /// How many of `(agent, scenario)` keys are not yet in the month of `now`.
     pub fn new_keys<'a>(&self, now: u64, agent: &AgentId, scenarios: impl IntoIterator<Item = &'a str>) -> u64 {
         let cached = (self.calendar.day_start_ms..self.calendar.day_end_ms).contains(&now);
