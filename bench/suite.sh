@@ -333,7 +333,6 @@ scenario_contention() {
     stop_server
 }
 
-batch_health() { load "batch-health-r$1" --scenario health -c 64 --connections 4; }
 batch_unary() {
     load "batch-reserve-unary-r$1" --scenario reserve --ttl-seconds 1 -c 64 --connections 4
     holds_expired
@@ -343,13 +342,9 @@ batch_batched() {
     holds_expired
 }
 scenario_batch() {
-    if ! "$BENCH" --help | grep -q -- '--batch-size'; then
-        skip batch "this quotad-bench has no --batch-size (the batch RPCs are not in this build)"
-        return
-    fi
     start_quotad batch --config "$LIMITS_CONFIG"
     setup_tenant batch "$ENVIRONMENTS"
-    interleave batch health unary batched
+    interleave batch unary batched
     stop_server
 }
 

@@ -226,14 +226,6 @@ def med(results, get):
     return statistics.median(values) if values else None
 
 
-def items_per_s(result):
-    """Batch reports name their items rate; older reports have none."""
-    for key in ("items_per_second", "items_per_s"):
-        if key in result:
-            return result[key]
-    return None
-
-
 class Table:
     MEASURE_WIDTH = 60
 
@@ -313,11 +305,8 @@ def summarize_contention(t, runs):
 
 
 def summarize_batch(t, runs, skipped):
-    if "batch" in skipped:
-        t.add("batch", "skipped", None, "", note=skipped["batch"])
-        return
     unary = med(runs.get("batch-reserve-unary", []), lambda r: r["calls_per_s"])
-    items = med(runs.get("batch-reserve-100", []), items_per_s)
+    items = med(runs.get("batch-reserve-100", []), lambda r: r["items_per_second"])
     if unary is None and items is None:
         return
     t.add("batch", "unary reserve calls/s", unary, "calls/s")
@@ -339,7 +328,7 @@ def summarize_redis(t, runs, skipped):
     for mode in ("nopersist", "everysec"):
         t.add("redis", f"Lua check-and-decrement ops/s, {label[mode]}, -c 64", rps[mode, "P1"], "ops/s")
         t.add("redis", f"Lua check-and-decrement ops/s, {label[mode]}, -P 10", rps[mode, "P10"], "ops/s")
-    batch = med(runs.get("batch-reserve-100", []), items_per_s)
+    batch = med(runs.get("batch-reserve-100", []), lambda r: r["items_per_second"])
     unary = med(runs.get("concurrent-reserve", []), lambda r: r["calls_per_s"]) or \
         med(runs.get("batch-reserve-unary", []), lambda r: r["calls_per_s"])
     for mode in ("nopersist", "everysec"):
