@@ -326,8 +326,9 @@ impl Args {
             if window.subsec_nanos() % 1_000_000 != 0 {
                 return Err(format!("--window {}: must be whole milliseconds", humantime::format_duration(window)));
             }
+            // Windows lie on the wall clock's grid, so a run that starts mid-window spans one more.
             if let Limit::Duration(duration) = limit
-                && duration.as_nanos().div_ceil(window.as_nanos()) > u128::from(MAX_WINDOWS)
+                && duration.as_nanos().div_ceil(window.as_nanos()) + 1 > u128::from(MAX_WINDOWS)
             {
                 return Err(format!(
                     "--window {}: the run would have more than {MAX_WINDOWS} windows; give a longer window",
@@ -507,10 +508,11 @@ mod tests {
 
     #[test]
     fn windows_are_bounded_in_length_and_number() {
-        assert!(plan(&["--window", "10ms", "--duration", "36s"]).is_ok());
+        assert!(plan(&["--window", "10ms", "--duration", "35990ms"]).is_ok());
         assert!(plan(&["--window", "9ms"]).unwrap_err().contains("--window (ms) 9: must be 10 to"));
-        assert!(plan(&["--window", "10ms", "--duration", "36001ms"]).unwrap_err().contains("more than 3600 windows"));
-        assert!(plan(&["--window", "1s", "--duration", "1h"]).is_ok());
+        assert!(plan(&["--window", "10ms", "--duration", "35991ms"]).unwrap_err().contains("more than 3600 windows"));
+        assert!(plan(&["--window", "1s", "--duration", "3599s"]).is_ok());
+        assert!(plan(&["--window", "1s", "--duration", "1h"]).unwrap_err().contains("more than 3600 windows"));
         assert!(plan(&["--window", "10ms 500us"]).unwrap_err().contains("must be whole milliseconds"));
         // With a request count the number of windows is not known ahead: those past the limit are not kept.
         assert!(plan(&["--window", "10ms", "--requests", "1000000"]).is_ok());
