@@ -120,7 +120,8 @@ pub enum LedgerError {
     ApiKeyNoLongerValid,
     #[error("tenant {tenant} has {limit} API keys, its limit: revoke one first")]
     TooManyApiKeys { tenant: TenantId, limit: usize },
-    /// A newly drawn key id that an existing key has; the caller draws another.
+    /// A newly drawn key id that an existing key has. The server draws again when it sees the id taken
+    /// before creating; two creations racing for one id (64 random bits: never in practice) get this.
     #[error("API key id {0} is already taken")]
     ApiKeyIdTaken(ApiKeyId),
     // The two refusals below are the same whether the environment exists or not, so that a key learns
