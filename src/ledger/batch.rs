@@ -62,7 +62,7 @@ impl Ledger {
     /// be used (unknown, outside the key's scope), each command is applied alone, so that each gets the
     /// refusal, naming its own ids, that `apply` gives it.
     fn apply_run(&self, run: &[Command], now: u64, results: &mut Vec<Result<Outcome, LedgerError>>) {
-        let Some((cell, key)) = self.resolve(&run[0]) else {
+        let Ok((cell, key)) = self.resolve(&run[0]) else {
             results.extend(run.iter().map(|command| self.apply(command, now)));
             return;
         };
@@ -76,18 +76,18 @@ impl Ledger {
     }
 
     /// The capacity environment a hot-path command is applied to, if its key may use it, with the key.
-    fn resolve(&self, command: &Command) -> Option<(Arc<CapacityCell>, Option<Arc<ApiKey>>)> {
+    pub(super) fn resolve(&self, command: &Command) -> Result<(Arc<CapacityCell>, Option<Arc<ApiKey>>), LedgerError> {
         match command {
-            Command::Reserve { environment, api_key, .. } => self.scoped_cell(environment, api_key.as_ref()).ok(),
+            Command::Reserve { environment, api_key, .. } => self.scoped_cell(environment, api_key.as_ref()),
             Command::Commit { reservation, api_key, .. } | Command::Release { reservation, api_key } => {
-                self.scoped_reservation_cell(reservation, api_key.as_ref()).ok().map(|cell| (cell, None))
+                self.scoped_reservation_cell(reservation, api_key.as_ref()).map(|cell| (cell, None))
             }
-            _ => None,
+            _ => unreachable!("only reservations, commits and releases are applied to locked books"),
         }
     }
 
     /// A hot-path command on the books of the environment it resolved to, locked.
-    fn apply_locked(
+    pub(super) fn apply_locked(
         &self,
         books: &mut Books<'_>,
         key: Option<&ApiKey>,
@@ -95,14 +95,8 @@ impl Ledger {
         now: u64,
     ) -> Result<Outcome, LedgerError> {
         match command {
-            Command::Reserve { environment: _, agent, usage, idempotency_key, expires_at_ms, api_key } => {
-                let request = ReserveRequest {
-                    agent,
-                    usage,
-                    idempotency_key: idempotency_key.as_ref(),
-                    expires_at_ms,
-                    api_key: api_key.as_ref(),
-                };
+            Command::Reserve { environment: _, agent, usage, idempotency_key, expires_at_ms, api_key: _ } => {
+                let request = ReserveRequest { agent, usage, idempotency_key: idempotency_key.as_ref(), expires_at_ms };
                 self.reserve_in(books, key, &request, now).map(Outcome::Reserved)
             }
             Command::Commit { reservation, usage, api_key: _ } => {

@@ -368,21 +368,10 @@ impl Ledger {
                 self.record(&mut books, &event, now);
                 Ok(Outcome::Balance(books.balance()))
             }
-            Command::Reserve { environment, agent, usage, idempotency_key, expires_at_ms, api_key } => {
-                let request = ReserveRequest {
-                    agent,
-                    usage,
-                    idempotency_key: idempotency_key.as_ref(),
-                    expires_at_ms,
-                    api_key: api_key.as_ref(),
-                };
-                self.reserve(environment, &request, now).map(Outcome::Reserved)
-            }
-            Command::Commit { reservation, usage, api_key } => {
-                self.commit(reservation, usage, api_key.as_ref(), now).map(Outcome::Committed)
-            }
-            Command::Release { reservation, api_key } => {
-                self.release(reservation, api_key.as_ref(), now).map(Outcome::Released)
+            Command::Reserve { .. } | Command::Commit { .. } | Command::Release { .. } => {
+                let (cell, key) = self.resolve(command)?;
+                let mut books = Books::lock(&cell, now);
+                self.apply_locked(&mut books, key.as_deref(), command, now)
             }
             Command::Expire { reservation } => self.expire(reservation, now).map(Outcome::Expired),
             Command::SetRateCard { card, effective_at_ms } => {
@@ -869,17 +858,6 @@ impl Ledger {
         Ok(rate_card)
     }
 
-    fn reserve(
-        &self,
-        environment: &EnvironmentId,
-        request: &ReserveRequest<'_>,
-        now: u64,
-    ) -> Result<Grant, LedgerError> {
-        let (cell, key) = self.scoped_cell(environment, request.api_key)?;
-        let mut books = Books::lock(&cell, now);
-        self.reserve_in(&mut books, key.as_deref(), request, now)
-    }
-
     /// A reservation on books already locked, with the API key the caller found the environment in the
     /// scope of.
     fn reserve_in(
@@ -967,18 +945,6 @@ impl Ledger {
         })
     }
 
-    fn commit(
-        &self,
-        reservation: &ReservationId,
-        usage: &Usage,
-        api_key: Option<&ApiKeyId>,
-        now: u64,
-    ) -> Result<Settled<Settlement>, LedgerError> {
-        let cell = self.scoped_reservation_cell(reservation, api_key)?;
-        let mut books = Books::lock(&cell, now);
-        self.commit_in(&mut books, reservation, usage, now)
-    }
-
     /// A commit on the reservation's books, already locked.
     fn commit_in(
         &self,
@@ -1025,17 +991,6 @@ impl Ledger {
         };
         self.record(books, &event, now);
         Ok(Settled { result: settlement, balance: books.balance(), replayed: false })
-    }
-
-    fn release(
-        &self,
-        reservation: &ReservationId,
-        api_key: Option<&ApiKeyId>,
-        now: u64,
-    ) -> Result<Settled<Milli>, LedgerError> {
-        let cell = self.scoped_reservation_cell(reservation, api_key)?;
-        let mut books = Books::lock(&cell, now);
-        self.release_in(&mut books, reservation, now)
     }
 
     /// A release on the reservation's books, already locked.
@@ -1411,7 +1366,6 @@ struct ReserveRequest<'a> {
     usage: &'a Usage,
     idempotency_key: Option<&'a IdempotencyKey>,
     expires_at_ms: &'a u64,
-    api_key: Option<&'a ApiKeyId>,
 }
 
 fn priced_total(items: &[PricedItem]) -> Milli {
