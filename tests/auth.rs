@@ -578,7 +578,9 @@ async fn credentials_never_appear_in_the_log() {
     admin.allocate_capacity(bearer(allocate_request("acme", "acme-prod", 10, false), ADMIN_TOKEN)).await.unwrap();
     let key = admin.create_api_key(bearer(create_request("acme", &[]), ADMIN_TOKEN)).await.unwrap().into_inner();
     quota.check_and_reserve(bearer(reserve_request("acme-prod", 1), &key.secret)).await.unwrap();
-    let wrong = format!("{}0", &key.secret[..key.secret.len() - 1]);
+    // The secret with its last character changed (to one it is not).
+    let replacement = if key.secret.ends_with('0') { '1' } else { '0' };
+    let wrong = format!("{}{replacement}", &key.secret[..key.secret.len() - 1]);
     assert!(quota.check_and_reserve(bearer(reserve_request("acme-prod", 1), &wrong)).await.is_err());
     admin.revoke_api_key(bearer(RevokeApiKeyRequest { key_id: key.key_id.clone() }, ADMIN_TOKEN)).await.unwrap();
 

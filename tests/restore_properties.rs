@@ -10,7 +10,7 @@
 //! the state it needs from `A` through the public API instead of from a model, because these tests
 //! compare two ledgers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{
     Arc, Mutex,
     atomic::{AtomicU64, Ordering},
@@ -374,7 +374,7 @@ impl Driver {
             Step::Advance { ms, sweep } => {
                 self.now += ms;
                 if *sweep {
-                    self.sweep(ledgers)?;
+                    self.sweep(ledgers);
                 }
             }
             Step::NextMonth { ms } => self.now = next_month_start(self.now) + ms,
@@ -433,22 +433,13 @@ impl Driver {
         Ok(first)
     }
 
-    /// Expires what any ledger lists as due, on every ledger. The lists may differ in holds that have
-    /// already resolved (a restored ledger queues the holds of its snapshot afresh), which expire to
-    /// nothing; every hold that does expire must be listed as due by every ledger.
-    fn sweep(&mut self, ledgers: &[&Ledger]) -> Result<(), TestCaseError> {
-        let due: Vec<BTreeSet<ReservationId>> =
-            ledgers.iter().map(|l| l.due_expiries(self.now, usize::MAX).into_iter().collect()).collect();
-        let all: BTreeSet<ReservationId> = due.iter().flatten().cloned().collect();
-        for reservation in all {
-            let outcome = self.outcome(ledgers, &Command::Expire { reservation: reservation.clone() })?;
-            if let Ok(Outcome::Expired(Some(_))) = outcome {
-                for (i, listed) in due.iter().enumerate() {
-                    prop_assert!(listed.contains(&reservation), "ledger {} did not list {} as due", i, reservation);
-                }
-            }
+    /// Expires what is due on every ledger, as the server's sweep does. A restored ledger also queues
+    /// the holds of its snapshot afresh, some of them resolved since, which expire to nothing; the
+    /// ledgers are compared after the step.
+    fn sweep(&self, ledgers: &[&Ledger]) {
+        for ledger in ledgers {
+            ledger.expire_due(self.now, usize::MAX);
         }
-        Ok(())
     }
 }
 

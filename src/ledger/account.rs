@@ -377,15 +377,24 @@ impl Environment {
 
     /// Takes a resolved hold off its agent and adds what the agent used.
     pub fn agent_resolved(&mut self, agent: &AgentId, held: Milli, used: Milli, max_agents: usize) {
-        if let Some(book) = self.agents.get_mut(agent) {
-            book.held = book.held.saturating_sub(held);
-        }
-        if used > 0
-            && let Some(book) = self.agent_book(agent, max_agents)
-        {
-            book.used = book.used.saturating_add(used);
-        }
-        if self.agents.get(agent).is_some_and(AgentBook::is_idle) {
+        // One search of the agents for a book that exists: expiries and releases resolve holds by the
+        // thousand, and agent ids compare as strings.
+        let idle = match self.agents.get_mut(agent) {
+            Some(book) => {
+                book.held = book.held.saturating_sub(held);
+                book.used = book.used.saturating_add(used);
+                book.is_idle()
+            }
+            None => {
+                if used > 0
+                    && let Some(book) = self.agent_book(agent, max_agents)
+                {
+                    book.used = book.used.saturating_add(used);
+                }
+                false
+            }
+        };
+        if idle {
             self.agents.remove(agent);
         }
     }
@@ -517,29 +526,24 @@ impl Environment {
         self.open.range(..=through_seq).filter(move |(_, hold)| of_agent(hold)).map(|(seq, hold)| (*seq, &**hold))
     }
 
-    /// Releases the hold `seq` if it is open and remembers it as released; returns the amount it held.
-    /// The caller counts it off the server-wide open-hold count.
-    pub fn release_open(
+    /// Ends the hold `seq` if it is open, using nothing, and remembers it as released or expired;
+    /// returns what it held. The caller counts it off the server-wide open-hold count.
+    pub fn end_open(
         &mut self,
         tenant: Option<&mut Tenant>,
         seq: u64,
+        expired: bool,
         now: u64,
-        retention_ms: u64,
-        max_resolved: usize,
+        (retention_ms, max_resolved): (u64, usize),
     ) -> Option<Milli> {
         let hold = self.open.remove(&seq)?;
         self.unhold(tenant, hold.draws);
         // Using nothing, it never makes an agent's books: the bound on them does not apply.
         self.agent_resolved(&hold.agent, hold.amount, 0, usize::MAX);
-        let released = hold.amount;
-        self.remember(
-            seq,
-            Resolved { hold, resolution: Resolution::Released { released } },
-            now,
-            retention_ms,
-            max_resolved,
-        );
-        Some(released)
+        let held = hold.amount;
+        let resolution = if expired { Resolution::Expired } else { Resolution::Released { released: held } };
+        self.remember(seq, Resolved { hold, resolution }, now, retention_ms, max_resolved);
+        Some(held)
     }
 
     /// Records how a reservation resolved, then forgets the oldest records past `retention_ms` or

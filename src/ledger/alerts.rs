@@ -336,7 +336,8 @@ pub fn rearm_tenant(tenant: &mut Tenant) {
     tenant.alerted = tenant_level(tenant);
 }
 
-/// The agent an event concerns, if any.
+/// The agent an event concerns, if any. Releases and expiries use nothing, so they leave every agent's
+/// level as it was: one naming several holds needs no agent.
 fn event_agent(books: &Books<'_>, event: &Event) -> Option<AgentId> {
     match event {
         Event::Reserved { agent, .. } | Event::AgentLimitSet { agent, .. } => Some(agent.clone()),

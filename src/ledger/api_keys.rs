@@ -363,14 +363,33 @@ impl Ledger {
         seq: u64,
         now: u64,
     ) -> bool {
-        let api_key = env.open.get(&seq).and_then(|hold| hold.api_key.clone());
-        let (retention, max_resolved) = (self.limits.resolved_retention_ms, self.limits.max_resolved_per_environment);
-        if env.release_open(tenant, seq, now, retention, max_resolved).is_none() {
-            return false;
-        }
+        self.end_open_hold(env, tenant, seq, false, now)
+    }
+
+    /// Expires the hold `seq` if it is open, as [`Self::release_open_hold`] releases it.
+    pub(super) fn expire_open_hold(
+        &self,
+        env: &mut Environment,
+        tenant: Option<&mut Tenant>,
+        seq: u64,
+        now: u64,
+    ) -> bool {
+        self.end_open_hold(env, tenant, seq, true, now)
+    }
+
+    fn end_open_hold(
+        &self,
+        env: &mut Environment,
+        tenant: Option<&mut Tenant>,
+        seq: u64,
+        expired: bool,
+        now: u64,
+    ) -> bool {
+        let Some(hold) = env.open.get(&seq) else { return false };
+        self.key_hold_resolved(hold.api_key.as_ref());
         self.open_total.fetch_sub(1, Ordering::Relaxed);
-        self.key_hold_resolved(api_key.as_ref());
-        true
+        let retention = (self.limits.resolved_retention_ms, self.limits.max_resolved_per_environment);
+        env.end_open(tenant, seq, expired, now, retention).is_some()
     }
 }
 

@@ -104,6 +104,13 @@ pub enum Event {
     ApiKeyRevoked {
         id: ApiKeyId,
     },
+    /// Expires open holds of one environment, in this order, as an `Expired` of each would: the holds
+    /// the sweep found due at once. One event for them keeps a mass expiry's log a few bytes per hold.
+    /// (Last, so that the logged numbers of the other kinds stay as they were.)
+    ExpiredHolds {
+        environment: EnvironmentId,
+        seqs: Vec<u64>,
+    },
 }
 
 /// The alert levels an environment event left, decided when it was applied and logged next to it.

@@ -330,4 +330,115 @@ mod tests {
         }
         assert_eq!(seen, (1..=MAX_HOLDS_SCANNED_PER_PAGE as u64 + 2).collect::<Vec<_>>());
     }
+
+    fn allocate(ledger: &Ledger, environment: &EnvironmentId, milli: Milli) {
+        let tenant = TenantId::new("t").unwrap();
+        let command = Command::AllocateCapacity {
+            tenant,
+            environment: environment.clone(),
+            amount_milli: milli,
+            draw_from_tenant_pool: true,
+        };
+        ledger.apply(&command, T0).unwrap();
+    }
+
+    fn replayed(log: &Log) -> Ledger {
+        let replayed = Ledger::new(Limits::default());
+        for (seq, (now, event, levels)) in log.0.lock().iter().enumerate() {
+            replayed.replay(seq as u64 + 1, *now, event, *levels).unwrap();
+        }
+        assert_eq!(replayed.finish_restore(), Ok(()));
+        replayed
+    }
+
+    /// The sweep expires an environment's due holds under one event, oldest first, skipping holds
+    /// resolved before their time and holds not yet due; what it leaves (balances, the pool, late
+    /// commits and releases) is what expiring them one by one leaves, and replay restores it.
+    #[test]
+    fn due_holds_expire_one_event_per_environment_and_replay_alike() {
+        let log = Arc::new(Log::default());
+        let ledger = ledger(log.clone(), 10_000);
+        let other = EnvironmentId::new("f").unwrap();
+        allocate(&ledger, &other, 1_000);
+        let e1 = reserve(&ledger, "a", 2_000, T0);
+        let e2 = reserve(&ledger, "b", 9_000, T0 + 1);
+        let committed = reserve(&ledger, "a", 500, T0 + 2);
+        let later = reserve(&ledger, "a", 100, T0 + 5_000);
+        let reserve_on_f = Command::Reserve {
+            environment: other.clone(),
+            agent: agent("c"),
+            usage: Usage::Milli(700),
+            idempotency_key: None,
+            expires_at_ms: T0 + 60_000,
+            api_key: None,
+        };
+        let Ok(Outcome::Reserved(on_f)) = ledger.apply(&reserve_on_f, T0) else { panic!("reserved") };
+        let commit = Command::Commit { reservation: committed, usage: Usage::Milli(400), api_key: None };
+        ledger.apply(&commit, T0 + 3).unwrap();
+        let logged = log.0.lock().len();
+
+        let now = T0 + 60_002;
+        assert_eq!(ledger.expire_due(now, usize::MAX), 4, "the committed hold was taken and skipped");
+        let events: Vec<Event> = log.0.lock()[logged..].iter().map(|(_, event, _)| event.clone()).collect();
+        assert_eq!(
+            events,
+            [
+                Event::ExpiredHolds { environment: env(), seqs: vec![e1.seq, e2.seq] },
+                Event::ExpiredHolds { environment: other.clone(), seqs: vec![on_f.reservation.seq] },
+            ]
+        );
+        assert_eq!(all_open(&ledger).iter().map(|h| h.reservation.clone()).collect::<Vec<_>>(), [later.clone()]);
+        assert_eq!(ledger.balance(&env(), now).unwrap().reserved_milli, 100);
+        assert_eq!(ledger.balance(&other, now).unwrap().reserved_milli, 0);
+        // The allocation was taken when `later` was made: it holds its 100 in the pool.
+        assert_eq!(ledger.tenant(&TenantId::new("t").unwrap(), now).unwrap().pool_reserved_milli, 100);
+        assert_eq!(ledger.open_reservations(), 1);
+        assert_eq!(ledger.verify(), Ok(()));
+        assert_eq!(ledger.expire_due(now, usize::MAX), 0, "nothing is left due");
+
+        // An expired hold settles as one expired one by one does: a late commit charges, a release
+        // returns nothing.
+        let late = Command::Commit { reservation: e1, usage: Usage::Milli(1_000), api_key: None };
+        let Ok(Outcome::Committed(late)) = ledger.apply(&late, now) else { panic!("a late commit is taken") };
+        assert!(late.result.late);
+        let Ok(Outcome::Released(release)) = ledger.apply(&Command::Release { reservation: e2, api_key: None }, now)
+        else {
+            panic!("a release of an expired hold is answered")
+        };
+        assert_eq!(release.result, 0);
+
+        let replayed = replayed(&log);
+        assert_eq!(all_open(&replayed), all_open(&ledger));
+        for environment in [env(), other] {
+            assert_eq!(replayed.balance(&environment, now), ledger.balance(&environment, now));
+        }
+        assert_eq!(replayed.open_reservations(), 1);
+    }
+
+    /// A sweep takes at most `max` holds from the queue; fewer than `max` means none is left due.
+    #[test]
+    fn a_sweep_takes_at_most_max() {
+        let ledger = ledger(Arc::new(Log::default()), 10_000);
+        for i in 0..5 {
+            reserve(&ledger, "a", 100, T0 + i);
+        }
+        let now = T0 + 60_010;
+        assert_eq!([2, 2, 1, 0].map(|_| ledger.expire_due(now, 2)), [2, 2, 1, 0]);
+        assert_eq!(ledger.open_reservations(), 0);
+    }
+
+    /// A logged expiry naming a hold that is not open is corruption, found before any hold expires.
+    #[test]
+    fn an_expiry_naming_a_hold_not_open_fails_replay_and_changes_nothing() {
+        let log = Arc::new(Log::default());
+        let ledger = ledger(log.clone(), 10_000);
+        let open = reserve(&ledger, "a", 1_000, T0);
+        let replayed = replayed(&log);
+        let (now, _, levels) = log.0.lock().last().cloned().unwrap();
+        let event = Event::ExpiredHolds { environment: env(), seqs: vec![open.seq, open.seq + 1] };
+        let seq = log.0.lock().len() as u64 + 1;
+        assert!(matches!(replayed.replay(seq, now, &event, levels), Err(RestoreError::Event { .. })));
+        assert_eq!(all_open(&replayed), all_open(&ledger));
+        assert_eq!(replayed.balance(&env(), now), ledger.balance(&env(), now));
+    }
 }

@@ -179,7 +179,7 @@ struct CapacityCell {
 
 /// One environment's books, locked, with its tenant locked too when the operation may touch the pool.
 struct Books<'a> {
-    cell: &'a CapacityCell,
+    cell: &'a Arc<CapacityCell>,
     env: MutexGuard<'a, Environment>,
     tenant: Option<MutexGuard<'a, Tenant>>,
 }
@@ -187,7 +187,7 @@ struct Books<'a> {
 impl<'a> Books<'a> {
     /// Locks the books as of `now`: the tenant too when the operation may touch the pool, or when a
     /// new billing period starts, which happens for the tenant first.
-    fn lock(cell: &'a CapacityCell, now: u64) -> Self {
+    fn lock(cell: &'a Arc<CapacityCell>, now: u64) -> Self {
         let env = cell.books.lock();
         let tenant = Self::needs_tenant(&env, now).then(|| cell.tenant.lock());
         let mut books = Self { cell, env, tenant };
@@ -207,7 +207,7 @@ impl<'a> Books<'a> {
         }
     }
 
-    fn lock_with_tenant(cell: &'a CapacityCell, now: u64) -> Self {
+    fn lock_with_tenant(cell: &'a Arc<CapacityCell>, now: u64) -> Self {
         let env = cell.books.lock();
         let tenant = Some(cell.tenant.lock());
         let mut books = Self { cell, env, tenant };
@@ -293,7 +293,8 @@ pub struct Ledger {
     admin: Mutex<()>,
     /// Invariant: equals the number of open holds across all environments (outside a restore).
     open_total: AtomicU64,
-    expiries: ExpiryQueue,
+    /// Holds by expiry, with their environment's cell: the sweep finds it without a lookup by name.
+    expiries: ExpiryQueue<Arc<CapacityCell>>,
     /// Read inside environment locks; written only under `admin`.
     rate_cards: RwLock<RateCards>,
     sink: Arc<dyn EventSink>,
@@ -588,7 +589,34 @@ impl Ledger {
     /// Reservations whose expiry is at or before `now`, at most `max`, for the caller to `Expire`.
     /// Some may have resolved meanwhile; expiring those does nothing.
     pub fn due_expiries(&self, now: u64, max: usize) -> Vec<ReservationId> {
-        self.expiries.pop_due(now, max)
+        let due = self.expiries.pop_due(now, max);
+        due.into_iter().map(|(cell, seq)| ReservationId { environment: cell.id.clone(), seq }).collect()
+    }
+
+    /// Expires holds due at `now`, taking at most `max` from the queue; returns how many it took, so
+    /// that fewer than `max` means that none is left due. The due holds of one environment expire under
+    /// one lock as one event, which keeps a mass expiry's cost and log small. Some of those taken may
+    /// have resolved meanwhile; they are skipped.
+    pub fn expire_due(&self, now: u64, max: usize) -> usize {
+        let mut due = self.expiries.pop_due(now, max);
+        let taken = due.len();
+        due.sort_unstable_by_key(|(cell, seq)| (Arc::as_ptr(cell), *seq));
+        let mut runs: Vec<&[(Arc<CapacityCell>, u64)]> = due.chunk_by(|(a, _), (b, _)| Arc::ptr_eq(a, b)).collect();
+        // Environments in the order of their ids, so that ledgers with the same holds due log alike.
+        runs.sort_unstable_by(|a, b| a[0].0.id.cmp(&b[0].0.id));
+        for run in runs {
+            let cell = &run[0].0;
+            let mut books = Books::lock(cell, now);
+            let seqs: Vec<u64> = run
+                .iter()
+                .map(|(_, seq)| *seq)
+                .filter(|seq| books.env.open.get(seq).is_some_and(|hold| hold.expires_at_ms <= now))
+                .collect();
+            if !seqs.is_empty() {
+                self.record(&mut books, &Event::ExpiredHolds { environment: cell.id.clone(), seqs }, now);
+            }
+        }
+        taken
     }
 
     pub fn open_reservations(&self) -> u64 {
@@ -1135,7 +1163,7 @@ impl Ledger {
                 };
                 // The key's count, like the server's, was taken when the hold was decided.
                 env.open.insert(seq, Box::new(hold));
-                self.expiries.push(*expires_at_ms, reservation.clone());
+                self.expiries.push(*expires_at_ms, seq, Arc::clone(cell));
                 let usage_agent = if *attributed_to_other { other() } else { agent.clone() };
                 let new_keys = env.usage_mut().record_grant(now, &usage_agent);
                 count_usage_keys(cell, tenant, new_keys, now);
@@ -1182,21 +1210,19 @@ impl Ledger {
                 }
             }
             Event::Expired { reservation } => {
-                let hold = env
-                    .open
-                    .remove(&reservation.seq)
-                    .ok_or_else(|| format!("reservation {reservation} is not open"))?;
-                self.open_total.fetch_sub(1, Ordering::Relaxed);
-                self.key_hold_resolved(hold.api_key.as_ref());
-                env.unhold(tenant.as_deref_mut(), hold.draws);
-                env.agent_resolved(&hold.agent, hold.amount, 0, max_agents);
-                env.remember(
-                    reservation.seq,
-                    Resolved { hold, resolution: Resolution::Expired },
-                    now,
-                    retention,
-                    max_resolved,
-                );
+                if !self.expire_open_hold(env, tenant.as_deref_mut(), reservation.seq, now) {
+                    return Err(format!("reservation {reservation} is not open"));
+                }
+            }
+            Event::ExpiredHolds { environment, seqs } => {
+                // All checked before any expires, so that an event that does not fit changes nothing.
+                if let Some(seq) = seqs.iter().find(|seq| !env.open.contains_key(seq)) {
+                    return Err(format!("reservation {environment}/{seq} is not open"));
+                }
+                for &seq in seqs {
+                    let expired = self.expire_open_hold(env, tenant.as_deref_mut(), seq, now);
+                    assert!(expired, "checked open above");
+                }
             }
             Event::ReleasedAll { agent, through_seq, count, released_milli, .. } => {
                 let (seqs, milli) = holds::released_by(env, agent.as_ref(), *through_seq);

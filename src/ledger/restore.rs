@@ -114,11 +114,10 @@ impl Ledger {
                 let item_error = |reason: &str| RestoreError::Item { id: id.to_string(), reason: reason.to_owned() };
                 let tenant_cell =
                     self.tenants.get(&books.tenant).map(|t| t.clone()).ok_or_else(|| item_error("unknown tenant"))?;
-                for (seq, hold) in &books.open {
-                    let reservation = super::ReservationId { environment: id.clone(), seq: *seq };
-                    self.expiries.push(hold.expires_at_ms, reservation);
-                }
                 let cell = new_cell(&id, &books.tenant, tenant_cell);
+                for (seq, hold) in &books.open {
+                    self.expiries.push(hold.expires_at_ms, *seq, Arc::clone(&cell));
+                }
                 *cell.books.lock() = *books;
                 self.environments.insert(id, Slot::Capacity(cell));
             }
@@ -223,7 +222,8 @@ impl Ledger {
             Event::PayAsYouGoSet { environment, .. }
             | Event::EnvironmentAlertsSet { environment, .. }
             | Event::AgentLimitSet { environment, .. }
-            | Event::ReleasedAll { environment, .. } => {
+            | Event::ReleasedAll { environment, .. }
+            | Event::ExpiredHolds { environment, .. } => {
                 let cell = self.named_capacity_cell(environment).map_err(|e| fail(e.to_string()))?;
                 self.replay_on(&cell, seq, now, event, levels).map_err(fail)?;
             }
@@ -242,7 +242,7 @@ impl Ledger {
     /// levels logged with the event, so that the same alerts fire at the same events.
     fn replay_on(
         &self,
-        cell: &super::CapacityCell,
+        cell: &Arc<super::CapacityCell>,
         seq: u64,
         now: u64,
         event: &Event,
