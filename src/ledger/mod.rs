@@ -868,7 +868,7 @@ impl Ledger {
         now: u64,
     ) -> Result<Grant, LedgerError> {
         if let Some(key) = request.idempotency_key
-            && let Some(&seq) = books.env.idempotency.get(key)
+            && let Some(seq) = books.env.reservation_of(key)
         {
             return self.replay_grant(books, seq, request);
         }
@@ -926,7 +926,7 @@ impl Ledger {
             .env
             .open
             .get(&seq)
-            .or_else(|| books.env.resolved.get(&seq).map(|r| &r.hold))
+            .or_else(|| books.env.resolved(seq).map(|r| &r.hold))
             .expect("an idempotency key maps to a remembered reservation");
         let amount = priced_total(&self.price(retry.usage, first.rate_card_version)?);
         if first.agent != *retry.agent || first.amount != amount {
@@ -955,7 +955,7 @@ impl Ledger {
     ) -> Result<Settled<Settlement>, LedgerError> {
         self.expire_if_due(books, reservation, now);
         let seq = reservation.seq;
-        let hold = books.env.open.get(&seq).or_else(|| books.env.resolved.get(&seq).map(|r| &r.hold));
+        let hold = books.env.open.get(&seq).or_else(|| books.env.resolved(seq).map(|r| &r.hold));
         let Some(hold) = hold else { return Err(LedgerError::UnknownReservation(reservation.to_string())) };
         let agent = hold.agent.clone();
         let items = self.price(usage, hold.rate_card_version)?;
@@ -963,7 +963,7 @@ impl Ledger {
         let settlement = if let Some(hold) = books.env.open.get(&seq) {
             books.env.settlement(books.tenant.as_deref(), hold.draws, actual, false)?
         } else {
-            match books.env.resolved.get(&seq).map(|r| r.resolution) {
+            match books.env.resolved(seq).map(|r| r.resolution) {
                 None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
                 Some(Resolution::Committed { actual: first, settlement }) => {
                     if first != actual {
@@ -1004,7 +1004,7 @@ impl Ledger {
         let seq = reservation.seq;
         let released = match books.env.open.get(&seq) {
             Some(hold) => hold.amount,
-            None => match books.env.resolved.get(&seq).map(|r| r.resolution) {
+            None => match books.env.resolved(seq).map(|r| r.resolution) {
                 None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
                 Some(Resolution::Released { released }) => {
                     return Ok(Settled { result: released, balance: books.balance(), replayed: true });
@@ -1092,7 +1092,7 @@ impl Ledger {
             }
             Event::EnvironmentAlertsSet { low_percent, budget_thresholds, .. } => {
                 env.low_percent = *low_percent;
-                env.budget_thresholds.clone_from(budget_thresholds);
+                env.set_budget_thresholds(budget_thresholds);
             }
             Event::AgentLimitSet { agent, limit, .. } => {
                 let book = env.agents.entry(agent.clone()).or_default();
@@ -1121,7 +1121,7 @@ impl Ledger {
                 env.agent_held(agent, *amount_milli, max_agents);
                 env.next_seq = seq + 1;
                 if let Some(key) = idempotency_key {
-                    env.idempotency.insert(key.clone(), seq);
+                    env.remember_key(key.clone(), seq);
                 }
                 let hold = Hold {
                     agent: agent.clone(),
@@ -1150,7 +1150,7 @@ impl Ledger {
                 let agent = env
                     .open
                     .get(&reservation.seq)
-                    .or_else(|| env.resolved.get(&reservation.seq).map(|r| &r.hold))
+                    .or_else(|| env.resolved(reservation.seq).map(|r| &r.hold))
                     .map(|hold| hold.agent.clone())
                     .ok_or_else(|| format!("reservation {reservation} is neither open nor resolved"))?;
                 if let Some(hold) = env.open.remove(&reservation.seq) {
@@ -1160,7 +1160,7 @@ impl Ledger {
                     env.agent_resolved(&hold.agent, hold.amount, *actual_milli, max_agents);
                     env.remember(reservation.seq, Resolved { hold, resolution }, now, retention, max_resolved);
                 } else {
-                    let record = env.resolved.get_mut(&reservation.seq).filter(|r| r.resolution == Resolution::Expired);
+                    let record = env.resolved_mut(reservation.seq).filter(|r| r.resolution == Resolution::Expired);
                     let record =
                         record.ok_or_else(|| format!("reservation {reservation} is neither open nor expired"))?;
                     record.resolution = resolution;
@@ -1175,7 +1175,7 @@ impl Ledger {
             }
             Event::Released { reservation } => {
                 if !self.release_open_hold(env, tenant.as_deref_mut(), reservation.seq, now) {
-                    let record = env.resolved.get_mut(&reservation.seq).filter(|r| r.resolution == Resolution::Expired);
+                    let record = env.resolved_mut(reservation.seq).filter(|r| r.resolution == Resolution::Expired);
                     let record =
                         record.ok_or_else(|| format!("reservation {reservation} is neither open nor expired"))?;
                     record.resolution = Resolution::Released { released: 0 };

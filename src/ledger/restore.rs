@@ -476,3 +476,118 @@ mod tests {
         });
     }
 }
+
+#[cfg(test)]
+mod snapshot_form {
+    use super::*;
+    use crate::ledger::{AgentId, Command, IdempotencyKey, Limits, ReservationId, Usage};
+
+    fn id(s: &str) -> EnvironmentId {
+        EnvironmentId::new(s).unwrap()
+    }
+
+    fn reserve(environment: &str, key: Option<&str>, expires_at_ms: u64) -> Command {
+        Command::Reserve {
+            environment: id(environment),
+            agent: AgentId::new("agent").unwrap(),
+            usage: Usage::Milli(1_000),
+            idempotency_key: key.map(|k| IdempotencyKey::new(k).unwrap()),
+            expires_at_ms,
+            api_key: None,
+        }
+    }
+
+    /// Three environments: one never used, one with its alert settings changed, and one with open,
+    /// committed and expired reservations (one made with an idempotency key), an agent limit and
+    /// custom alert settings.
+    fn ledger() -> Ledger {
+        let ledger = Ledger::new(Limits::default());
+        let tenant = TenantId::new("t").unwrap();
+        let mut commands =
+            vec![Command::PurchaseCapacity { tenant: tenant.clone(), amount_milli: 30_000, idempotency_key: None }];
+        for environment in ["fresh", "alerts", "used"] {
+            commands.push(Command::AllocateCapacity {
+                tenant: tenant.clone(),
+                environment: id(environment),
+                amount_milli: 10_000,
+                draw_from_tenant_pool: false,
+            });
+        }
+        for environment in ["alerts", "used"] {
+            commands.push(Command::SetEnvironmentAlerts {
+                environment: id(environment),
+                low_percent: 35,
+                budget_thresholds: vec![50, 90],
+            });
+        }
+        commands.extend([
+            reserve("used", Some("k1"), 60_000),
+            Command::Commit {
+                reservation: ReservationId { environment: id("used"), seq: 1 },
+                usage: Usage::Milli(700),
+                api_key: None,
+            },
+            reserve("used", None, 9_500),
+            Command::Expire { reservation: ReservationId { environment: id("used"), seq: 2 } },
+            reserve("used", None, 90_000),
+            Command::SetAgentLimit {
+                environment: id("used"),
+                agent: AgentId::new("agent").unwrap(),
+                limit: Some(crate::ledger::AgentLimit {
+                    limit_milli: 5_000,
+                    notify_percent: 80,
+                    stop_when_exceeded: false,
+                    disabled: false,
+                }),
+            },
+        ]);
+        for (at, command) in commands.iter().enumerate() {
+            // A second apart; the expiry runs well past the hold's time.
+            let late = if matches!(command, Command::Expire { .. }) { 10_000 } else { 0 };
+            ledger.apply(command, 1_000 * at as u64 + late).unwrap();
+        }
+        ledger
+    }
+
+    /// The bytes each environment had in a snapshot before its rarely used parts were boxed: never used
+    /// (no records, default alert thresholds, no usage book), alert settings changed, and used.
+    const BEFORE_BOXING: [(&str, &str); 3] = [
+        ("alerts", "0174904e00000000000000000000010000000000d8b8010080c894fd09002302325a00000000"),
+        ("fresh", "0174904e00000000000000000000010000000000d8b8010080c894fd09001402506400000000"),
+        (
+            "used",
+            concat!(
+                "0174904e000000bc050000e807000000040103056167656e74e807e8070000904e90bf050001000201056167656e74e8",
+                "07e8070000f02ee0d40301026b31010000bc05bc050000ac02000002056167656e74e807e8070000c03e9c4a00010002",
+                "02d83601b894010201026b310100d8b8010080c894fd0901056167656e74018827500000bc05e807002302325a000001",
+                "0a313937302d30312d303101056167656e7402000000000003086d65737361676573bc05000000000107313937302d30",
+                "3101056167656e7402000000000003086d65737361676573bc0500000000",
+            ),
+        ),
+    ];
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Snapshots keep the form environments had before their rarely used parts were boxed, whether
+    /// those parts were made or not, and read back to the same books.
+    #[test]
+    fn environments_keep_their_snapshot_form() {
+        let mut items = Vec::new();
+        ledger().export(|item| {
+            if let SnapshotItem::Environment { id, books } = item {
+                items.push((id.to_string(), books));
+            }
+        });
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(items.len(), BEFORE_BOXING.len());
+        for ((id, books), (expected_id, expected)) in items.iter().zip(BEFORE_BOXING) {
+            assert_eq!(id, expected_id);
+            let bytes = postcard::to_stdvec(books).unwrap();
+            assert_eq!(hex(&bytes), expected, "{id}");
+            let read: Environment = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(hex(&postcard::to_stdvec(&read).unwrap()), expected, "{id} read back");
+        }
+    }
+}
