@@ -601,6 +601,12 @@ impl Ledger {
         self.capacity_cell(id).ok().map(|cell| cell.owner.clone())
     }
 
+    /// The tenant's id as its map key holds it, and its books. New environments take this id rather
+    /// than the one in a command or event, so a tenant's environments share one string.
+    fn tenant_entry(&self, tenant: &TenantId) -> Option<(TenantId, Arc<Mutex<Tenant>>)> {
+        self.tenants.get(tenant).map(|t| (t.key().clone(), t.value().clone()))
+    }
+
     fn capacity_cell(&self, id: &EnvironmentId) -> Result<Arc<CapacityCell>, LedgerError> {
         let slot = self.environments.get(id).map(|s| s.clone());
         match slot {
@@ -682,10 +688,9 @@ impl Ledger {
         now: u64,
     ) -> Result<Balance, LedgerError> {
         let _admin = self.admin.lock();
-        let tenant_cell =
-            self.tenants.get(tenant).map(|t| t.clone()).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
+        let tenant_entry = self.tenant_entry(tenant).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
         let (cell, is_new) = match self.environments.get(environment).map(|s| s.clone()) {
-            None => (new_cell(environment, tenant, tenant_cell), true),
+            None => (new_cell(environment, tenant_entry), true),
             Some(Slot::App { .. }) => return Err(LedgerError::NotACapacityEnvironment(environment.clone())),
             Some(Slot::Capacity(cell)) => (cell, false),
         };
@@ -1296,9 +1301,10 @@ impl Ledger {
     }
 }
 
-fn new_cell(environment: &EnvironmentId, tenant: &TenantId, tenant_cell: Arc<Mutex<Tenant>>) -> Arc<CapacityCell> {
+/// A new environment of the tenant given by its entry in the tenant map (see [`Ledger::tenant_entry`]).
+fn new_cell(environment: &EnvironmentId, (tenant, tenant_cell): (TenantId, Arc<Mutex<Tenant>>)) -> Arc<CapacityCell> {
     let books = Mutex::new(Environment::new(tenant.clone()));
-    Arc::new(CapacityCell { id: environment.clone(), owner: tenant.clone(), tenant: tenant_cell, books })
+    Arc::new(CapacityCell { id: environment.clone(), owner: tenant, tenant: tenant_cell, books })
 }
 
 /// Takes `amount` from what the environment has available, in draw order, or refuses it whole.

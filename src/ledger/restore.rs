@@ -112,14 +112,15 @@ impl Ledger {
             }
             SnapshotItem::Environment { id, books } => {
                 let item_error = |reason: &str| RestoreError::Item { id: id.to_string(), reason: reason.to_owned() };
-                let tenant_cell =
-                    self.tenants.get(&books.tenant).map(|t| t.clone()).ok_or_else(|| item_error("unknown tenant"))?;
+                let tenant_entry = self.tenant_entry(&books.tenant).ok_or_else(|| item_error("unknown tenant"))?;
                 for (seq, hold) in &books.open {
                     let reservation = super::ReservationId { environment: id.clone(), seq: *seq };
                     self.expiries.push(hold.expires_at_ms, reservation);
                 }
-                let cell = new_cell(&id, &books.tenant, tenant_cell);
-                *cell.books.lock() = *books;
+                let cell = new_cell(&id, tenant_entry);
+                let mut books = *books;
+                books.tenant = cell.owner.clone();
+                *cell.books.lock() = books;
                 self.environments.insert(id, Slot::Capacity(cell));
             }
             SnapshotItem::App { id, target, applied_seq } => {
@@ -208,12 +209,9 @@ impl Ledger {
                     Some(Slot::Capacity(cell)) => cell,
                     Some(Slot::App { .. }) => return Err(fail(format!("{environment} is an app environment"))),
                     None => {
-                        let tenant_cell = self
-                            .tenants
-                            .get(tenant)
-                            .map(|t| t.clone())
-                            .ok_or_else(|| fail(format!("unknown tenant {tenant}")))?;
-                        let cell = new_cell(environment, tenant, tenant_cell);
+                        let tenant_entry =
+                            self.tenant_entry(tenant).ok_or_else(|| fail(format!("unknown tenant {tenant}")))?;
+                        let cell = new_cell(environment, tenant_entry);
                         self.environments.insert(environment.clone(), Slot::Capacity(cell.clone()));
                         cell
                     }
@@ -448,6 +446,39 @@ mod tests {
             assert_eq!(restored.balance(&environment, 1), ledger.balance(&environment, 1));
         }
         assert_eq!(restored.open_reservations(), 1);
+    }
+
+    /// The tenant id of every environment of a tenant, in its cell and in its books, points into
+    /// the same string as `want`.
+    fn assert_share_tenant_id(ledger: &Ledger, want: *const u8) {
+        for slot in ledger.environments.iter() {
+            let Slot::Capacity(cell) = slot.value() else { continue };
+            assert_eq!(cell.owner.as_str().as_ptr(), want, "{}", slot.key());
+            assert_eq!(cell.books.lock().tenant.as_str().as_ptr(), want, "{}", slot.key());
+        }
+    }
+
+    /// A tenant's environments share its id string, whether made by commands, restored from a snapshot
+    /// or replayed from the log, each of which names the tenant with a string of its own.
+    #[test]
+    fn a_tenants_environments_share_its_id() {
+        let log = Arc::new(Log::default());
+        let ledger = Ledger::with_sink(Limits::default(), log.clone());
+        for command in [purchase("t", 5_000), allocate("t", "e0", 1_000), allocate("t", "e1", 1_000)] {
+            ledger.apply(&command, 0).unwrap();
+        }
+        let tenant_id = |ledger: &Ledger| ledger.tenants.iter().next().unwrap().key().as_str().as_ptr();
+        assert_share_tenant_id(&ledger, tenant_id(&ledger));
+
+        let restored = Ledger::new(Limits::default());
+        ledger.export(|item| restored.import(item).unwrap());
+        assert_share_tenant_id(&restored, tenant_id(&restored));
+
+        let replayed = Ledger::new(Limits::default());
+        for (seq, now, event, levels) in log.0.lock().iter() {
+            replayed.replay(*seq, *now, event, *levels).unwrap();
+        }
+        assert_share_tenant_id(&replayed, tenant_id(&replayed));
     }
 
     /// Admin commands log their event before they publish the object it creates, so a snapshot that
