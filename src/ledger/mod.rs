@@ -162,11 +162,21 @@ pub struct Quote {
 #[derive(Clone)]
 enum Slot {
     Capacity(Arc<CapacityCell>),
-    /// An app environment and the capacity environment it is linked to, if any.
-    App {
-        target: Option<EnvironmentId>,
-        applied_seq: u64,
-    },
+    /// Behind a pointer like a capacity environment, so that a slot takes two words rather than four
+    /// in a map of up to a million; an `Arc`, as slots are cloned out of the map.
+    App(Arc<AppLink>),
+}
+
+/// An app environment: the capacity environment it is linked to, if any.
+struct AppLink {
+    target: Option<EnvironmentId>,
+    applied_seq: u64,
+}
+
+impl Slot {
+    fn app(target: Option<EnvironmentId>, applied_seq: u64) -> Self {
+        Slot::App(Arc::new(AppLink { target, applied_seq }))
+    }
 }
 
 struct CapacityCell {
@@ -450,7 +460,7 @@ impl Ledger {
                 .iter()
                 .filter_map(|slot| match slot.value() {
                     Slot::Capacity(cell) => Some(cell.clone()),
-                    Slot::App { .. } => None,
+                    Slot::App(_) => None,
                 })
                 .collect(),
         };
@@ -612,9 +622,9 @@ impl Ledger {
         match slot {
             None => Err(LedgerError::UnknownEnvironment(id.clone())),
             Some(Slot::Capacity(cell)) => Ok(cell),
-            Some(Slot::App { target: None, .. }) => Err(LedgerError::AppEnvironmentNotLinked(id.clone())),
-            Some(Slot::App { target: Some(target), .. }) => {
-                match self.environments.get(&target).map(|s| s.clone()) {
+            Some(Slot::App(link)) => {
+                let Some(target) = &link.target else { return Err(LedgerError::AppEnvironmentNotLinked(id.clone())) };
+                match self.environments.get(target).map(|s| s.clone()) {
                     Some(Slot::Capacity(cell)) => Ok(cell),
                     // Links are made only to capacity environments, which never stop being one.
                     _ => {
@@ -630,7 +640,7 @@ impl Ledger {
         match self.environments.get(id).map(|s| s.clone()) {
             None => Err(LedgerError::UnknownEnvironment(id.clone())),
             Some(Slot::Capacity(cell)) => Ok(cell),
-            Some(Slot::App { .. }) => Err(LedgerError::NotACapacityEnvironment(id.clone())),
+            Some(Slot::App(_)) => Err(LedgerError::NotACapacityEnvironment(id.clone())),
         }
     }
 
@@ -691,7 +701,7 @@ impl Ledger {
         let tenant_entry = self.tenant_entry(tenant).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
         let (cell, is_new) = match self.environments.get(environment).map(|s| s.clone()) {
             None => (new_cell(environment, tenant_entry), true),
-            Some(Slot::App { .. }) => return Err(LedgerError::NotACapacityEnvironment(environment.clone())),
+            Some(Slot::App(_)) => return Err(LedgerError::NotACapacityEnvironment(environment.clone())),
             Some(Slot::Capacity(cell)) => (cell, false),
         };
         let mut books = Books::lock_with_tenant(&cell, now);
@@ -774,8 +784,7 @@ impl Ledger {
         let event =
             Event::Linked { app_environment: app.clone(), environment: target.as_ref().map(|(e, _)| e.clone()) };
         let applied_seq = self.sink.record(now, &event, None);
-        self.environments
-            .insert(app.clone(), Slot::App { target: target.as_ref().map(|(e, _)| e.clone()), applied_seq });
+        self.environments.insert(app.clone(), Slot::app(target.as_ref().map(|(e, _)| e.clone()), applied_seq));
         Ok(Link { app_environment: app.clone(), target })
     }
 

@@ -93,7 +93,9 @@ impl Ledger {
                     let books = Box::new(cell.books.lock().clone());
                     emit(SnapshotItem::Environment { id, books });
                 }
-                Slot::App { target, applied_seq } => apps.push(SnapshotItem::App { id, target, applied_seq }),
+                Slot::App(link) => {
+                    apps.push(SnapshotItem::App { id, target: link.target.clone(), applied_seq: link.applied_seq });
+                }
             }
         }
         apps.into_iter().for_each(&mut emit);
@@ -124,7 +126,7 @@ impl Ledger {
                 self.environments.insert(id, Slot::Capacity(cell));
             }
             SnapshotItem::App { id, target, applied_seq } => {
-                self.environments.insert(id, Slot::App { target, applied_seq });
+                self.environments.insert(id, Slot::app(target, applied_seq));
             }
             SnapshotItem::RateCard(rate_card) => {
                 let id = format!("rate card version {}", rate_card.version);
@@ -196,18 +198,18 @@ impl Ledger {
                     Some(Slot::Capacity(_)) => {
                         return Err(fail(format!("{app_environment} is a capacity environment")));
                     }
-                    Some(Slot::App { applied_seq, .. }) => applied_seq,
+                    Some(Slot::App(link)) => link.applied_seq,
                     None => 0,
                 };
                 if applied < seq {
-                    let slot = Slot::App { target: environment.clone(), applied_seq: seq };
+                    let slot = Slot::app(environment.clone(), seq);
                     self.environments.insert(app_environment.clone(), slot);
                 }
             }
             Event::Allocated { tenant, environment, .. } => {
                 let cell = match self.environments.get(environment).map(|s| s.clone()) {
                     Some(Slot::Capacity(cell)) => cell,
-                    Some(Slot::App { .. }) => return Err(fail(format!("{environment} is an app environment"))),
+                    Some(Slot::App(_)) => return Err(fail(format!("{environment} is an app environment"))),
                     None => {
                         let tenant_entry =
                             self.tenant_entry(tenant).ok_or_else(|| fail(format!("unknown tenant {tenant}")))?;
@@ -345,7 +347,7 @@ impl Ledger {
             .environments
             .iter()
             .filter_map(|slot| match slot.value() {
-                Slot::App { target: Some(target), .. } => Some((slot.key().clone(), target.clone())),
+                Slot::App(link) => link.target.as_ref().map(|target| (slot.key().clone(), target.clone())),
                 _ => None,
             })
             .collect();
