@@ -169,10 +169,10 @@ impl Ledger {
             let used = env.used.get(Source::PayAsYouGo);
             let percent = u128::from(used) * 100 / u128::from(env.payg_budget);
             let crossed =
-                env.budget_thresholds.iter().copied().filter(|t| u128::from(*t) <= percent).max().unwrap_or(0);
+                env.budget_thresholds().iter().copied().filter(|t| u128::from(*t) <= percent).max().unwrap_or(0);
             if crossed > env.budget_alerted {
                 let mut newly: Vec<u32> = env
-                    .budget_thresholds
+                    .budget_thresholds()
                     .iter()
                     .copied()
                     .filter(|t| *t > env.budget_alerted && *t <= crossed)
@@ -343,7 +343,7 @@ fn event_agent(books: &Books<'_>, event: &Event) -> Option<AgentId> {
         Event::Reserved { agent, .. } | Event::AgentLimitSet { agent, .. } => Some(agent.clone()),
         Event::Committed { reservation, .. } | Event::Released { reservation } | Event::Expired { reservation } => {
             let seq = reservation.seq;
-            books.env.open.get(&seq).or_else(|| books.env.resolved.get(&seq).map(|r| &r.hold)).map(|h| h.agent.clone())
+            books.env.open.get(&seq).or_else(|| books.env.resolved(seq).map(|r| &r.hold)).map(|h| h.agent.clone())
         }
         _ => None,
     }

@@ -271,7 +271,7 @@ impl Ledger {
     /// Whether `app` is an app environment linked to `capacity` now.
     fn links_to(&self, app: &EnvironmentId, capacity: &EnvironmentId) -> bool {
         let slot = self.environments.get(app);
-        matches!(slot.as_deref(), Some(Slot::App { target: Some(target), .. }) if target == capacity)
+        matches!(slot.as_deref(), Some(Slot::App(link)) if link.target.as_ref() == Some(capacity))
     }
 
     /// Counts a new hold against `key`, or refuses it at the key's cap. Taken under the environment's
@@ -343,7 +343,7 @@ impl Ledger {
             .iter()
             .filter_map(|slot| match slot.value() {
                 Slot::Capacity(cell) => Some(cell.clone()),
-                Slot::App { .. } => None,
+                Slot::App(_) => None,
             })
             .collect();
         for cell in cells {

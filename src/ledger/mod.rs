@@ -162,11 +162,21 @@ pub struct Quote {
 #[derive(Clone)]
 enum Slot {
     Capacity(Arc<CapacityCell>),
-    /// An app environment and the capacity environment it is linked to, if any.
-    App {
-        target: Option<EnvironmentId>,
-        applied_seq: u64,
-    },
+    /// Behind a pointer like a capacity environment, so that a slot takes two words rather than four
+    /// in a map of up to a million; an `Arc`, as slots are cloned out of the map.
+    App(Arc<AppLink>),
+}
+
+/// An app environment: the capacity environment it is linked to, if any.
+struct AppLink {
+    target: Option<EnvironmentId>,
+    applied_seq: u64,
+}
+
+impl Slot {
+    fn app(target: Option<EnvironmentId>, applied_seq: u64) -> Self {
+        Slot::App(Arc::new(AppLink { target, applied_seq }))
+    }
 }
 
 struct CapacityCell {
@@ -451,7 +461,7 @@ impl Ledger {
                 .iter()
                 .filter_map(|slot| match slot.value() {
                     Slot::Capacity(cell) => Some(cell.clone()),
-                    Slot::App { .. } => None,
+                    Slot::App(_) => None,
                 })
                 .collect(),
         };
@@ -629,14 +639,20 @@ impl Ledger {
         self.capacity_cell(id).ok().map(|cell| cell.owner.clone())
     }
 
+    /// The tenant's id as its map key holds it, and its books. New environments take this id rather
+    /// than the one in a command or event, so a tenant's environments share one string.
+    fn tenant_entry(&self, tenant: &TenantId) -> Option<(TenantId, Arc<Mutex<Tenant>>)> {
+        self.tenants.get(tenant).map(|t| (t.key().clone(), t.value().clone()))
+    }
+
     fn capacity_cell(&self, id: &EnvironmentId) -> Result<Arc<CapacityCell>, LedgerError> {
         let slot = self.environments.get(id).map(|s| s.clone());
         match slot {
             None => Err(LedgerError::UnknownEnvironment(id.clone())),
             Some(Slot::Capacity(cell)) => Ok(cell),
-            Some(Slot::App { target: None, .. }) => Err(LedgerError::AppEnvironmentNotLinked(id.clone())),
-            Some(Slot::App { target: Some(target), .. }) => {
-                match self.environments.get(&target).map(|s| s.clone()) {
+            Some(Slot::App(link)) => {
+                let Some(target) = &link.target else { return Err(LedgerError::AppEnvironmentNotLinked(id.clone())) };
+                match self.environments.get(target).map(|s| s.clone()) {
                     Some(Slot::Capacity(cell)) => Ok(cell),
                     // Links are made only to capacity environments, which never stop being one.
                     _ => {
@@ -652,7 +668,7 @@ impl Ledger {
         match self.environments.get(id).map(|s| s.clone()) {
             None => Err(LedgerError::UnknownEnvironment(id.clone())),
             Some(Slot::Capacity(cell)) => Ok(cell),
-            Some(Slot::App { .. }) => Err(LedgerError::NotACapacityEnvironment(id.clone())),
+            Some(Slot::App(_)) => Err(LedgerError::NotACapacityEnvironment(id.clone())),
         }
     }
 
@@ -710,11 +726,10 @@ impl Ledger {
         now: u64,
     ) -> Result<Balance, LedgerError> {
         let _admin = self.admin.lock();
-        let tenant_cell =
-            self.tenants.get(tenant).map(|t| t.clone()).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
+        let tenant_entry = self.tenant_entry(tenant).ok_or_else(|| LedgerError::UnknownTenant(tenant.clone()))?;
         let (cell, is_new) = match self.environments.get(environment).map(|s| s.clone()) {
-            None => (new_cell(environment, tenant, tenant_cell), true),
-            Some(Slot::App { .. }) => return Err(LedgerError::NotACapacityEnvironment(environment.clone())),
+            None => (new_cell(environment, tenant_entry), true),
+            Some(Slot::App(_)) => return Err(LedgerError::NotACapacityEnvironment(environment.clone())),
             Some(Slot::Capacity(cell)) => (cell, false),
         };
         let mut books = Books::lock_with_tenant(&cell, now);
@@ -797,8 +812,7 @@ impl Ledger {
         let event =
             Event::Linked { app_environment: app.clone(), environment: target.as_ref().map(|(e, _)| e.clone()) };
         let applied_seq = self.sink.record(now, &event, None);
-        self.environments
-            .insert(app.clone(), Slot::App { target: target.as_ref().map(|(e, _)| e.clone()), applied_seq });
+        self.environments.insert(app.clone(), Slot::app(target.as_ref().map(|(e, _)| e.clone()), applied_seq));
         Ok(Link { app_environment: app.clone(), target })
     }
 
@@ -896,7 +910,7 @@ impl Ledger {
         now: u64,
     ) -> Result<Grant, LedgerError> {
         if let Some(key) = request.idempotency_key
-            && let Some(&seq) = books.env.idempotency.get(key)
+            && let Some(seq) = books.env.reservation_of(key)
         {
             return self.replay_grant(books, seq, request);
         }
@@ -954,7 +968,7 @@ impl Ledger {
             .env
             .open
             .get(&seq)
-            .or_else(|| books.env.resolved.get(&seq).map(|r| &r.hold))
+            .or_else(|| books.env.resolved(seq).map(|r| &r.hold))
             .expect("an idempotency key maps to a remembered reservation");
         let amount = priced_total(&self.price(retry.usage, first.rate_card_version)?);
         if first.agent != *retry.agent || first.amount != amount {
@@ -983,7 +997,7 @@ impl Ledger {
     ) -> Result<Settled<Settlement>, LedgerError> {
         self.expire_if_due(books, reservation, now);
         let seq = reservation.seq;
-        let hold = books.env.open.get(&seq).or_else(|| books.env.resolved.get(&seq).map(|r| &r.hold));
+        let hold = books.env.open.get(&seq).or_else(|| books.env.resolved(seq).map(|r| &r.hold));
         let Some(hold) = hold else { return Err(LedgerError::UnknownReservation(reservation.to_string())) };
         let agent = hold.agent.clone();
         let items = self.price(usage, hold.rate_card_version)?;
@@ -991,7 +1005,7 @@ impl Ledger {
         let settlement = if let Some(hold) = books.env.open.get(&seq) {
             books.env.settlement(books.tenant.as_deref(), hold.draws, actual, false)?
         } else {
-            match books.env.resolved.get(&seq).map(|r| r.resolution) {
+            match books.env.resolved(seq).map(|r| r.resolution) {
                 None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
                 Some(Resolution::Committed { actual: first, settlement }) => {
                     if first != actual {
@@ -1032,7 +1046,7 @@ impl Ledger {
         let seq = reservation.seq;
         let released = match books.env.open.get(&seq) {
             Some(hold) => hold.amount,
-            None => match books.env.resolved.get(&seq).map(|r| r.resolution) {
+            None => match books.env.resolved(seq).map(|r| r.resolution) {
                 None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
                 Some(Resolution::Released { released }) => {
                     return Ok(Settled { result: released, balance: books.balance(), replayed: true });
@@ -1120,7 +1134,7 @@ impl Ledger {
             }
             Event::EnvironmentAlertsSet { low_percent, budget_thresholds, .. } => {
                 env.low_percent = *low_percent;
-                env.budget_thresholds.clone_from(budget_thresholds);
+                env.set_budget_thresholds(budget_thresholds);
             }
             Event::AgentLimitSet { agent, limit, .. } => {
                 let book = env.agents.entry(agent.clone()).or_default();
@@ -1149,7 +1163,7 @@ impl Ledger {
                 env.agent_held(agent, *amount_milli, max_agents);
                 env.next_seq = seq + 1;
                 if let Some(key) = idempotency_key {
-                    env.idempotency.insert(key.clone(), seq);
+                    env.remember_key(key.clone(), seq);
                 }
                 let hold = Hold {
                     agent: agent.clone(),
@@ -1178,7 +1192,7 @@ impl Ledger {
                 let agent = env
                     .open
                     .get(&reservation.seq)
-                    .or_else(|| env.resolved.get(&reservation.seq).map(|r| &r.hold))
+                    .or_else(|| env.resolved(reservation.seq).map(|r| &r.hold))
                     .map(|hold| hold.agent.clone())
                     .ok_or_else(|| format!("reservation {reservation} is neither open nor resolved"))?;
                 if let Some(hold) = env.open.remove(&reservation.seq) {
@@ -1188,7 +1202,7 @@ impl Ledger {
                     env.agent_resolved(&hold.agent, hold.amount, *actual_milli, max_agents);
                     env.remember(reservation.seq, Resolved { hold, resolution }, now, retention, max_resolved);
                 } else {
-                    let record = env.resolved.get_mut(&reservation.seq).filter(|r| r.resolution == Resolution::Expired);
+                    let record = env.resolved_mut(reservation.seq).filter(|r| r.resolution == Resolution::Expired);
                     let record =
                         record.ok_or_else(|| format!("reservation {reservation} is neither open nor expired"))?;
                     record.resolution = resolution;
@@ -1203,7 +1217,7 @@ impl Ledger {
             }
             Event::Released { reservation } => {
                 if !self.release_open_hold(env, tenant.as_deref_mut(), reservation.seq, now) {
-                    let record = env.resolved.get_mut(&reservation.seq).filter(|r| r.resolution == Resolution::Expired);
+                    let record = env.resolved_mut(reservation.seq).filter(|r| r.resolution == Resolution::Expired);
                     let record =
                         record.ok_or_else(|| format!("reservation {reservation} is neither open nor expired"))?;
                     record.resolution = Resolution::Released { released: 0 };
@@ -1322,9 +1336,10 @@ impl Ledger {
     }
 }
 
-fn new_cell(environment: &EnvironmentId, tenant: &TenantId, tenant_cell: Arc<Mutex<Tenant>>) -> Arc<CapacityCell> {
+/// A new environment of the tenant given by its entry in the tenant map (see [`Ledger::tenant_entry`]).
+fn new_cell(environment: &EnvironmentId, (tenant, tenant_cell): (TenantId, Arc<Mutex<Tenant>>)) -> Arc<CapacityCell> {
     let books = Mutex::new(Environment::new(tenant.clone()));
-    Arc::new(CapacityCell { id: environment.clone(), owner: tenant.clone(), tenant: tenant_cell, books })
+    Arc::new(CapacityCell { id: environment.clone(), owner: tenant, tenant: tenant_cell, books })
 }
 
 /// Takes `amount` from what the environment has available, in draw order, or refuses it whole.

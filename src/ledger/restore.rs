@@ -93,7 +93,9 @@ impl Ledger {
                     let books = Box::new(cell.books.lock().clone());
                     emit(SnapshotItem::Environment { id, books });
                 }
-                Slot::App { target, applied_seq } => apps.push(SnapshotItem::App { id, target, applied_seq }),
+                Slot::App(link) => {
+                    apps.push(SnapshotItem::App { id, target: link.target.clone(), applied_seq: link.applied_seq });
+                }
             }
         }
         apps.into_iter().for_each(&mut emit);
@@ -112,17 +114,18 @@ impl Ledger {
             }
             SnapshotItem::Environment { id, books } => {
                 let item_error = |reason: &str| RestoreError::Item { id: id.to_string(), reason: reason.to_owned() };
-                let tenant_cell =
-                    self.tenants.get(&books.tenant).map(|t| t.clone()).ok_or_else(|| item_error("unknown tenant"))?;
-                let cell = new_cell(&id, &books.tenant, tenant_cell);
+                let tenant_entry = self.tenant_entry(&books.tenant).ok_or_else(|| item_error("unknown tenant"))?;
+                let cell = new_cell(&id, tenant_entry);
                 for (seq, hold) in &books.open {
                     self.expiries.push(hold.expires_at_ms, *seq, Arc::clone(&cell));
                 }
-                *cell.books.lock() = *books;
+                let mut books = *books;
+                books.tenant = cell.owner.clone();
+                *cell.books.lock() = books;
                 self.environments.insert(id, Slot::Capacity(cell));
             }
             SnapshotItem::App { id, target, applied_seq } => {
-                self.environments.insert(id, Slot::App { target, applied_seq });
+                self.environments.insert(id, Slot::app(target, applied_seq));
             }
             SnapshotItem::RateCard(rate_card) => {
                 let id = format!("rate card version {}", rate_card.version);
@@ -194,25 +197,22 @@ impl Ledger {
                     Some(Slot::Capacity(_)) => {
                         return Err(fail(format!("{app_environment} is a capacity environment")));
                     }
-                    Some(Slot::App { applied_seq, .. }) => applied_seq,
+                    Some(Slot::App(link)) => link.applied_seq,
                     None => 0,
                 };
                 if applied < seq {
-                    let slot = Slot::App { target: environment.clone(), applied_seq: seq };
+                    let slot = Slot::app(environment.clone(), seq);
                     self.environments.insert(app_environment.clone(), slot);
                 }
             }
             Event::Allocated { tenant, environment, .. } => {
                 let cell = match self.environments.get(environment).map(|s| s.clone()) {
                     Some(Slot::Capacity(cell)) => cell,
-                    Some(Slot::App { .. }) => return Err(fail(format!("{environment} is an app environment"))),
+                    Some(Slot::App(_)) => return Err(fail(format!("{environment} is an app environment"))),
                     None => {
-                        let tenant_cell = self
-                            .tenants
-                            .get(tenant)
-                            .map(|t| t.clone())
-                            .ok_or_else(|| fail(format!("unknown tenant {tenant}")))?;
-                        let cell = new_cell(environment, tenant, tenant_cell);
+                        let tenant_entry =
+                            self.tenant_entry(tenant).ok_or_else(|| fail(format!("unknown tenant {tenant}")))?;
+                        let cell = new_cell(environment, tenant_entry);
                         self.environments.insert(environment.clone(), Slot::Capacity(cell.clone()));
                         cell
                     }
@@ -347,7 +347,7 @@ impl Ledger {
             .environments
             .iter()
             .filter_map(|slot| match slot.value() {
-                Slot::App { target: Some(target), .. } => Some((slot.key().clone(), target.clone())),
+                Slot::App(link) => link.target.as_ref().map(|target| (slot.key().clone(), target.clone())),
                 _ => None,
             })
             .collect();
@@ -450,6 +450,39 @@ mod tests {
         assert_eq!(restored.open_reservations(), 1);
     }
 
+    /// The tenant id of every environment of a tenant, in its cell and in its books, points into
+    /// the same string as `want`.
+    fn assert_share_tenant_id(ledger: &Ledger, want: *const u8) {
+        for slot in ledger.environments.iter() {
+            let Slot::Capacity(cell) = slot.value() else { continue };
+            assert_eq!(cell.owner.as_str().as_ptr(), want, "{}", slot.key());
+            assert_eq!(cell.books.lock().tenant.as_str().as_ptr(), want, "{}", slot.key());
+        }
+    }
+
+    /// A tenant's environments share its id string, whether made by commands, restored from a snapshot
+    /// or replayed from the log, each of which names the tenant with a string of its own.
+    #[test]
+    fn a_tenants_environments_share_its_id() {
+        let log = Arc::new(Log::default());
+        let ledger = Ledger::with_sink(Limits::default(), log.clone());
+        for command in [purchase("t", 5_000), allocate("t", "e0", 1_000), allocate("t", "e1", 1_000)] {
+            ledger.apply(&command, 0).unwrap();
+        }
+        let tenant_id = |ledger: &Ledger| ledger.tenants.iter().next().unwrap().key().as_str().as_ptr();
+        assert_share_tenant_id(&ledger, tenant_id(&ledger));
+
+        let restored = Ledger::new(Limits::default());
+        ledger.export(|item| restored.import(item).unwrap());
+        assert_share_tenant_id(&restored, tenant_id(&restored));
+
+        let replayed = Ledger::new(Limits::default());
+        for (seq, now, event, levels) in log.0.lock().iter() {
+            replayed.replay(*seq, *now, event, *levels).unwrap();
+        }
+        assert_share_tenant_id(&replayed, tenant_id(&replayed));
+    }
+
     /// Admin commands log their event before they publish the object it creates, so a snapshot that
     /// listed objects without waiting for them could miss a tenant whose purchase was logged before
     /// the snapshot began, and recovery, which replays only later events, lost the tenant. Purchases
@@ -474,5 +507,120 @@ mod tests {
                 assert!(tenants >= covered, "{covered} tenants logged before the snapshot, {tenants} in it");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod snapshot_form {
+    use super::*;
+    use crate::ledger::{AgentId, Command, IdempotencyKey, Limits, ReservationId, Usage};
+
+    fn id(s: &str) -> EnvironmentId {
+        EnvironmentId::new(s).unwrap()
+    }
+
+    fn reserve(environment: &str, key: Option<&str>, expires_at_ms: u64) -> Command {
+        Command::Reserve {
+            environment: id(environment),
+            agent: AgentId::new("agent").unwrap(),
+            usage: Usage::Milli(1_000),
+            idempotency_key: key.map(|k| IdempotencyKey::new(k).unwrap()),
+            expires_at_ms,
+            api_key: None,
+        }
+    }
+
+    /// Three environments: one never used, one with its alert settings changed, and one with open,
+    /// committed and expired reservations (one made with an idempotency key), an agent limit and
+    /// custom alert settings.
+    fn ledger() -> Ledger {
+        let ledger = Ledger::new(Limits::default());
+        let tenant = TenantId::new("t").unwrap();
+        let mut commands =
+            vec![Command::PurchaseCapacity { tenant: tenant.clone(), amount_milli: 30_000, idempotency_key: None }];
+        for environment in ["fresh", "alerts", "used"] {
+            commands.push(Command::AllocateCapacity {
+                tenant: tenant.clone(),
+                environment: id(environment),
+                amount_milli: 10_000,
+                draw_from_tenant_pool: false,
+            });
+        }
+        for environment in ["alerts", "used"] {
+            commands.push(Command::SetEnvironmentAlerts {
+                environment: id(environment),
+                low_percent: 35,
+                budget_thresholds: vec![50, 90],
+            });
+        }
+        commands.extend([
+            reserve("used", Some("k1"), 60_000),
+            Command::Commit {
+                reservation: ReservationId { environment: id("used"), seq: 1 },
+                usage: Usage::Milli(700),
+                api_key: None,
+            },
+            reserve("used", None, 9_500),
+            Command::Expire { reservation: ReservationId { environment: id("used"), seq: 2 } },
+            reserve("used", None, 90_000),
+            Command::SetAgentLimit {
+                environment: id("used"),
+                agent: AgentId::new("agent").unwrap(),
+                limit: Some(crate::ledger::AgentLimit {
+                    limit_milli: 5_000,
+                    notify_percent: 80,
+                    stop_when_exceeded: false,
+                    disabled: false,
+                }),
+            },
+        ]);
+        for (at, command) in commands.iter().enumerate() {
+            // A second apart; the expiry runs well past the hold's time.
+            let late = if matches!(command, Command::Expire { .. }) { 10_000 } else { 0 };
+            ledger.apply(command, 1_000 * at as u64 + late).unwrap();
+        }
+        ledger
+    }
+
+    /// The bytes each environment had in a snapshot before its rarely used parts were boxed: never used
+    /// (no records, default alert thresholds, no usage book), alert settings changed, and used.
+    const BEFORE_BOXING: [(&str, &str); 3] = [
+        ("alerts", "0174904e00000000000000000000010000000000d8b8010080c894fd09002302325a00000000"),
+        ("fresh", "0174904e00000000000000000000010000000000d8b8010080c894fd09001402506400000000"),
+        (
+            "used",
+            concat!(
+                "0174904e000000bc050000e807000000040103056167656e74e807e8070000904e90bf050001000201056167656e74e8",
+                "07e8070000f02ee0d40301026b31010000bc05bc050000ac02000002056167656e74e807e8070000c03e9c4a00010002",
+                "02d83601b894010201026b310100d8b8010080c894fd0901056167656e74018827500000bc05e807002302325a000001",
+                "0a313937302d30312d303101056167656e7402000000000003086d65737361676573bc05000000000107313937302d30",
+                "3101056167656e7402000000000003086d65737361676573bc0500000000",
+            ),
+        ),
+    ];
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Snapshots keep the form environments had before their rarely used parts were boxed, whether
+    /// those parts were made or not, and read back to the same books.
+    #[test]
+    fn environments_keep_their_snapshot_form() {
+        let mut items = Vec::new();
+        ledger().export(|item| {
+            if let SnapshotItem::Environment { id, books } = item {
+                items.push((id.to_string(), books));
+            }
+        });
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(items.len(), BEFORE_BOXING.len());
+        for ((id, books), (expected_id, expected)) in items.iter().zip(BEFORE_BOXING) {
+            assert_eq!(id, expected_id);
+            let bytes = postcard::to_stdvec(books).unwrap();
+            assert_eq!(hex(&bytes), expected, "{id}");
+            let read: Environment = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(hex(&postcard::to_stdvec(&read).unwrap()), expected, "{id} read back");
+        }
     }
 }
