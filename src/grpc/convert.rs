@@ -143,12 +143,34 @@ pub fn allocation_milli(messages: u64) -> Result<Milli, FieldError> {
 /// What CheckAndReserve answers for a grant (a new hold or an idempotent retry's first one).
 pub fn granted(grant: Grant) -> proto::CheckAndReserveResponse {
     proto::CheckAndReserveResponse {
-        reservation_id: grant.reservation.to_string(),
+        reservation_id: reservation_text(&grant.reservation),
         reserved_milli: grant.amount_milli,
         draws: draws(&grant.draws),
         expires_at_unix_ms: grant.expires_at_ms,
         balance: Some(balance(grant.balance)),
     }
+}
+
+/// A reservation id as its `Display` writes it (`<environment>/<seq>`), built into one allocation of
+/// the right size: every grant answers with one, and `to_string` formats it through `fmt` in pieces.
+fn reservation_text(id: &ReservationId) -> String {
+    let environment = id.environment.as_str();
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut seq = id.seq;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (seq % 10) as u8;
+        seq /= 10;
+        if seq == 0 {
+            break;
+        }
+    }
+    let mut text = String::with_capacity(environment.len() + 1 + digits.len() - start);
+    text.push_str(environment);
+    text.push('/');
+    text.extend(digits[start..].iter().map(|digit| char::from(*digit)));
+    text
 }
 
 /// What CheckAndReserve answers for a dry run: no reservation id, no expiry.
@@ -197,8 +219,9 @@ pub fn balance(balance: Balance) -> proto::Balance {
         BalanceState::Depleted => proto::State::Depleted,
     };
     proto::Balance {
-        environment_id: balance.environment.to_string(),
-        tenant_id: balance.tenant.to_string(),
+        // `as_str` copies the bytes once; `to_string` would go through `fmt`.
+        environment_id: balance.environment.as_str().to_owned(),
+        tenant_id: balance.tenant.as_str().to_owned(),
         allocated_milli: balance.allocated_milli,
         allocation_used_milli: balance.allocation_used_milli,
         tenant_pool_used_milli: balance.tenant_pool_used_milli,
@@ -234,6 +257,14 @@ mod tests {
         assert_eq!(log(&"a".repeat(MAX_ID_BYTES + 1)), format!("\"{longest}\"..."));
         assert_eq!(log("a\nb"), "\"a\\nb\"");
         assert_eq!(log(&"é".repeat(MAX_ID_BYTES)), format!("\"{}\"...", "é".repeat(MAX_ID_BYTES / 2)));
+    }
+
+    #[test]
+    fn reservation_ids_are_answered_as_displayed() {
+        for seq in [0, 1, 9, 10, 42, 1_000_000, u64::MAX] {
+            let id = ReservationId { environment: crate::ledger::EnvironmentId::new("org/env-1").unwrap(), seq };
+            assert_eq!(reservation_text(&id), id.to_string());
+        }
     }
 
     #[test]

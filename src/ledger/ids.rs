@@ -35,9 +35,17 @@ fn validate(s: &str, max: usize) -> Result<(), IdError> {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+        #[serde(try_from = "String")]
         pub struct $name(Arc<str>);
+
+        /// As its string, borrowed: every log record names several ids, and going through an owned
+        /// `String` (serde's `into`) would allocate and copy each one to write it.
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
 
         impl $name {
             pub fn new(s: &str) -> Result<Self, IdError> {
@@ -173,6 +181,18 @@ mod tests {
         assert_eq!(AgentId::new("a b"), Err(IdError::NotPrintable { index: 1 }));
         assert_eq!(AgentId::new("é"), Err(IdError::NotPrintable { index: 0 }));
         assert_eq!(AgentId::new("sales-agent_1.v2").unwrap().as_str(), "sales-agent_1.v2");
+    }
+
+    /// Log records and snapshots written before ids were serialized as borrowed strings still read.
+    #[test]
+    fn ids_encode_as_their_string() {
+        let id = AgentId::new("sales-agent").unwrap();
+        let encoded = postcard::to_allocvec(&id).unwrap();
+        assert_eq!(encoded, postcard::to_allocvec(&String::from("sales-agent")).unwrap());
+        assert_eq!(postcard::from_bytes::<AgentId>(&encoded).unwrap(), id);
+        let reservation = ReservationId { environment: EnvironmentId::new("env").unwrap(), seq: 7 };
+        let encoded = postcard::to_allocvec(&reservation).unwrap();
+        assert_eq!(encoded, postcard::to_allocvec(&("env".to_owned(), 7u64)).unwrap());
     }
 
     #[test]

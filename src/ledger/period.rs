@@ -25,9 +25,18 @@ impl Period {
         (self.start_ms..self.end_ms).contains(&unix_ms)
     }
 
-    /// `YYYY-MM`.
+    /// `YYYY-MM`. Built by hand: every balance answered names its period, and `format!` with padding
+    /// costs several times the seven bytes it writes.
     pub fn name(&self) -> String {
-        format!("{:04}-{:02}", self.month_index / 12, self.month_index % 12 + 1)
+        let (year, month) = (self.month_index / 12, self.month_index % 12 + 1);
+        if year > 9_999 {
+            return format!("{year}-{month:02}");
+        }
+        let digit = |n: u32| char::from(b'0' + (n % 10) as u8);
+        let mut name = String::with_capacity(7);
+        name.extend([digit(year / 1_000), digit(year / 100), digit(year / 10), digit(year), '-']);
+        name.extend([digit(month / 10), digit(month)]);
+        name
     }
 }
 
@@ -146,6 +155,16 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_padded_to_four_and_two_digits() {
+        let name = |year: u32, month: u32| Period { month_index: year * 12 + month - 1, ..Period::NONE }.name();
+        assert_eq!(name(0, 1), "0000-01");
+        assert_eq!(name(7, 9), "0007-09");
+        assert_eq!(name(2026, 10), "2026-10");
+        assert_eq!(name(9_999, 12), "9999-12");
+        assert_eq!(name(10_000, 1), "10000-01");
+    }
 
     #[test]
     fn periods_change_at_midnight_utc_on_the_first() {
