@@ -2,9 +2,14 @@
 //! reflection (and the metrics endpoint), runs the expiry sweeper, and drains gracefully when the
 //! shutdown future resolves.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use tokio::{net::TcpListener, runtime::Handle};
+use tokio::net::TcpListener;
 use tokio_util::{either::Either, sync::CancellationToken};
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -25,14 +30,15 @@ use crate::{
 /// How often expired holds are looked for. Holds are released within this long of their expiry
 /// (the contract promises within a second).
 pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(200);
-/// Holds taken from the expiry queue at a time: each environment's due holds among them expire as one
-/// event, and the log is written after each batch.
+/// Holds taken from the expiry queue at a time, between checks of the sweep's time slice: each
+/// environment's due holds among them expire as one event.
 const EXPIRY_CHUNK: usize = 256;
-/// The nice value of the expiry thread. On a busy core the scheduler gives a backlog of expiries about a
-/// quarter of it (weight 335 against 1,024), in slices it preempts when a request arrives, so a mass
-/// expiry slows calls in flight by about a third rather than stalling them; on an idle core, or a
-/// second one, the sweep runs at full speed.
-const EXPIRY_NICE: i32 = 5;
+/// Bounds of one turn of a sweep that has more to expire than one turn does. Within them a turn lasts half
+/// as long as the other tasks ran since the last one: a backlog of expiries then gets a third of the core
+/// (an expiry costs about a quarter of a reservation, so expiries keep up with any rate of grants), and a call in
+/// flight waits at most about half as long again as it would without the backlog.
+const EXPIRY_MIN_SLICE: Duration = Duration::from_micros(100);
+const EXPIRY_MAX_SLICE: Duration = Duration::from_millis(5);
 
 /// Health names that report the server's state; `""` is the whole server.
 const HEALTH_SERVICES: [&str; 3] = ["", "quota.v1.Quota", "quota.v1.QuotaAdmin"];
@@ -95,9 +101,7 @@ pub async fn run_with_metrics(
     let context =
         Arc::new(Context { ledger, clock, policy: config.policy.clone(), store, alerts, metrics: metrics.clone() });
     // Expire what ran out while the server was down before the first request is served.
-    let runtime = Handle::current();
-    let (sweep_context, sweep_stop) = (context.clone(), background.clone());
-    let _ = tokio::task::spawn_blocking(move || expire_due(&sweep_context, &runtime, &sweep_stop)).await;
+    expire_due(&context).await;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -113,12 +117,7 @@ pub async fn run_with_metrics(
         AdminGate::new(auth),
     );
 
-    let sweeper = {
-        let (context, runtime, stop) = (context.clone(), Handle::current(), background.clone());
-        tokio::spawn(in_background_thread("quotad-expiry", EXPIRY_NICE, move || {
-            sweep_expiries(&context, &runtime, &stop);
-        }))
-    };
+    let sweeper = tokio::spawn(sweep_expiries(context.clone(), background.clone()));
     let snapshotter = tokio::spawn(take_snapshots(context.clone(), background.clone()));
     let log_health = tokio::spawn(follow_log_health(context.clone(), health.clone(), background.clone()));
     let metrics_endpoint = serve_metrics(metrics_listener, &context, background.clone())?;
@@ -271,37 +270,40 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Releases holds whose expiry has passed, without a client call, on a thread of lower priority
-/// (see [`EXPIRY_NICE`]), until `stop`.
-fn sweep_expiries(context: &Context, runtime: &Handle, stop: &CancellationToken) {
-    let tick = || async {
+/// Releases holds whose expiry has passed, without a client call.
+async fn sweep_expiries(context: Arc<Context>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(EXPIRY_SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
         tokio::select! {
-            () = stop.cancelled() => false,
-            () = tokio::time::sleep(EXPIRY_SWEEP_INTERVAL) => true,
+            () = stop.cancelled() => return,
+            _ = tick.tick() => expire_due(&context).await,
         }
-    };
-    while runtime.block_on(tick()) {
-        expire_due(context, runtime, stop);
     }
 }
 
-/// Expires every hold that is due now, and writes the expiries to the log as a request's wait would
-/// (while the log fails, they are written once it works again).
-fn expire_due(context: &Context, runtime: &Handle, stop: &CancellationToken) {
-    while !stop.is_cancelled() {
-        let taken = context.ledger.expire_due(context.clock.now_ms(), EXPIRY_CHUNK);
-        if taken > 0
-            && let Some(store) = &context.store
-        {
-            let _ = runtime.block_on(store.wait_durable());
+/// Expires every hold that is due now, in turns that yield to the runtime in between.
+async fn expire_due(context: &Context) {
+    let mut slice = EXPIRY_MIN_SLICE;
+    loop {
+        let turn_started = Instant::now();
+        let (mut done, mut expired_any) = (false, false);
+        while !done && turn_started.elapsed() < slice {
+            let taken = context.ledger.expire_due(context.clock.now_ms(), EXPIRY_CHUNK);
+            done = taken < EXPIRY_CHUNK;
+            expired_any |= taken > 0;
         }
-        if taken < EXPIRY_CHUNK {
+        // Waiting writes the expiries now, as a request's wait would; while the log fails, they are
+        // written once it works again.
+        if expired_any && let Some(store) = &context.store {
+            let _ = store.wait_durable().await;
+        }
+        if done {
             return;
         }
-        // The scheduler lets a running thread finish its slice (milliseconds) before a woken one of
-        // higher priority runs: giving the core up after each chunk (a fraction of a millisecond)
-        // keeps a backlog from holding up the requests that arrive meanwhile.
-        std::thread::yield_now();
+        let yielded = Instant::now();
+        tokio::task::yield_now().await;
+        slice = (yielded.elapsed() / 2).clamp(EXPIRY_MIN_SLICE, EXPIRY_MAX_SLICE);
     }
 }
 
@@ -317,7 +319,7 @@ async fn take_snapshots(context: Arc<Context>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let (store, context) = (store.clone(), context.clone());
-        match in_background_thread("quotad-snapshot", SNAPSHOT_NICE, move || store.snapshot(&context.ledger)).await {
+        match in_background_thread(move || store.snapshot(&context.ledger)).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => tracing::error!(%error, "snapshot failed; the log keeps every change meanwhile"),
             Err(error) => tracing::error!(%error, "snapshot thread failed"),
@@ -330,22 +332,18 @@ async fn take_snapshots(context: Arc<Context>, stop: CancellationToken) {
 /// for whole scheduler slices.
 const SNAPSHOT_NICE: i32 = 10;
 
-/// Runs `work` on a new thread named `name` of lower scheduling priority `nice` (a thread of its own,
-/// because a thread's priority cannot be raised back without privileges).
-async fn in_background_thread<T: Send + 'static>(
-    name: &str,
-    nice: i32,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> std::io::Result<T> {
+/// Runs `work` on a new thread of lower scheduling priority (a thread of its own, because a thread's
+/// priority cannot be raised back without privileges).
+async fn in_background_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
     let (done, result) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name(name.into()).spawn(move || {
+    std::thread::Builder::new().name("quotad-snapshot".into()).spawn(move || {
         // Linux nice values are per thread. Failing to lower it only costs latency.
-        if let Err(error) = rustix::process::setpriority_process(None, nice) {
-            tracing::debug!(%error, "could not lower a background thread's priority");
+        if let Err(error) = rustix::process::setpriority_process(None, SNAPSHOT_NICE) {
+            tracing::debug!(%error, "could not lower the snapshot thread's priority");
         }
         let _ = done.send(work());
     })?;
-    result.await.map_err(|_| std::io::Error::other(format!("thread {name} panicked")))
+    result.await.map_err(|_| std::io::Error::other("the snapshot thread panicked"))
 }
 
 /// Turns health NOT_SERVING while the log cannot be written, and SERVING again once it can.
