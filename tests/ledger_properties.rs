@@ -867,7 +867,7 @@ impl Harness {
         }
         let mut expected = self.model.pop_due(self.now);
         expected.sort();
-        if self.now % 2 == 0 {
+        if self.now.is_multiple_of(2) {
             // As the server's sweep: each environment's due holds at once, one event each.
             for reservation in &expected {
                 let _ = self.model.apply(&Command::Expire { reservation: reservation.clone() }, self.now);

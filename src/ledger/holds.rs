@@ -387,7 +387,7 @@ mod tests {
                 Event::ExpiredHolds { environment: other.clone(), seqs: vec![on_f.reservation.seq] },
             ]
         );
-        assert_eq!(all_open(&ledger).iter().map(|h| h.reservation.clone()).collect::<Vec<_>>(), [later.clone()]);
+        assert_eq!(all_open(&ledger).iter().map(|h| h.reservation.clone()).collect::<Vec<_>>(), [later]);
         assert_eq!(ledger.balance(&env(), now).unwrap().reserved_milli, 100);
         assert_eq!(ledger.balance(&other, now).unwrap().reserved_milli, 0);
         // The allocation was taken when `later` was made: it holds its 100 in the pool.
