@@ -246,6 +246,13 @@ pub struct Resolved {
     pub resolution: Resolution,
 }
 
+/// How an open hold ends without being used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Released,
+    Expired,
+}
+
 /// A capacity environment's books for the current period.
 ///
 /// Invariants: `held` is the per-source sum of the draws of `open`;
@@ -655,13 +662,13 @@ impl Environment {
         self.open.range(..=through_seq).filter(move |(_, hold)| of_agent(hold)).map(|(seq, hold)| (*seq, &**hold))
     }
 
-    /// Ends the hold `seq` if it is open, using nothing, and remembers it as released or expired;
-    /// returns what it held. The caller counts it off the server-wide open-hold count.
+    /// Ends the hold `seq` if it is open, using nothing, and remembers how; returns what it held. The
+    /// caller counts it off the server-wide open-hold count.
     pub fn end_open(
         &mut self,
         tenant: Option<&mut Tenant>,
         seq: u64,
-        expired: bool,
+        ending: Ending,
         now: u64,
         (retention_ms, max_resolved): (u64, usize),
     ) -> Option<Milli> {
@@ -670,7 +677,10 @@ impl Environment {
         // Using nothing, it never makes an agent's books: the bound on them does not apply.
         self.agent_resolved(&hold.agent, hold.amount, 0, usize::MAX);
         let held = hold.amount;
-        let resolution = if expired { Resolution::Expired } else { Resolution::Released { released: held } };
+        let resolution = match ending {
+            Ending::Released => Resolution::Released { released: held },
+            Ending::Expired => Resolution::Expired,
+        };
         self.remember(seq, Resolved { hold, resolution }, now, retention_ms, max_resolved);
         Some(held)
     }

@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 use super::{
     ApiKeyId, CapacityCell, EnvironmentId, Event, Ledger, LedgerError, OpenReservationScope, ReservationId, Slot,
     TenantId,
-    account::{Environment, Tenant},
+    account::{Ending, Environment, Tenant},
 };
 
 /// API keys one tenant may have at once.
@@ -355,41 +355,21 @@ impl Ledger {
         counts
     }
 
-    /// Releases the open hold `seq` as a Release does, and counts it off the server and its key.
-    pub(super) fn release_open_hold(
+    /// Ends the open hold `seq` as a Release or an expiry does, and counts it off the server and its
+    /// key; false if it is not open.
+    pub(super) fn end_open_hold(
         &self,
         env: &mut Environment,
         tenant: Option<&mut Tenant>,
         seq: u64,
-        now: u64,
-    ) -> bool {
-        self.end_open_hold(env, tenant, seq, false, now)
-    }
-
-    /// Expires the hold `seq` if it is open, as [`Self::release_open_hold`] releases it.
-    pub(super) fn expire_open_hold(
-        &self,
-        env: &mut Environment,
-        tenant: Option<&mut Tenant>,
-        seq: u64,
-        now: u64,
-    ) -> bool {
-        self.end_open_hold(env, tenant, seq, true, now)
-    }
-
-    fn end_open_hold(
-        &self,
-        env: &mut Environment,
-        tenant: Option<&mut Tenant>,
-        seq: u64,
-        expired: bool,
+        ending: Ending,
         now: u64,
     ) -> bool {
         let Some(hold) = env.open.get(&seq) else { return false };
         self.key_hold_resolved(hold.api_key.as_ref());
         self.open_total.fetch_sub(1, Ordering::Relaxed);
         let retention = (self.limits.resolved_retention_ms, self.limits.max_resolved_per_environment);
-        env.end_open(tenant, seq, expired, now, retention).is_some()
+        env.end_open(tenant, seq, ending, now, retention).is_some()
     }
 }
 

@@ -53,7 +53,7 @@ pub use ids::{
 };
 pub use restore::{RestoreError, SnapshotItem};
 
-use account::{AgentBook, Environment, Hold, Resolution, Resolved, Tenant};
+use account::{AgentBook, Ending, Environment, Hold, Resolution, Resolved, Tenant};
 use alerts::{AlertLog, AlertSink};
 use api_keys::{ApiKey, ApiKeyRecord};
 use expiry::ExpiryQueue;
@@ -1216,7 +1216,7 @@ impl Ledger {
                 count_usage_keys(cell, tenant, new_keys, now);
             }
             Event::Released { reservation } => {
-                if !self.release_open_hold(env, tenant.as_deref_mut(), reservation.seq, now) {
+                if !self.end_open_hold(env, tenant.as_deref_mut(), reservation.seq, Ending::Released, now) {
                     let record = env.resolved_mut(reservation.seq).filter(|r| r.resolution == Resolution::Expired);
                     let record =
                         record.ok_or_else(|| format!("reservation {reservation} is neither open nor expired"))?;
@@ -1224,7 +1224,7 @@ impl Ledger {
                 }
             }
             Event::Expired { reservation } => {
-                if !self.expire_open_hold(env, tenant.as_deref_mut(), reservation.seq, now) {
+                if !self.end_open_hold(env, tenant.as_deref_mut(), reservation.seq, Ending::Expired, now) {
                     return Err(format!("reservation {reservation} is not open"));
                 }
             }
@@ -1234,7 +1234,7 @@ impl Ledger {
                     return Err(format!("reservation {environment}/{seq} is not open"));
                 }
                 for &seq in seqs {
-                    let expired = self.expire_open_hold(env, tenant.as_deref_mut(), seq, now);
+                    let expired = self.end_open_hold(env, tenant.as_deref_mut(), seq, Ending::Expired, now);
                     assert!(expired, "checked open above");
                 }
             }
@@ -1247,7 +1247,7 @@ impl Ledger {
                     ));
                 }
                 for seq in seqs {
-                    let released = self.release_open_hold(env, tenant.as_deref_mut(), seq, now);
+                    let released = self.end_open_hold(env, tenant.as_deref_mut(), seq, Ending::Released, now);
                     assert!(released, "selected among the open holds");
                 }
             }
