@@ -425,6 +425,11 @@ impl Environment {
         self.records.get_or_insert_default()
     }
 
+    /// The hold of reservation `seq`, open or resolved and still remembered.
+    pub fn hold_of(&self, seq: u64) -> Option<&Hold> {
+        self.open.get(&seq).map(|hold| &**hold).or_else(|| self.resolved(seq).map(|r| &*r.hold))
+    }
+
     /// How the reservation `seq` resolved, if it did and is still remembered.
     pub fn resolved(&self, seq: u64) -> Option<&Resolved> {
         self.records.as_deref()?.resolved.get(&seq)

@@ -342,8 +342,7 @@ fn event_agent(books: &Books<'_>, event: &Event) -> Option<AgentId> {
     match event {
         Event::Reserved { agent, .. } | Event::AgentLimitSet { agent, .. } => Some(agent.clone()),
         Event::Committed { reservation, .. } | Event::Released { reservation } | Event::Expired { reservation } => {
-            let seq = reservation.seq;
-            books.env.open.get(&seq).or_else(|| books.env.resolved(seq).map(|r| &r.hold)).map(|h| h.agent.clone())
+            books.env.hold_of(reservation.seq).map(|h| h.agent.clone())
         }
         _ => None,
     }

@@ -964,12 +964,7 @@ impl Ledger {
     /// The earlier grant for a retried idempotency key, if the retry asks for the same thing (its
     /// usage priced with the first grant's rate card version).
     fn replay_grant(&self, books: &Books<'_>, seq: u64, retry: &ReserveRequest<'_>) -> Result<Grant, LedgerError> {
-        let first = books
-            .env
-            .open
-            .get(&seq)
-            .or_else(|| books.env.resolved(seq).map(|r| &r.hold))
-            .expect("an idempotency key maps to a remembered reservation");
+        let first = books.env.hold_of(seq).expect("an idempotency key maps to a remembered reservation");
         let amount = priced_total(&self.price(retry.usage, first.rate_card_version)?);
         if first.agent != *retry.agent || first.amount != amount {
             return Err(LedgerError::IdempotencyKeyReused {
@@ -997,7 +992,7 @@ impl Ledger {
     ) -> Result<Settled<Settlement>, LedgerError> {
         self.expire_if_due(books, reservation, now);
         let seq = reservation.seq;
-        let hold = books.env.open.get(&seq).or_else(|| books.env.resolved(seq).map(|r| &r.hold));
+        let hold = books.env.hold_of(seq);
         let Some(hold) = hold else { return Err(LedgerError::UnknownReservation(reservation.to_string())) };
         let agent = hold.agent.clone();
         let items = self.price(usage, hold.rate_card_version)?;
@@ -1190,9 +1185,7 @@ impl Ledger {
                 }
                 let resolution = Resolution::Committed { actual: *actual_milli, settlement: *settlement };
                 let agent = env
-                    .open
-                    .get(&reservation.seq)
-                    .or_else(|| env.resolved(reservation.seq).map(|r| &r.hold))
+                    .hold_of(reservation.seq)
                     .map(|hold| hold.agent.clone())
                     .ok_or_else(|| format!("reservation {reservation} is neither open nor resolved"))?;
                 if let Some(hold) = env.open.remove(&reservation.seq) {
