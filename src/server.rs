@@ -33,12 +33,19 @@ pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 /// Holds taken from the expiry queue at a time, between checks of the sweep's time slice: each
 /// environment's due holds among them expire as one event.
 const EXPIRY_CHUNK: usize = 256;
-/// Bounds of one turn of a sweep that has more to expire than one turn does. Within them a turn lasts half
-/// as long as the other tasks ran since the last one: a backlog of expiries then gets a third of the core
-/// (an expiry costs about a quarter of a reservation, so expiries keep up with any rate of grants), and a call in
-/// flight waits at most about half as long again as it would without the backlog.
+/// How a sweep with more to expire than one turn shares the core with requests. It runs in turns of
+/// at most `EXPIRY_MAX_SLICE`, so a call in flight waits at most that long for it. Between turns it
+/// pauses for `EXPIRY_PAUSE` and measures the CPU the rest of the process used meanwhile. While requests
+/// keep the core busy, the next turn is sized so that the sweep takes `EXPIRY_BUSY_SHARE` of the core: a
+/// grant costs about four times an expiry, so that share keeps up with grants at any rate. While the
+/// core is idle, the sweep takes what the requests leave.
+const EXPIRY_BUSY_SHARE: f64 = 0.25;
 const EXPIRY_MIN_SLICE: Duration = Duration::from_micros(100);
-const EXPIRY_MAX_SLICE: Duration = Duration::from_millis(5);
+const EXPIRY_MAX_SLICE: Duration = Duration::from_micros(500);
+const EXPIRY_PAUSE: Duration = Duration::from_millis(1);
+/// Below this share of a pause spent by the rest of the process, the core counts as idle: the sweep
+/// then only yields between turns, rather than sleeping.
+const EXPIRY_IDLE_BELOW: f64 = 0.05;
 
 /// Health names that report the server's state; `""` is the whole server.
 const HEALTH_SERVICES: [&str; 3] = ["", "quota.v1.Quota", "quota.v1.QuotaAdmin"];
@@ -282,17 +289,19 @@ async fn sweep_expiries(context: Arc<Context>, stop: CancellationToken) {
     }
 }
 
-/// Expires every hold that is due now, in turns that yield to the runtime in between.
+/// Expires every hold that is due now, in turns paced by [`next_expiry_turn`].
 async fn expire_due(context: &Context) {
-    let mut slice = EXPIRY_MIN_SLICE;
+    let mut turn = ExpiryTurn { slice: EXPIRY_MAX_SLICE, sleep: false };
     loop {
         let turn_started = Instant::now();
         let (mut done, mut expired_any) = (false, false);
-        while !done && turn_started.elapsed() < slice {
+        while !done && turn_started.elapsed() < turn.slice {
             let taken = context.ledger.expire_due(context.clock.now_ms(), EXPIRY_CHUNK);
             done = taken < EXPIRY_CHUNK;
             expired_any |= taken > 0;
         }
+        let paused = Instant::now();
+        let cpu_before = process_cpu_time();
         // Waiting writes the expiries now, as a request's wait would; while the log fails, they are
         // written once it works again.
         if expired_any && let Some(store) = &context.store {
@@ -301,10 +310,38 @@ async fn expire_due(context: &Context) {
         if done {
             return;
         }
-        let yielded = Instant::now();
-        tokio::task::yield_now().await;
-        slice = (yielded.elapsed() / 2).clamp(EXPIRY_MIN_SLICE, EXPIRY_MAX_SLICE);
+        if turn.sleep {
+            tokio::time::sleep(EXPIRY_PAUSE).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
+        turn = next_expiry_turn(paused.elapsed(), process_cpu_time().saturating_sub(cpu_before));
     }
+}
+
+/// The length of a sweep's next turn, and whether to sleep or only yield after it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ExpiryTurn {
+    slice: Duration,
+    sleep: bool,
+}
+
+/// Sizes the next turn from the last pause: how long it lasted and how much CPU the rest of the process
+/// used in it. Busy, the turn is a third of the pause (a quarter of the core); idle, the longest turn.
+fn next_expiry_turn(pause: Duration, others_cpu: Duration) -> ExpiryTurn {
+    let busy = (others_cpu.as_secs_f64() / pause.as_secs_f64().max(1e-9)).min(1.0);
+    if busy < EXPIRY_IDLE_BELOW {
+        return ExpiryTurn { slice: EXPIRY_MAX_SLICE, sleep: false };
+    }
+    let busy_ratio = EXPIRY_BUSY_SHARE / (1.0 - EXPIRY_BUSY_SHARE);
+    let slice = pause.mul_f64((1.0 - busy) + busy * busy_ratio).clamp(EXPIRY_MIN_SLICE, EXPIRY_MAX_SLICE);
+    ExpiryTurn { slice, sleep: true }
+}
+
+/// CPU time of the whole process so far; zero where it cannot be read, which makes the core look idle.
+fn process_cpu_time() -> Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(now.tv_sec.max(0) as u64, now.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
 /// Writes a snapshot every snapshot interval, off the async runtime.
@@ -360,5 +397,54 @@ async fn follow_log_health(context: Arc<Context>, health: HealthReporter, stop: 
             return;
         }
         set_health(&health, if ok { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn assert_about(actual: Duration, expected: Duration) {
+        let error = actual.abs_diff(expected);
+        assert!(error <= Duration::from_micros(1), "{actual:?} is not about {expected:?}");
+    }
+
+    #[test]
+    fn a_busy_core_gives_expiries_a_quarter() {
+        let turn = next_expiry_turn(MS * 6 / 5, MS * 6 / 5);
+        assert_about(turn.slice, MS * 2 / 5);
+        assert!(turn.sleep);
+        // More CPU than the pause lasted (other cores) is still a busy core, not a larger share.
+        assert_eq!(next_expiry_turn(MS * 6 / 5, MS * 3), turn);
+    }
+
+    #[test]
+    fn an_idle_core_gives_expiries_the_longest_turn_without_sleeping() {
+        let idle = ExpiryTurn { slice: EXPIRY_MAX_SLICE, sleep: false };
+        assert_eq!(next_expiry_turn(MS, Duration::ZERO), idle);
+        assert_eq!(next_expiry_turn(Duration::from_micros(3), Duration::ZERO), idle);
+        assert_eq!(next_expiry_turn(Duration::ZERO, Duration::ZERO), idle);
+    }
+
+    #[test]
+    fn a_partly_busy_core_gives_expiries_what_is_left_within_the_bounds() {
+        // Half busy over 0.6 ms: the idle half (0.3 ms) and a third of the busy half (0.1 ms).
+        let turn = next_expiry_turn(Duration::from_micros(600), Duration::from_micros(300));
+        assert_about(turn.slice, Duration::from_micros(400));
+        assert!(turn.sleep);
+        assert_eq!(next_expiry_turn(MS * 10, MS).slice, EXPIRY_MAX_SLICE);
+        assert_eq!(next_expiry_turn(Duration::from_micros(150), Duration::from_micros(150)).slice, EXPIRY_MIN_SLICE);
+    }
+
+    #[test]
+    fn process_cpu_time_moves_forward() {
+        let before = process_cpu_time();
+        let mut spin = 0u64;
+        while process_cpu_time() == before {
+            spin = std::hint::black_box(spin + 1);
+        }
+        assert!(process_cpu_time() > before);
     }
 }

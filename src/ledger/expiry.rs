@@ -1,5 +1,5 @@
 //! When open holds expire. Sharded so that reservations made on different threads rarely meet on
-//! one lock; each shard is a min-heap on expiry time.
+//! one lock; each shard keeps its holds in buckets by the millisecond they expire in.
 //!
 //! Entries are not removed when a reservation resolves early: the sweeper skips those (an `Expire`
 //! of a resolved reservation does nothing), which keeps the hot path to one push per reservation.
