@@ -53,7 +53,7 @@ pub use ids::{
 };
 pub use restore::{RestoreError, SnapshotItem};
 
-use account::{AgentBook, Ending, Environment, Hold, Resolution, Resolved, Tenant};
+use account::{AgentBook, Commitment, Ending, Environment, Hold, Resolution, Resolved, Tenant};
 use alerts::{AlertLog, AlertSink};
 use api_keys::{ApiKey, ApiKeyRecord};
 use expiry::ExpiryQueue;
@@ -1000,9 +1000,10 @@ impl Ledger {
         let settlement = if let Some(hold) = books.env.open.get(&seq) {
             books.env.settlement(books.tenant.as_deref(), hold.draws, actual, false)?
         } else {
-            match books.env.resolved(seq).map(|r| r.resolution) {
+            match books.env.resolved(seq).map(|r| &r.resolution) {
                 None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
-                Some(Resolution::Committed { actual: first, settlement }) => {
+                Some(Resolution::Committed(first)) => {
+                    let Commitment { actual: first, settlement } = **first;
                     if first != actual {
                         return Err(LedgerError::AlreadyCommitted {
                             reservation: reservation.clone(),
@@ -1041,12 +1042,12 @@ impl Ledger {
         let seq = reservation.seq;
         let released = match books.env.open.get(&seq) {
             Some(hold) => hold.amount,
-            None => match books.env.resolved(seq).map(|r| r.resolution) {
+            None => match books.env.resolved(seq).map(|r| &r.resolution) {
                 None => return Err(LedgerError::UnknownReservation(reservation.to_string())),
                 Some(Resolution::Released { released }) => {
-                    return Ok(Settled { result: released, balance: books.balance(), replayed: true });
+                    return Ok(Settled { result: *released, balance: books.balance(), replayed: true });
                 }
-                Some(Resolution::Committed { .. }) => return Err(LedgerError::ReleaseAfterCommit(reservation.clone())),
+                Some(Resolution::Committed(_)) => return Err(LedgerError::ReleaseAfterCommit(reservation.clone())),
                 // Expiry already returned the hold; the release only settles the reservation.
                 Some(Resolution::Expired) => 0,
             },
@@ -1183,7 +1184,8 @@ impl Ledger {
                 {
                     return Err(format!("the commit of {reservation} does not add up"));
                 }
-                let resolution = Resolution::Committed { actual: *actual_milli, settlement: *settlement };
+                let resolution =
+                    Resolution::Committed(Box::new(Commitment { actual: *actual_milli, settlement: *settlement }));
                 let agent = env
                     .hold_of(reservation.seq)
                     .map(|hold| hold.agent.clone())
