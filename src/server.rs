@@ -37,11 +37,17 @@ const EXPIRY_CHUNK: usize = 256;
 /// at most `EXPIRY_MAX_SLICE`, so a call in flight waits at most that long for it. Between turns it
 /// pauses for `EXPIRY_PAUSE` and measures the CPU the rest of the process used meanwhile. While requests
 /// keep the core busy, the next turn is sized so that the sweep takes `EXPIRY_BUSY_SHARE` of the core: a
-/// grant costs about four times an expiry, so that share keeps up with grants at any rate. While the
-/// core is idle, the sweep takes what the requests leave.
+/// unary grant costs about four times an expiry, so that share keeps up with them. While the core is
+/// idle, the sweep takes what the requests leave.
 const EXPIRY_BUSY_SHARE: f64 = 0.25;
 const EXPIRY_MIN_SLICE: Duration = Duration::from_micros(100);
 const EXPIRY_MAX_SLICE: Duration = Duration::from_micros(500);
+/// Grants in batches cost less than an expiry each, so a quarter of the core can fall behind them for
+/// good. Once the earliest due hold is later than the second the contract promises, the share rises,
+/// to `EXPIRY_LATE_SHARE` (with turns as much longer) when it is `EXPIRY_CATCH_UP` later still.
+const EXPIRY_PROMISE: Duration = Duration::from_secs(1);
+const EXPIRY_CATCH_UP: Duration = Duration::from_secs(2);
+const EXPIRY_LATE_SHARE: f64 = 0.75;
 const EXPIRY_PAUSE: Duration = Duration::from_millis(1);
 /// Below this share of a pause spent by the rest of the process, the core counts as idle: the sweep
 /// then only yields between turns, rather than sleeping.
@@ -300,22 +306,24 @@ async fn expire_due(context: &Context) {
             done = taken < EXPIRY_CHUNK;
             expired_any |= taken > 0;
         }
-        let paused = Instant::now();
-        let cpu_before = process_cpu_time();
         // Waiting writes the expiries now, as a request's wait would; while the log fails, they are
-        // written once it works again.
+        // written once it works again. The write is the sweep's own work: the pause starts after it.
         if expired_any && let Some(store) = &context.store {
             let _ = store.wait_durable().await;
         }
         if done {
             return;
         }
+        let now = context.clock.now_ms();
+        let behind = Duration::from_millis(context.ledger.earliest_expiry().map_or(0, |at| now.saturating_sub(at)));
+        let (paused, cpu_before) = (Instant::now(), process_cpu_time());
         if turn.sleep {
             tokio::time::sleep(EXPIRY_PAUSE).await;
         } else {
             tokio::task::yield_now().await;
         }
-        turn = next_expiry_turn(paused.elapsed(), process_cpu_time().saturating_sub(cpu_before));
+        let others_cpu = process_cpu_time().saturating_sub(cpu_before);
+        turn = next_expiry_turn(paused.elapsed(), others_cpu, expiry_share(behind));
     }
 }
 
@@ -326,15 +334,24 @@ struct ExpiryTurn {
     sleep: bool,
 }
 
+/// The share of a busy core the sweep takes when its earliest due hold is `behind` by that long.
+fn expiry_share(behind: Duration) -> f64 {
+    let late = behind.saturating_sub(EXPIRY_PROMISE).as_secs_f64() / EXPIRY_CATCH_UP.as_secs_f64();
+    EXPIRY_BUSY_SHARE + (EXPIRY_LATE_SHARE - EXPIRY_BUSY_SHARE) * late.min(1.0)
+}
+
 /// Sizes the next turn from the last pause: how long it lasted and how much CPU the rest of the process
-/// used in it. Busy, the turn is a third of the pause (a quarter of the core); idle, the longest turn.
-fn next_expiry_turn(pause: Duration, others_cpu: Duration) -> ExpiryTurn {
+/// used in it. Busy, the sweep takes `share` of the core (a turn of a third of the pause for a
+/// quarter); idle, the longest turn. Turns may last longer in proportion as the share is above
+/// `EXPIRY_BUSY_SHARE`.
+fn next_expiry_turn(pause: Duration, others_cpu: Duration, share: f64) -> ExpiryTurn {
+    let longest = EXPIRY_MAX_SLICE.mul_f64(share / EXPIRY_BUSY_SHARE);
     let busy = (others_cpu.as_secs_f64() / pause.as_secs_f64().max(1e-9)).min(1.0);
     if busy < EXPIRY_IDLE_BELOW {
-        return ExpiryTurn { slice: EXPIRY_MAX_SLICE, sleep: false };
+        return ExpiryTurn { slice: longest, sleep: false };
     }
-    let busy_ratio = EXPIRY_BUSY_SHARE / (1.0 - EXPIRY_BUSY_SHARE);
-    let slice = pause.mul_f64((1.0 - busy) + busy * busy_ratio).clamp(EXPIRY_MIN_SLICE, EXPIRY_MAX_SLICE);
+    let busy_ratio = share / (1.0 - share);
+    let slice = pause.mul_f64((1.0 - busy) + busy * busy_ratio).clamp(EXPIRY_MIN_SLICE, longest);
     ExpiryTurn { slice, sleep: true }
 }
 
@@ -411,31 +428,51 @@ mod tests {
         assert!(error <= Duration::from_micros(1), "{actual:?} is not about {expected:?}");
     }
 
+    const ON_TIME: f64 = EXPIRY_BUSY_SHARE;
+
     #[test]
     fn a_busy_core_gives_expiries_a_quarter() {
-        let turn = next_expiry_turn(MS * 6 / 5, MS * 6 / 5);
+        let turn = next_expiry_turn(MS * 6 / 5, MS * 6 / 5, ON_TIME);
         assert_about(turn.slice, MS * 2 / 5);
         assert!(turn.sleep);
         // More CPU than the pause lasted (other cores) is still a busy core, not a larger share.
-        assert_eq!(next_expiry_turn(MS * 6 / 5, MS * 3), turn);
+        assert_eq!(next_expiry_turn(MS * 6 / 5, MS * 3, ON_TIME), turn);
     }
 
     #[test]
     fn an_idle_core_gives_expiries_the_longest_turn_without_sleeping() {
         let idle = ExpiryTurn { slice: EXPIRY_MAX_SLICE, sleep: false };
-        assert_eq!(next_expiry_turn(MS, Duration::ZERO), idle);
-        assert_eq!(next_expiry_turn(Duration::from_micros(3), Duration::ZERO), idle);
-        assert_eq!(next_expiry_turn(Duration::ZERO, Duration::ZERO), idle);
+        assert_eq!(next_expiry_turn(MS, Duration::ZERO, ON_TIME), idle);
+        assert_eq!(next_expiry_turn(Duration::from_micros(3), Duration::ZERO, ON_TIME), idle);
+        assert_eq!(next_expiry_turn(Duration::ZERO, Duration::ZERO, ON_TIME), idle);
     }
 
     #[test]
     fn a_partly_busy_core_gives_expiries_what_is_left_within_the_bounds() {
         // Half busy over 0.6 ms: the idle half (0.3 ms) and a third of the busy half (0.1 ms).
-        let turn = next_expiry_turn(Duration::from_micros(600), Duration::from_micros(300));
+        let turn = next_expiry_turn(Duration::from_micros(600), Duration::from_micros(300), ON_TIME);
         assert_about(turn.slice, Duration::from_micros(400));
         assert!(turn.sleep);
-        assert_eq!(next_expiry_turn(MS * 10, MS).slice, EXPIRY_MAX_SLICE);
-        assert_eq!(next_expiry_turn(Duration::from_micros(150), Duration::from_micros(150)).slice, EXPIRY_MIN_SLICE);
+        assert_eq!(next_expiry_turn(MS * 10, MS, ON_TIME).slice, EXPIRY_MAX_SLICE);
+        let short = next_expiry_turn(Duration::from_micros(150), Duration::from_micros(150), ON_TIME);
+        assert_eq!(short.slice, EXPIRY_MIN_SLICE);
+    }
+
+    #[test]
+    fn a_sweep_that_falls_behind_its_promise_takes_more_of_the_core() {
+        assert_eq!(expiry_share(Duration::ZERO), EXPIRY_BUSY_SHARE);
+        assert_eq!(expiry_share(EXPIRY_PROMISE), EXPIRY_BUSY_SHARE);
+        assert_about_share(expiry_share(EXPIRY_PROMISE + EXPIRY_CATCH_UP / 2), 0.5);
+        assert_eq!(expiry_share(EXPIRY_PROMISE + EXPIRY_CATCH_UP), EXPIRY_LATE_SHARE);
+        assert_eq!(expiry_share(Duration::from_secs(3600)), EXPIRY_LATE_SHARE);
+        // Three quarters of a busy core: turns three times the pause, up to three times as long.
+        let late = next_expiry_turn(Duration::from_micros(400), Duration::from_micros(400), EXPIRY_LATE_SHARE);
+        assert_about(late.slice, Duration::from_micros(1_200));
+        assert_about(next_expiry_turn(MS * 2, MS * 2, EXPIRY_LATE_SHARE).slice, EXPIRY_MAX_SLICE * 3);
+    }
+
+    fn assert_about_share(actual: f64, expected: f64) {
+        assert!((actual - expected).abs() < 1e-9, "{actual} is not {expected}");
     }
 
     #[test]

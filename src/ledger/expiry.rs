@@ -30,6 +30,11 @@ impl<E> ExpiryQueue<E> {
         self.shards[shard].lock().entry(expires_at_ms).or_default().push((environment, seq));
     }
 
+    /// The earliest expiry queued, if any: the hold there may have resolved since.
+    pub fn earliest(&self) -> Option<u64> {
+        self.shards.iter().filter_map(|shard| shard.lock().first_key_value().map(|(&at, _)| at)).min()
+    }
+
     /// Removes and returns up to `max` holds, as (environment, seq), whose expiry is at or before `now`.
     pub fn pop_due(&self, now: u64, max: usize) -> Vec<(E, u64)> {
         let mut due = Vec::new();
@@ -77,5 +82,17 @@ mod tests {
         assert_eq!(queue.pop_due(1_001, usize::MAX), []);
         assert_eq!(queue.pop_due(1_003, 5).len(), 5, "at most max");
         assert_eq!(queue.pop_due(1_003, usize::MAX).len(), 15);
+    }
+
+    #[test]
+    fn the_earliest_expiry_is_the_smallest_across_shards() {
+        let queue = ExpiryQueue::new();
+        assert_eq!(queue.earliest(), None);
+        for (seq, at) in [(1u64, 5_000u64), (2, 3_000), (19, 4_000)] {
+            queue.push(at, seq, ());
+        }
+        assert_eq!(queue.earliest(), Some(3_000));
+        queue.pop_due(3_000, usize::MAX);
+        assert_eq!(queue.earliest(), Some(4_000));
     }
 }

@@ -603,6 +603,11 @@ impl Ledger {
         due.into_iter().map(|(cell, seq)| ReservationId { environment: cell.id.clone(), seq }).collect()
     }
 
+    /// The earliest expiry still queued (Unix ms): the sweep is that far behind when it is past.
+    pub fn earliest_expiry(&self) -> Option<u64> {
+        self.expiries.earliest()
+    }
+
     /// Expires holds due at `now`, taking at most `max` from the queue; returns how many it took, so
     /// that fewer than `max` means that none is left due. The due holds of one environment expire under
     /// one lock as one event, which keeps a mass expiry's cost and log small. Some of those taken may
