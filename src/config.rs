@@ -647,7 +647,15 @@ fn auth_config(cli: &Cli) -> Result<AuthConfig, ConfigError> {
     };
     let auth = match cli.auth {
         AuthMode::On => AuthConfig::on(admin_token),
-        AuthMode::Off => AuthConfig::off(),
+        AuthMode::Off => {
+            if admin_token.is_some() {
+                // Not an error: a token kept in the environment should not stop a local run.
+                tracing::warn!(
+                    "--auth off: the admin token given is ignored, and every call is served without credentials"
+                );
+            }
+            AuthConfig::off()
+        }
     };
     if auth.admin_open() && !cli.listen.ip().is_loopback() {
         return Err(ConfigError::AdminTokenRequired(cli.listen));

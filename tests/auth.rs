@@ -546,6 +546,34 @@ async fn keys_and_revocations_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn an_admin_token_given_with_auth_off_is_reported_as_ignored() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut command = quotad_binary();
+    command
+        .args(["--auth", "off", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir.path())
+        .env("QUOTAD_ADMIN_TOKEN", ADMIN_TOKEN);
+    let mut child = command.spawn().expect("start quotad");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = bounded("the listening line", async {
+        let mut log = Vec::new();
+        loop {
+            let line = lines.next_line().await.unwrap().expect("quotad logs its address before exiting");
+            let listening = line.contains("address=");
+            log.push(line);
+            if listening {
+                return log;
+            }
+        }
+    })
+    .await;
+    child.kill().await.unwrap();
+    let warning = log.iter().find(|line| line.contains("WARN") && line.contains("admin token given is ignored"));
+    assert!(warning.is_some(), "no warning that the token is ignored in:\n{}", log.join("\n"));
+    assert!(log.iter().all(|line| !line.contains(ADMIN_TOKEN)), "the token itself is never logged");
+}
+
+#[tokio::test]
 async fn credentials_never_appear_in_the_log() {
     // Proves that the binary with authentication on, logging every request's span at debug level, writes
     // neither the admin token nor an API key's secret (nor its random part) in its log, while it logs
