@@ -545,6 +545,29 @@ async fn keys_and_revocations_survive_a_restart() {
     assert_eq!(server.list_keys("acme", 0, "").await.unwrap().api_keys[0].open_reservations, 0);
 }
 
+type LogLines = tokio::io::Lines<BufReader<tokio::process::ChildStderr>>;
+
+/// Starts the binary and reads its log up to the line with the gRPC address: the child, the rest of
+/// its log, the lines read, and the address.
+async fn start_logging(
+    mut command: tokio::process::Command,
+) -> (tokio::process::Child, LogLines, Vec<String>, std::net::SocketAddr) {
+    let mut child = command.spawn().expect("start quotad");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    let addr = bounded("the listening line", async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("quotad logs its address before exiting");
+            log.push(line.clone());
+            if let Some(address) = line.split_whitespace().find_map(|word| word.strip_prefix("address=")) {
+                return address.parse::<std::net::SocketAddr>().unwrap();
+            }
+        }
+    })
+    .await;
+    (child, lines, log, addr)
+}
+
 #[tokio::test]
 async fn an_admin_token_given_with_auth_off_is_reported_as_ignored() {
     let data_dir = tempfile::tempdir().unwrap();
@@ -553,20 +576,7 @@ async fn an_admin_token_given_with_auth_off_is_reported_as_ignored() {
         .args(["--auth", "off", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir.path())
         .env("QUOTAD_ADMIN_TOKEN", ADMIN_TOKEN);
-    let mut child = command.spawn().expect("start quotad");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let log = bounded("the listening line", async {
-        let mut log = Vec::new();
-        loop {
-            let line = lines.next_line().await.unwrap().expect("quotad logs its address before exiting");
-            let listening = line.contains("address=");
-            log.push(line);
-            if listening {
-                return log;
-            }
-        }
-    })
-    .await;
+    let (mut child, _, log, _) = start_logging(command).await;
     child.kill().await.unwrap();
     let warning = log.iter().find(|line| line.contains("WARN") && line.contains("admin token given is ignored"));
     assert!(warning.is_some(), "no warning that the token is ignored in:\n{}", log.join("\n"));
@@ -585,19 +595,7 @@ async fn credentials_never_appear_in_the_log() {
         .arg(data_dir.path())
         .env("QUOTAD_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "debug");
-    let mut child = command.spawn().expect("start quotad");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
-    let addr = bounded("the listening line", async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("quotad logs its address before exiting");
-            log.push(line.clone());
-            if let Some(address) = line.split_whitespace().find_map(|word| word.strip_prefix("address=")) {
-                return address.parse::<std::net::SocketAddr>().unwrap();
-            }
-        }
-    })
-    .await;
+    let (mut child, mut lines, mut log, addr) = start_logging(command).await;
     let channel = connect(addr).await;
     let mut admin = quotad::proto::quota_admin_client::QuotaAdminClient::new(channel.clone());
     let mut quota = quotad::proto::quota_client::QuotaClient::new(channel);
