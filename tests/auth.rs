@@ -181,15 +181,13 @@ async fn without_an_admin_token_admin_calls_are_served_on_loopback_only() {
     expect_code(server.try_balance("acme-prod").await, Code::Unauthenticated);
 
     let data_dir = tempfile::tempdir().unwrap();
-    let mut command = quotad_binary();
-    command.args(["--auth", "on", "--listen", "0.0.0.0:0", "--data-dir"]).arg(data_dir.path());
+    let mut command = quotad_on("on", "0.0.0.0:0", data_dir.path());
     let output = bounded("quotad on 0.0.0.0 without a token", command.output()).await.unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("not a loopback address") && stderr.contains("--admin-token-file"), "{stderr}");
 
-    let mut command = quotad_binary();
-    command.args(["--auth", "on", "--listen", "0.0.0.0:0", "--data-dir"]).arg(data_dir.path());
+    let mut command = quotad_on("on", "0.0.0.0:0", data_dir.path());
     let output =
         bounded("quotad with a short token", command.env("QUOTAD_ADMIN_TOKEN", "short-token").output()).await.unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -545,6 +543,13 @@ async fn keys_and_revocations_survive_a_restart() {
     assert_eq!(server.list_keys("acme", 0, "").await.unwrap().api_keys[0].open_reservations, 0);
 }
 
+/// The binary with `--auth auth`, listening on `listen`, keeping its data in `data_dir`.
+fn quotad_on(auth: &str, listen: &str, data_dir: &std::path::Path) -> tokio::process::Command {
+    let mut command = quotad_binary();
+    command.args(["--auth", auth, "--listen", listen, "--data-dir"]).arg(data_dir);
+    command
+}
+
 type LogLines = tokio::io::Lines<BufReader<tokio::process::ChildStderr>>;
 
 /// Starts the binary and reads its log up to the line with the gRPC address: the child, the rest of
@@ -571,11 +576,8 @@ async fn start_logging(
 #[tokio::test]
 async fn an_admin_token_given_with_auth_off_is_reported_as_ignored() {
     let data_dir = tempfile::tempdir().unwrap();
-    let mut command = quotad_binary();
-    command
-        .args(["--auth", "off", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir.path())
-        .env("QUOTAD_ADMIN_TOKEN", ADMIN_TOKEN);
+    let mut command = quotad_on("off", "127.0.0.1:0", data_dir.path());
+    command.env("QUOTAD_ADMIN_TOKEN", ADMIN_TOKEN);
     let (mut child, _, log, _) = start_logging(command).await;
     child.kill().await.unwrap();
     let warning = log.iter().find(|line| line.contains("WARN") && line.contains("admin token given is ignored"));
@@ -589,12 +591,8 @@ async fn credentials_never_appear_in_the_log() {
     // neither the admin token nor an API key's secret (nor its random part) in its log, while it logs
     // the key's creation by id.
     let data_dir = tempfile::tempdir().unwrap();
-    let mut command = quotad_binary();
-    command
-        .args(["--auth", "on", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir.path())
-        .env("QUOTAD_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("RUST_LOG", "debug");
+    let mut command = quotad_on("on", "127.0.0.1:0", data_dir.path());
+    command.env("QUOTAD_ADMIN_TOKEN", ADMIN_TOKEN).env("RUST_LOG", "debug");
     let (mut child, mut lines, mut log, addr) = start_logging(command).await;
     let channel = connect(addr).await;
     let mut admin = quotad::proto::quota_admin_client::QuotaAdminClient::new(channel.clone());
