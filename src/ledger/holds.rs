@@ -427,7 +427,8 @@ mod tests {
         assert_eq!(ledger.open_reservations(), 0);
     }
 
-    /// A logged expiry naming a hold that is not open is corruption, found before any hold expires.
+    /// A logged expiry naming a hold that is not open, or one twice, is corruption, found before any
+    /// hold expires.
     #[test]
     fn an_expiry_naming_a_hold_not_open_fails_replay_and_changes_nothing() {
         let log = Arc::new(Log::default());
@@ -435,9 +436,12 @@ mod tests {
         let open = reserve(&ledger, "a", 1_000, T0);
         let replayed = replayed(&log);
         let (now, _, levels) = log.0.lock().last().cloned().unwrap();
-        let event = Event::ExpiredHolds { environment: env(), seqs: vec![open.seq, open.seq + 1] };
         let seq = log.0.lock().len() as u64 + 1;
-        assert!(matches!(replayed.replay(seq, now, &event, levels), Err(RestoreError::Event { .. })));
+        // Not open, and open but listed twice: a repeat would pass a check of each alone.
+        for seqs in [vec![open.seq, open.seq + 1], vec![open.seq, open.seq]] {
+            let event = Event::ExpiredHolds { environment: env(), seqs };
+            assert!(matches!(replayed.replay(seq, now, &event, levels), Err(RestoreError::Event { .. })));
+        }
         assert_eq!(all_open(&replayed), all_open(&ledger));
         assert_eq!(replayed.balance(&env(), now), ledger.balance(&env(), now));
     }

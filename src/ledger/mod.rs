@@ -1230,6 +1230,10 @@ impl Ledger {
             }
             Event::ExpiredHolds { environment, seqs } => {
                 // All checked before any expires, so that an event that does not fit changes nothing.
+                // The sweep lists each hold once, in ascending order; a repeat would expire nothing twice.
+                if seqs.windows(2).any(|pair| pair[0] >= pair[1]) {
+                    return Err(format!("the expired holds of {environment} are not in ascending order"));
+                }
                 if let Some(seq) = seqs.iter().find(|seq| !env.open.contains_key(seq)) {
                     return Err(format!("reservation {environment}/{seq} is not open"));
                 }
