@@ -6,7 +6,7 @@ use std::{io::IsTerminal, process::ExitCode, sync::Arc};
 use clap::Parser;
 use quotad::{
     clock::SystemClock,
-    config::{Cli, Config, LogFormat},
+    config::{Cli, Config, LogFormat, TransparentHugePages},
 };
 use tracing_subscriber::{EnvFilter, fmt::format::FmtSpan};
 
@@ -44,6 +44,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if config.transparent_huge_pages == TransparentHugePages::Off {
+        // Memory mapped before this (the allocator's first region) follows it too: the flag is the
+        // process's, and the kernel checks it at each fault.
+        if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
+            tracing::warn!(%error, "cannot turn transparent huge pages off for this process; they stay as the system has them");
+        }
+    }
     tracing::info!(worker_threads = config.worker_threads, "starting");
     let runtime = runtime(config.worker_threads).enable_all().build().expect("tokio runtime");
     match runtime.block_on(serve(config)) {

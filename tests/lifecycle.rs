@@ -1,6 +1,6 @@
 //! The server's life: health while serving and from the moment shutdown begins, reflection, graceful
 //! shutdown in-process and of the real `quotad` binary on SIGTERM and SIGINT, bootstrap from a config
-//! file, and exit code 64 for a bad configuration.
+//! file, transparent huge pages off for the process, and exit code 64 for a bad configuration.
 
 mod common;
 
@@ -264,6 +264,36 @@ async fn run_with_config(name: &str, contents: &str, through_env: bool) -> (Opti
     (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
+/// The `THP_enabled` line of a process's status: whether transparent huge pages may back its memory.
+#[cfg(target_os = "linux")]
+fn transparent_huge_pages_enabled(pid: &str) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find_map(|line| line.strip_prefix("THP_enabled:"));
+    line.unwrap_or_else(|| panic!("no THP_enabled in the status of {pid}")).trim() == "1"
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_binary_turns_transparent_huge_pages_off_for_itself_unless_told_to_follow_the_system() {
+    // Proves that quotad turns transparent huge pages off for its own process by default, and that with
+    // `transparent_huge_pages = "system"` it keeps what it inherited (here, this test's own setting).
+    let follow = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("lifecycle-thp-system.toml");
+    std::fs::write(&follow, "transparent_huge_pages = \"system\"\n").unwrap();
+    let inherited = transparent_huge_pages_enabled("self");
+    for (config, expected) in [(None, false), (Some(&follow), inherited)] {
+        let mut command = quotad_command();
+        command.args(["--listen", "127.0.0.1:0"]);
+        if let Some(path) = config {
+            command.arg("--config").arg(path);
+        }
+        let daemon = start(command).await;
+        let pid = daemon.child.id().expect("running").to_string();
+        assert_eq!(transparent_huge_pages_enabled(&pid), expected, "config {config:?}");
+        let (exit, log) = daemon.stop_with("TERM").await;
+        assert_eq!(exit.code(), Some(0), "{exit:?}; log: {log:#?}");
+    }
+}
+
 #[tokio::test]
 async fn an_invalid_config_file_exits_64_naming_the_key() {
     // Proves that a bad value, an unknown key and a missing file each make quotad exit 64 with a message
@@ -276,6 +306,10 @@ async fn an_invalid_config_file_exits_64_naming_the_key() {
     let (code, stderr) = run_with_config("unknown-key", "pack_size = 10\n", true).await;
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("pack_size"), "{stderr}");
+
+    let (code, stderr) = run_with_config("bad-thp", "transparent_huge_pages = \"always\"\n", false).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("transparent_huge_pages") && stderr.contains("off") && stderr.contains("system"), "{stderr}");
 
     let (code, stderr) = run_with_config("zero-cap", "max_open_reservations_total = 0\n", false).await;
     assert_eq!(code, Some(64), "{stderr}");
