@@ -43,9 +43,12 @@ const EXPIRY_BUSY_SHARE: f64 = 0.25;
 const EXPIRY_MIN_SLICE: Duration = Duration::from_micros(100);
 const EXPIRY_MAX_SLICE: Duration = Duration::from_micros(500);
 /// Grants in batches cost less than an expiry each, so a quarter of the core can fall behind them for
-/// good. Once the earliest due hold is later than the second the contract promises, the share rises,
-/// to `EXPIRY_LATE_SHARE` (with turns as much longer) when it is `EXPIRY_CATCH_UP` later still.
-const EXPIRY_PROMISE: Duration = Duration::from_secs(1);
+/// good. Once the earliest due hold is `EXPIRY_LATE_AFTER` late, the share rises, to `EXPIRY_LATE_SHARE`
+/// (with turns as much longer) when it is `EXPIRY_CATCH_UP` later still. A burst that a quarter clears
+/// within `EXPIRY_LATE_AFTER` never takes more (a million holds due at once took about 4 s on the one
+/// core of the benchmark machine): live calls keep three quarters of the core meanwhile, and a commit
+/// or release that meets a due hold expires it anyway.
+const EXPIRY_LATE_AFTER: Duration = Duration::from_secs(5);
 const EXPIRY_CATCH_UP: Duration = Duration::from_secs(2);
 const EXPIRY_LATE_SHARE: f64 = 0.75;
 const EXPIRY_PAUSE: Duration = Duration::from_millis(1);
@@ -336,7 +339,7 @@ struct ExpiryTurn {
 
 /// The share of a busy core the sweep takes when its earliest due hold is `behind` by that long.
 fn expiry_share(behind: Duration) -> f64 {
-    let late = behind.saturating_sub(EXPIRY_PROMISE).as_secs_f64() / EXPIRY_CATCH_UP.as_secs_f64();
+    let late = behind.saturating_sub(EXPIRY_LATE_AFTER).as_secs_f64() / EXPIRY_CATCH_UP.as_secs_f64();
     EXPIRY_BUSY_SHARE + (EXPIRY_LATE_SHARE - EXPIRY_BUSY_SHARE) * late.min(1.0)
 }
 
@@ -461,9 +464,9 @@ mod tests {
     #[test]
     fn a_sweep_that_falls_behind_its_promise_takes_more_of_the_core() {
         assert_eq!(expiry_share(Duration::ZERO), EXPIRY_BUSY_SHARE);
-        assert_eq!(expiry_share(EXPIRY_PROMISE), EXPIRY_BUSY_SHARE);
-        assert_about_share(expiry_share(EXPIRY_PROMISE + EXPIRY_CATCH_UP / 2), 0.5);
-        assert_eq!(expiry_share(EXPIRY_PROMISE + EXPIRY_CATCH_UP), EXPIRY_LATE_SHARE);
+        assert_eq!(expiry_share(EXPIRY_LATE_AFTER), EXPIRY_BUSY_SHARE);
+        assert_about_share(expiry_share(EXPIRY_LATE_AFTER + EXPIRY_CATCH_UP / 2), 0.5);
+        assert_eq!(expiry_share(EXPIRY_LATE_AFTER + EXPIRY_CATCH_UP), EXPIRY_LATE_SHARE);
         assert_eq!(expiry_share(Duration::from_secs(3600)), EXPIRY_LATE_SHARE);
         // Three quarters of a busy core: turns three times the pause, up to three times as long.
         let late = next_expiry_turn(Duration::from_micros(400), Duration::from_micros(400), EXPIRY_LATE_SHARE);
