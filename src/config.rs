@@ -884,7 +884,10 @@ mod tests {
     #[test]
     fn transparent_huge_pages_are_off_unless_set_to_follow_the_system() {
         assert_eq!(Config::default().transparent_huge_pages, TransparentHugePages::Off);
-        assert_eq!(parse("transparent_huge_pages = \"off\"").unwrap().transparent_huge_pages, TransparentHugePages::Off);
+        assert_eq!(
+            parse("transparent_huge_pages = \"off\"").unwrap().transparent_huge_pages,
+            TransparentHugePages::Off
+        );
         let system = parse("transparent_huge_pages = \"system\"").unwrap();
         assert_eq!(system.transparent_huge_pages, TransparentHugePages::System);
         let err = parse("transparent_huge_pages = \"always\"").expect_err("not a setting").to_string();

@@ -309,7 +309,10 @@ async fn an_invalid_config_file_exits_64_naming_the_key() {
 
     let (code, stderr) = run_with_config("bad-thp", "transparent_huge_pages = \"always\"\n", false).await;
     assert_eq!(code, Some(64), "{stderr}");
-    assert!(stderr.contains("transparent_huge_pages") && stderr.contains("off") && stderr.contains("system"), "{stderr}");
+    assert!(
+        stderr.contains("transparent_huge_pages") && stderr.contains("off") && stderr.contains("system"),
+        "{stderr}"
+    );
 
     let (code, stderr) = run_with_config("zero-cap", "max_open_reservations_total = 0\n", false).await;
     assert_eq!(code, Some(64), "{stderr}");
