@@ -3,7 +3,7 @@
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque, btree_map},
 };
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -516,10 +516,22 @@ impl Environment {
         true
     }
 
-    /// Counts a new hold against its agent, if the agent is tracked or there is room to track it.
-    pub fn agent_held(&mut self, agent: &AgentId, amount: Milli, max_agents: usize) {
-        if let Some(book) = self.agent_book(agent, max_agents) {
-            book.held = book.held.saturating_add(amount);
+    /// Counts a new hold against its agent, if the agent is tracked or there is room to track it, and
+    /// returns the agent's id as its book holds it. The hold keeps that one: the id each request
+    /// brings is a new string, and kept with each open or resolved hold, it would cost every hold an
+    /// allocation of its own for as long as the hold is remembered.
+    pub fn agent_held(&mut self, agent: &AgentId, amount: Milli, max_agents: usize) -> AgentId {
+        let full = self.agents.len() >= max_agents;
+        match self.agents.entry(agent.clone()) {
+            btree_map::Entry::Occupied(mut book) => {
+                book.get_mut().held = book.get().held.saturating_add(amount);
+                book.key().clone()
+            }
+            btree_map::Entry::Vacant(slot) if !full => {
+                slot.insert(AgentBook { held: amount, ..AgentBook::default() });
+                agent.clone()
+            }
+            btree_map::Entry::Vacant(_) => agent.clone(),
         }
     }
 
@@ -725,6 +737,23 @@ mod tests {
 
     fn round_trip(env: &Environment) -> Environment {
         postcard::from_bytes(&postcard::to_allocvec(env).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_new_hold_shares_the_agent_id_its_book_holds() {
+        let mut env = Environment::new(TenantId::new("t").unwrap());
+        let first = AgentId::new("agent").unwrap();
+        env.agent_held(&first, 1, 10);
+        // Each request brings its own string for the same id.
+        let again = AgentId::new("agent").unwrap();
+        let kept = env.agent_held(&again, 2, 10);
+        assert_eq!(kept.as_str().as_ptr(), first.as_str().as_ptr(), "the book's id, not the request's");
+        assert_eq!(env.agents[&first].held, 3);
+        // Beyond the agents tracked, the hold keeps the request's id and no book is made.
+        let untracked = AgentId::new("another-agent").unwrap();
+        let kept = env.agent_held(&untracked, 1, 1);
+        assert_eq!(kept.as_str().as_ptr(), untracked.as_str().as_ptr());
+        assert!(!env.agents.contains_key(&untracked));
     }
 
     #[test]

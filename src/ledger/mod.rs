@@ -1161,7 +1161,7 @@ impl Ledger {
                     return Err(format!("reservation {reservation} is not new"));
                 }
                 env.hold(tenant.as_deref_mut(), *draws);
-                env.agent_held(agent, *amount_milli, max_agents);
+                let agent = env.agent_held(agent, *amount_milli, max_agents);
                 env.next_seq = seq + 1;
                 if let Some(key) = idempotency_key {
                     env.remember_key(key.clone(), seq);
