@@ -543,7 +543,7 @@ async fn keys_and_revocations_survive_a_restart() {
     assert_eq!(server.list_keys("acme", 0, "").await.unwrap().api_keys[0].open_reservations, 0);
 }
 
-/// The binary with `--auth auth`, listening on `listen`, keeping its data in `data_dir`.
+/// The binary with `--auth <auth>`, listening on `listen`, keeping its data in `data_dir`.
 fn quotad_on(auth: &str, listen: &str, data_dir: &std::path::Path) -> tokio::process::Command {
     let mut command = quotad_binary();
     command.args(["--auth", auth, "--listen", listen, "--data-dir"]).arg(data_dir);
@@ -564,8 +564,8 @@ async fn start_logging(
         loop {
             let line = lines.next_line().await.unwrap().expect("quotad logs its address before exiting");
             log.push(line.clone());
-            if let Some(address) = line.split_whitespace().find_map(|word| word.strip_prefix("address=")) {
-                return address.parse::<std::net::SocketAddr>().unwrap();
+            if line.contains("listening") {
+                return listen_address(&line);
             }
         }
     })

@@ -132,15 +132,6 @@ fn quotad_command() -> Command {
     command
 }
 
-/// The address in the `listening` log line: `address=127.0.0.1:PORT` in text logs,
-/// `"address":"127.0.0.1:PORT"` in JSON logs.
-fn listen_address(line: &str) -> SocketAddr {
-    let text = line.split_whitespace().find_map(|word| word.strip_prefix("address="));
-    let json = || line.split_once("\"address\":\"").and_then(|(_, rest)| rest.split_once('"')).map(|(a, _)| a);
-    let address = text.or_else(json).unwrap_or_else(|| panic!("no address in {line:?}"));
-    address.parse().unwrap_or_else(|e| panic!("{address:?} in {line:?}: {e}"))
-}
-
 /// Starts `command` and waits for the line that says where it listens.
 async fn start(mut command: Command) -> Daemon {
     let mut child = command.spawn().expect("start quotad");

@@ -540,3 +540,12 @@ pub async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
 pub fn small_packs(pack_messages: u64) -> Settings {
     Settings { pack_size_messages: pack_messages, ..Settings::default() }
 }
+
+/// The address in the `listening` log line: `address=127.0.0.1:PORT` in text logs,
+/// `"address":"127.0.0.1:PORT"` in JSON logs.
+pub fn listen_address(line: &str) -> SocketAddr {
+    let text = line.split_whitespace().find_map(|word| word.strip_prefix("address="));
+    let json = || line.split_once("\"address\":\"").and_then(|(_, rest)| rest.split_once('"')).map(|(a, _)| a);
+    let address = text.or_else(json).unwrap_or_else(|| panic!("no address in {line:?}"));
+    address.parse().unwrap_or_else(|e| panic!("{address:?} in {line:?}: {e}"))
+}
