@@ -686,17 +686,17 @@ impl Environment {
         self.open.range(..=through_seq).filter(move |(_, hold)| of_agent(hold)).map(|(seq, hold)| (*seq, &**hold))
     }
 
-    /// Ends the hold `seq` if it is open, using nothing, and remembers how; returns what it held. The
-    /// caller counts it off the server-wide open-hold count.
-    pub fn end_open(
+    /// Ends the hold `seq`, already taken out of `open`, using nothing, and remembers how; returns
+    /// what it held. The caller counts it off the server-wide open-hold count.
+    pub fn end_taken(
         &mut self,
         tenant: Option<&mut Tenant>,
         seq: u64,
+        hold: Box<Hold>,
         ending: Ending,
         now: u64,
         (retention_ms, max_resolved): (u64, usize),
-    ) -> Option<Milli> {
-        let hold = self.open.remove(&seq)?;
+    ) -> Milli {
         self.unhold(tenant, hold.draws);
         // Using nothing, it never makes an agent's books: the bound on them does not apply.
         self.agent_resolved(&hold.agent, hold.amount, 0, usize::MAX);
@@ -706,7 +706,7 @@ impl Environment {
             Ending::Expired => Resolution::Expired,
         };
         self.remember(seq, Resolved { hold, resolution }, now, retention_ms, max_resolved);
-        Some(held)
+        held
     }
 
     /// Records how a reservation resolved, then forgets the oldest records past `retention_ms` or

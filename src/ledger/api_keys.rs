@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 use super::{
     ApiKeyId, CapacityCell, EnvironmentId, Event, Ledger, LedgerError, OpenReservationScope, ReservationId, Slot,
     TenantId,
-    account::{Ending, Environment, Tenant},
+    account::{Ending, Environment, Hold, Tenant},
 };
 
 /// API keys one tenant may have at once.
@@ -365,11 +365,25 @@ impl Ledger {
         ending: Ending,
         now: u64,
     ) -> bool {
-        let Some(hold) = env.open.get(&seq) else { return false };
+        let Some(hold) = env.open.remove(&seq) else { return false };
+        self.end_taken_hold(env, tenant, seq, hold, ending, now);
+        true
+    }
+
+    /// Ends a hold already taken out of `env.open`, as [`Self::end_open_hold`] does.
+    pub(super) fn end_taken_hold(
+        &self,
+        env: &mut Environment,
+        tenant: Option<&mut Tenant>,
+        seq: u64,
+        hold: Box<Hold>,
+        ending: Ending,
+        now: u64,
+    ) {
         self.key_hold_resolved(hold.api_key.as_ref());
         self.open_total.fetch_sub(1, Ordering::Relaxed);
         let retention = (self.limits.resolved_retention_ms, self.limits.max_resolved_per_environment);
-        env.end_open(tenant, seq, ending, now, retention).is_some()
+        env.end_taken(tenant, seq, hold, ending, now, retention);
     }
 }
 

@@ -133,7 +133,9 @@ mod tests {
     use parking_lot::Mutex;
 
     use super::*;
-    use crate::ledger::{Command, EventSink, Levels, Limits, Outcome, RestoreError, TenantId, Usage};
+    use crate::ledger::{
+        Command, EventSink, Levels, Limits, OVERDUE_HOLDS_EXAMINED, Outcome, RestoreError, TenantId, Usage,
+    };
 
     /// Keeps every event with its time, numbered from 1.
     #[derive(Default)]
@@ -413,6 +415,71 @@ mod tests {
             assert_eq!(replayed.balance(&environment, now), ledger.balance(&environment, now));
         }
         assert_eq!(replayed.open_reservations(), 1);
+    }
+
+    /// A reservation that finds its environment full expires the overdue holds the sweep has not
+    /// reached yet, logged as the sweep logs them, and is granted; replay agrees. While no hold is due
+    /// the refusal stands and nothing is logged.
+    #[test]
+    fn a_refused_reservation_first_expires_overdue_holds() {
+        let log = Arc::new(Log::default());
+        // 1,000 allocated and 1,000 in the pool: the first hold takes both.
+        let ledger = ledger(log.clone(), 1_000);
+        let first = reserve(&ledger, "a", 2_000, T0);
+        let reserve_at = |now: u64| Command::Reserve {
+            environment: env(),
+            agent: agent("b"),
+            usage: Usage::Milli(1_500),
+            idempotency_key: None,
+            expires_at_ms: now + 60_000,
+            api_key: None,
+        };
+        let logged = log.0.lock().len();
+        let not_due = T0 + 59_999;
+        assert!(matches!(ledger.apply(&reserve_at(not_due), not_due), Err(LedgerError::QuotaDepleted { .. })));
+        assert_eq!(log.0.lock().len(), logged, "a refusal logs nothing");
+
+        let due = T0 + 60_000;
+        let Ok(Outcome::Reserved(grant)) = ledger.apply(&reserve_at(due), due) else { panic!("granted") };
+        let events: Vec<Event> = log.0.lock()[logged..].iter().map(|(_, event, _)| event.clone()).collect();
+        assert_eq!(events[0], Event::ExpiredHolds { environment: env(), seqs: vec![first.seq] });
+        assert!(matches!(&events[1..], [Event::Reserved { reservation, .. }] if *reservation == grant.reservation));
+        assert_eq!(all_open(&ledger).iter().map(|h| h.reservation.clone()).collect::<Vec<_>>(), [grant.reservation]);
+        assert_eq!(ledger.balance(&env(), due).unwrap().reserved_milli, 1_500);
+        assert_eq!(ledger.open_reservations(), 1);
+        assert_eq!(ledger.verify(), Ok(()));
+        // The sweep takes the first hold's entry and skips it.
+        assert_eq!(ledger.expire_due(due, usize::MAX), 1);
+        assert_eq!(log.0.lock().len(), logged + 2, "the sweep logs nothing more");
+
+        let replayed = replayed(&log);
+        assert_eq!(all_open(&replayed), all_open(&ledger));
+        assert_eq!(replayed.balance(&env(), due), ledger.balance(&env(), due));
+    }
+
+    /// Only the `OVERDUE_HOLDS_EXAMINED` oldest holds are looked through: an overdue hold behind that
+    /// many longer-lived ones is left to the sweep, and the reservation is refused.
+    #[test]
+    fn a_refused_reservation_examines_only_the_oldest_holds() {
+        for (older, granted) in [(OVERDUE_HOLDS_EXAMINED - 1, true), (OVERDUE_HOLDS_EXAMINED, false)] {
+            let ledger = ledger(Arc::new(Log::default()), 100_000);
+            let hold = |milli: Milli, ttl_ms: u64| Command::Reserve {
+                environment: env(),
+                agent: agent("a"),
+                usage: Usage::Milli(milli),
+                idempotency_key: None,
+                expires_at_ms: T0 + ttl_ms,
+                api_key: None,
+            };
+            for _ in 0..older {
+                ledger.apply(&hold(1, 3_600_000), T0).unwrap();
+            }
+            // The rest of the allocation and the pool, due at T0 + 60 s.
+            ledger.apply(&hold(200_000 - older as Milli, 60_000), T0).unwrap();
+            let result = ledger.apply(&hold(1_000, 120_000), T0 + 60_000);
+            assert_eq!(result.is_ok(), granted, "{older} older holds: {result:?}");
+            assert_eq!(ledger.verify(), Ok(()));
+        }
     }
 
     /// A sweep takes at most `max` holds from the queue; fewer than `max` means none is left due.

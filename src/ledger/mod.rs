@@ -78,6 +78,10 @@ pub const DEFAULT_MAX_AMOUNT_MILLI: Milli = 1_000_000_000 * MILLI_PER_MESSAGE;
 pub const DEFAULT_MAX_RATE_CARD_VERSIONS: usize = 1_000;
 
 const _: () = assert!(DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT <= DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL);
+/// How many of an environment's oldest open holds a refused reservation looks through for holds past
+/// their expiry that the sweep has not reached yet. Bounded, since a client may keep asking a
+/// depleted environment; the oldest holds are the first due when holds share a TTL.
+pub const OVERDUE_HOLDS_EXAMINED: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -922,7 +926,13 @@ impl Ledger {
         let rate_card_version = self.rate_cards.read().in_force(now).version;
         let amount = priced_total(&self.price(request.usage, rate_card_version)?);
         let max_agents = self.limits.max_usage_keys_per_tenant;
-        let draws = match self.plan_hold(books, request.agent, amount) {
+        let mut planned = self.plan_hold(books, request.agent, amount);
+        // Holds past their expiry still count until the sweep reaches them, which under a burst of
+        // expiries may take seconds: expired first, they make a refusal mean what it says.
+        if planned.is_err() && self.expire_overdue(books, now) {
+            planned = self.plan_hold(books, request.agent, amount);
+        }
+        let draws = match planned {
             Ok(draws) => draws,
             Err(error) => return Err(Self::refuse(books, request.agent, error, max_agents, now)),
         };
@@ -1080,6 +1090,20 @@ impl Ledger {
         Some(released)
     }
 
+    /// Expires the holds past their expiry among the environment's `OVERDUE_HOLDS_EXAMINED` oldest,
+    /// as the sweep would (their entries in the expiry queue are skipped later); true if any expired.
+    fn expire_overdue(&self, books: &mut Books<'_>, now: u64) -> bool {
+        let seqs: Vec<u64> = (books.env.open.iter().take(OVERDUE_HOLDS_EXAMINED))
+            .filter(|(_, hold)| hold.expires_at_ms <= now)
+            .map(|(&seq, _)| seq)
+            .collect();
+        if seqs.is_empty() {
+            return false;
+        }
+        self.record(books, &Event::ExpiredHolds { environment: books.cell.id.clone(), seqs }, now);
+        true
+    }
+
     /// Applies a decided event to one environment's books and hands it to the sink, under the same locks.
     /// The alert levels it leaves are decided before it is logged, and logged with it.
     fn record(&self, books: &mut Books<'_>, event: &Event, now: u64) {
@@ -1234,12 +1258,19 @@ impl Ledger {
                 if seqs.windows(2).any(|pair| pair[0] >= pair[1]) {
                     return Err(format!("the expired holds of {environment} are not in ascending order"));
                 }
-                if let Some(seq) = seqs.iter().find(|seq| !env.open.contains_key(seq)) {
-                    return Err(format!("reservation {environment}/{seq} is not open"));
-                }
+                // Taken out first, and put back if one is missing: one search of `open` per hold.
+                let mut taken = Vec::with_capacity(seqs.len());
                 for &seq in seqs {
-                    let expired = self.end_open_hold(env, tenant.as_deref_mut(), seq, Ending::Expired, now);
-                    assert!(expired, "checked open above");
+                    match env.open.remove(&seq) {
+                        Some(hold) => taken.push((seq, hold)),
+                        None => {
+                            env.open.extend(taken);
+                            return Err(format!("reservation {environment}/{seq} is not open"));
+                        }
+                    }
+                }
+                for (seq, hold) in taken {
+                    self.end_taken_hold(env, tenant.as_deref_mut(), seq, hold, Ending::Expired, now);
                 }
             }
             Event::ReleasedAll { agent, through_seq, count, released_milli, .. } => {
