@@ -271,6 +271,12 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def server_us(result, rate_field):
+    """Microseconds of quotad's CPU per operation during a run, from the cores it used."""
+    cores, rate = result["_cpu"].get("server_cores"), result.get(rate_field)
+    return cores * 1e6 / rate if cores and rate else None
+
+
 def summarize_concurrent(t, runs):
     health = med(runs.get("concurrent-health", []), lambda r: r["calls_per_s"])
     reserve = med(runs.get("concurrent-reserve", []), lambda r: r["calls_per_s"])
@@ -281,6 +287,16 @@ def summarize_concurrent(t, runs):
     t.add("concurrent", "reserve calls/s ÷ health calls/s", reserve, "calls/s", ratio(reserve, health), (">=", 0.90))
     t.add("concurrent", "reserve+commit pairs/s ÷ health calls/s", pairs, "pairs/s", ratio(pairs, health),
           (">=", 0.45))
+    # What each call costs quotad's core, whichever side bounds the throughput: quotad-bench's health
+    # checks leave quotad's core partly idle, so the throughput ratios above understate this one.
+    health_cpu = med(runs.get("concurrent-health", []), lambda r: server_us(r, "calls_per_s"))
+    reserve_cpu = med(runs.get("concurrent-reserve", []), lambda r: server_us(r, "calls_per_s"))
+    pairs_cpu = med(runs.get("concurrent-pairs", []), lambda r: server_us(r, "ops_per_s"))
+    t.add("concurrent", "quotad CPU per health call", health_cpu, "µs")
+    t.add("concurrent", "quotad CPU per reserve call (its expiry too) ÷ per health", reserve_cpu, "µs",
+          ratio(reserve_cpu, health_cpu))
+    t.add("concurrent", "quotad CPU per reserve+commit pair ÷ per health call", pairs_cpu, "µs",
+          ratio(pairs_cpu, health_cpu))
 
 
 def summarize_sequential(t, runs):

@@ -217,6 +217,8 @@ async fn an_agent_at_its_limit_is_refused_distinctly_and_others_are_not() {
     assert_eq!((bot.used_milli, bot.reserved_milli), (milli(50), milli(20)));
     assert!(listed.iter().any(|a| a.agent_id == "other-agent" && a.reserved_milli == milli(500)));
 
+    // A minute before the month ends, so that this hold is still open in the next one.
+    server.clock.set_ms(NEXT_PERIOD_MS - 60_000);
     set_limit(&server, limit_request("acme-prod", "bot", 100, false)).await.unwrap();
     server.try_reserve(reserve_for("acme-prod", "bot", 200)).await.expect("without stop the limit only notifies");
 
