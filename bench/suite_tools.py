@@ -247,8 +247,14 @@ class Table:
         target_text = ""
         if target:
             target_text = f"{target[0]} {target[1]:g}" + (f" {unit}" if on_value else "×")
+        # Three decimals where two would show the bound itself on a miss (0.897 is not 0.90).
+        ratio_text = ""
+        if ratio is not None:
+            near = target and not on_value and round(ratio, 2) == target[1]
+            ratio_text = f"{ratio:.3f}×" if near else f"{ratio:.2f}×"
         self.rows.append({"scenario": scenario, "measure": measure, "value": value, "unit": unit,
-                          "ratio": ratio, "target": target_text, "verdict": verdict, "note": note})
+                          "ratio": ratio, "ratio_text": ratio_text, "target": target_text, "verdict": verdict,
+                          "note": note})
 
     def text(self):
         def num(v):
@@ -259,7 +265,7 @@ class Table:
         lines = [f"{'scenario':<11} {'measure':<{w}} {'median':>10} {'unit':<8} {'ratio':>7} {'target':>10} verdict",
                  "-" * (w + 58)]
         for r in self.rows:
-            ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else ""
+            ratio = r["ratio_text"]
             lines.append(f"{r['scenario']:<11} {r['measure']:<{w}} {num(r['value']):>10} {r['unit']:<8} "
                          f"{ratio:>7} {r['target']:>10} {r['verdict']}".rstrip())
             if r["note"]:
