@@ -247,7 +247,7 @@ class Table:
         target_text = ""
         if target:
             target_text = f"{target[0]} {target[1]:g}" + (f" {unit}" if on_value else "×")
-        # Three decimals where two would show the bound itself on a miss (0.897 is not 0.90).
+        # Three decimals where two would show the bound itself (a miss at 0.897 is not 0.90).
         ratio_text = ""
         if ratio is not None:
             near = target and not on_value and round(ratio, 2) == target[1]
@@ -294,7 +294,9 @@ def summarize_concurrent(t, runs):
     t.add("concurrent", "reserve+commit pairs/s ÷ health calls/s", pairs, "pairs/s", ratio(pairs, health),
           (">=", 0.45))
     # What each call costs quotad's core, whichever side bounds the throughput: quotad-bench's health
-    # checks leave quotad's core partly idle, so the throughput ratios above understate this one.
+    # checks leave quotad's core partly idle, so the throughput ratios above understate this one. The
+    # cores are over quotad-bench's whole run (warmup and connecting too), the calls/s over its
+    # measured seconds, so the figures are slightly low, alike for every scenario.
     health_cpu = med(runs.get("concurrent-health", []), lambda r: server_us(r, "calls_per_s"))
     reserve_cpu = med(runs.get("concurrent-reserve", []), lambda r: server_us(r, "calls_per_s"))
     pairs_cpu = med(runs.get("concurrent-pairs", []), lambda r: server_us(r, "ops_per_s"))

@@ -418,8 +418,8 @@ mod tests {
     }
 
     /// A reservation that finds its environment full expires the overdue holds the sweep has not
-    /// reached yet, logged as the sweep logs them, and is granted; replay agrees. While no hold is due
-    /// the refusal stands and nothing is logged.
+    /// reached yet, logged as the sweep logs them, and is granted (a dry run before it answers alike);
+    /// replay agrees. While no hold is due the refusal stands and nothing is logged.
     #[test]
     fn a_refused_reservation_first_expires_overdue_holds() {
         let log = Arc::new(Log::default());
@@ -440,6 +440,9 @@ mod tests {
         assert_eq!(log.0.lock().len(), logged, "a refusal logs nothing");
 
         let due = T0 + 60_000;
+        // A dry run answers as the reservation will, expiring the hold as it would.
+        let quote = ledger.dry_run(&env(), &agent("b"), &Usage::Milli(1_500), None, due).unwrap();
+        assert_eq!(quote.amount_milli, 1_500);
         let Ok(Outcome::Reserved(grant)) = ledger.apply(&reserve_at(due), due) else { panic!("granted") };
         let events: Vec<Event> = log.0.lock()[logged..].iter().map(|(_, event, _)| event.clone()).collect();
         assert_eq!(events[0], Event::ExpiredHolds { environment: env(), seqs: vec![first.seq] });

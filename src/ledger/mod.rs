@@ -78,6 +78,7 @@ pub const DEFAULT_MAX_AMOUNT_MILLI: Milli = 1_000_000_000 * MILLI_PER_MESSAGE;
 pub const DEFAULT_MAX_RATE_CARD_VERSIONS: usize = 1_000;
 
 const _: () = assert!(DEFAULT_MAX_OPEN_RESERVATIONS_PER_ENVIRONMENT <= DEFAULT_MAX_OPEN_RESERVATIONS_TOTAL);
+
 /// How many of an environment's oldest open holds a refused reservation looks through for holds past
 /// their expiry that the sweep has not reached yet. Bounded, since a client may keep asking a
 /// depleted environment; the oldest holds are the first due when holds share a TTL.
@@ -350,7 +351,8 @@ impl Ledger {
         }
     }
 
-    /// Applies one state change at time `now`. A refused command changes nothing.
+    /// Applies one state change at time `now`. A refused command changes nothing, but for the overdue
+    /// holds a reservation may expire first (see `plan_hold_now`).
     pub fn apply(&self, command: &Command, now: u64) -> Result<Outcome, LedgerError> {
         match command {
             Command::PurchaseCapacity { tenant, amount_milli, idempotency_key } => {
@@ -429,10 +431,10 @@ impl Ledger {
         now: u64,
     ) -> Result<Quote, LedgerError> {
         let (cell, key) = self.scoped_cell(environment, api_key)?;
-        let books = Books::lock(&cell, now);
+        let mut books = Books::lock(&cell, now);
         let version = self.rate_cards.read().in_force(now).version;
         let amount = priced_total(&self.price(usage, version)?);
-        let draws = self.plan_hold(&books, agent, amount)?;
+        let draws = self.plan_hold_now(&mut books, agent, amount, now)?;
         if let Some(key) = &key {
             self.check_key_cap(key)?;
         }
@@ -926,13 +928,7 @@ impl Ledger {
         let rate_card_version = self.rate_cards.read().in_force(now).version;
         let amount = priced_total(&self.price(request.usage, rate_card_version)?);
         let max_agents = self.limits.max_usage_keys_per_tenant;
-        let mut planned = self.plan_hold(books, request.agent, amount);
-        // Holds past their expiry still count until the sweep reaches them, which under a burst of
-        // expiries may take seconds: expired first, they make a refusal mean what it says.
-        if planned.is_err() && self.expire_overdue(books, now) {
-            planned = self.plan_hold(books, request.agent, amount);
-        }
-        let draws = match planned {
+        let draws = match self.plan_hold_now(books, request.agent, amount, now) {
             Ok(draws) => draws,
             Err(error) => return Err(Self::refuse(books, request.agent, error, max_agents, now)),
         };
@@ -1088,6 +1084,27 @@ impl Ledger {
         let released = hold.amount;
         self.record(books, &Event::Expired { reservation: reservation.clone() }, now);
         Some(released)
+    }
+
+    /// Plans a new hold as `plan_hold` does; when the environment refuses it for what ended holds
+    /// give back (capacity, its open-hold cap, the agent's limit), first expires the overdue holds
+    /// among its oldest and plans again. Holds past their expiry count until the sweep reaches them,
+    /// which under a burst of expiries may take seconds; expired first, they make a refusal (or a dry
+    /// run's answer) mean what it says. The API key's and the server's open-hold caps are checked
+    /// after this, across environments, and are left to the sweep.
+    fn plan_hold_now(
+        &self,
+        books: &mut Books<'_>,
+        agent: &AgentId,
+        amount: Milli,
+        now: u64,
+    ) -> Result<Draws, LedgerError> {
+        match self.plan_hold(books, agent, amount) {
+            Err(error) if relieved_by_expiry(&error) && self.expire_overdue(books, now) => {
+                self.plan_hold(books, agent, amount)
+            }
+            planned => planned,
+        }
     }
 
     /// Expires the holds past their expiry among the environment's `OVERDUE_HOLDS_EXAMINED` oldest,
@@ -1400,6 +1417,16 @@ fn tenant_capacity(id: &TenantId, tenant: &Tenant) -> TenantCapacity {
     }
 }
 
+/// Whether ending holds could turn this refusal of a new hold into a grant.
+fn relieved_by_expiry(error: &LedgerError) -> bool {
+    matches!(
+        error,
+        LedgerError::QuotaDepleted { .. }
+            | LedgerError::AgentLimitReached { .. }
+            | LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Environment, .. }
+    )
+}
+
 /// Refuses a hold that the agent's limit forbids.
 fn check_agent_limit(
     environment: &EnvironmentId,
@@ -1474,6 +1501,32 @@ fn count_usage_keys(cell: &CapacityCell, tenant: &mut Option<MutexGuard<'_, Tena
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only refusals that ended holds could lift look for overdue holds: not a disabled agent, nor
+    /// the API key's or the server's caps, which span environments.
+    #[test]
+    fn only_refusals_that_ending_holds_could_lift_expire_overdue_holds() {
+        let environment = EnvironmentId::new("e").unwrap();
+        let agent = AgentId::new("a").unwrap();
+        let full = |scope| LedgerError::TooManyOpenReservations { scope, limit: 1 };
+        let depleted =
+            LedgerError::QuotaDepleted { environment: environment.clone(), requested_milli: 2, available_milli: 1 };
+        let agent_limit = LedgerError::AgentLimitReached {
+            environment: environment.clone(),
+            agent: agent.clone(),
+            limit_milli: 1,
+            used_milli: 1,
+            held_milli: 0,
+            requested_milli: 1,
+        };
+        for lifted in [depleted, agent_limit, full(OpenReservationScope::Environment)] {
+            assert!(relieved_by_expiry(&lifted), "{lifted:?}");
+        }
+        let disabled = LedgerError::AgentDisabled { environment, agent };
+        for kept in [disabled, full(OpenReservationScope::ApiKey), full(OpenReservationScope::Server)] {
+            assert!(!relieved_by_expiry(&kept), "{kept:?}");
+        }
+    }
 
     /// Uncapped pay-as-you-go offers `Milli::MAX` whatever is already held: a hold that would take the
     /// environment's holds past the largest count is refused, where it used to wrap (or panic in debug).
