@@ -447,6 +447,29 @@ mod tests {
         assert_eq!(ledger.verify(), Ok(()));
     }
 
+    /// In a batch made with a key, a reservation that finds the environment full of a due hold of that
+    /// key expires it (giving the key its count back) and is granted; the next one, with nothing due
+    /// left, is refused; the key counts the one open hold.
+    #[test]
+    fn a_batch_reservation_expires_its_keys_overdue_hold_and_the_key_counts_it_off() {
+        let ledger = ledger(Arc::new(Count::default()));
+        ledger.apply(&create("k"), 0).unwrap();
+        let reserve = |milli, now: u64| Command::Reserve {
+            environment: EnvironmentId::new("e").unwrap(),
+            agent: crate::ledger::AgentId::new("a").unwrap(),
+            usage: Usage::Milli(milli),
+            idempotency_key: None,
+            expires_at_ms: now + 60_000,
+            api_key: Some(id("k")),
+        };
+        ledger.apply(&reserve(10_000, 0), 0).unwrap();
+        let results = ledger.apply_batch(&[reserve(10_000, 60_000), reserve(1, 60_000)], 60_000);
+        assert!(matches!(results[0], Ok(Outcome::Reserved(_))), "{results:?}");
+        assert!(matches!(results[1], Err(LedgerError::QuotaDepleted { .. })), "{results:?}");
+        assert_eq!((ledger.open_reservations(), ledger.api_key("k").unwrap().view().open_reservations), (1, 1));
+        assert_eq!(ledger.verify(), Ok(()));
+    }
+
     /// A request authenticated with a key that is revoked before the ledger applies it is refused as a
     /// wrong secret is, and the key's hash matches only itself.
     #[test]
