@@ -686,8 +686,8 @@ impl Environment {
         self.open.range(..=through_seq).filter(move |(_, hold)| of_agent(hold)).map(|(seq, hold)| (*seq, &**hold))
     }
 
-    /// Ends the hold `seq`, already taken out of `open`, using nothing, and remembers how; returns
-    /// what it held. The caller counts it off the server-wide open-hold count.
+    /// Ends the hold `seq`, already taken out of `open`, using nothing, and remembers how. The caller
+    /// counts it off the server-wide open-hold count.
     pub fn end_taken(
         &mut self,
         tenant: Option<&mut Tenant>,
@@ -696,17 +696,15 @@ impl Environment {
         ending: Ending,
         now: u64,
         (retention_ms, max_resolved): (u64, usize),
-    ) -> Milli {
+    ) {
         self.unhold(tenant, hold.draws);
         // Using nothing, it never makes an agent's books: the bound on them does not apply.
         self.agent_resolved(&hold.agent, hold.amount, 0, usize::MAX);
-        let held = hold.amount;
         let resolution = match ending {
-            Ending::Released => Resolution::Released { released: held },
+            Ending::Released => Resolution::Released { released: hold.amount },
             Ending::Expired => Resolution::Expired,
         };
         self.remember(seq, Resolved { hold, resolution }, now, retention_ms, max_resolved);
-        held
     }
 
     /// Records how a reservation resolved, then forgets the oldest records past `retention_ms` or

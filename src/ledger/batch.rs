@@ -37,9 +37,10 @@ fn target(command: &Command) -> Option<Target<'_>> {
 impl Ledger {
     /// Applies `commands` in order at `now`, each as [`Ledger::apply`] would, and returns their results
     /// in the same order: a refused command changes nothing (but for the overdue holds a reservation
-    /// may expire first, as alone) and does not keep the others from being applied. Consecutive reservations (or commits and releases) naming the same environment with the
-    /// same API key are applied under one lock of it, at most [`MAX_COMMANDS_PER_LOCK`] at a time, so
-    /// nothing comes between them; any other command is applied on its own.
+    /// may expire first, as alone) and does not keep the others from being applied. Consecutive
+    /// reservations (or commits and releases) naming the same environment with the same API key are
+    /// applied under one lock of it, at most [`MAX_COMMANDS_PER_LOCK`] at a time, so nothing comes
+    /// between them; any other command is applied on its own.
     pub fn apply_batch(&self, commands: &[Command], now: u64) -> Vec<Result<Outcome, LedgerError>> {
         let mut results = Vec::with_capacity(commands.len());
         let mut rest = commands;
