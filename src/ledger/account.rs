@@ -521,17 +521,12 @@ impl Environment {
     /// brings is a new string, and kept with each open or resolved hold, it would cost every hold an
     /// allocation of its own for as long as the hold is remembered.
     pub fn agent_held(&mut self, agent: &AgentId, amount: Milli, max_agents: usize) -> AgentId {
-        let full = self.agents.len() >= max_agents;
-        match self.agents.entry(agent.clone()) {
-            btree_map::Entry::Occupied(mut book) => {
-                book.get_mut().held = book.get().held.saturating_add(amount);
-                book.key().clone()
+        match self.agent_book(agent, max_agents) {
+            Some((id, book)) => {
+                book.held = book.held.saturating_add(amount);
+                id
             }
-            btree_map::Entry::Vacant(slot) if !full => {
-                slot.insert(AgentBook { held: amount, ..AgentBook::default() });
-                agent.clone()
-            }
-            btree_map::Entry::Vacant(_) => agent.clone(),
+            None => agent.clone(),
         }
     }
 
@@ -547,7 +542,7 @@ impl Environment {
             }
             None => {
                 if used > 0
-                    && let Some(book) = self.agent_book(agent, max_agents)
+                    && let Some((_, book)) = self.agent_book(agent, max_agents)
                 {
                     book.used = book.used.saturating_add(used);
                 }
@@ -559,11 +554,15 @@ impl Environment {
         }
     }
 
-    fn agent_book(&mut self, agent: &AgentId, max_agents: usize) -> Option<&mut AgentBook> {
-        if !self.agents.contains_key(agent) && self.agents.len() >= max_agents {
-            return None;
+    /// The agent's book, made if there is room to track one more agent, with the id its key holds;
+    /// one search of the agents.
+    fn agent_book(&mut self, agent: &AgentId, max_agents: usize) -> Option<(AgentId, &mut AgentBook)> {
+        let full = self.agents.len() >= max_agents;
+        match self.agents.entry(agent.clone()) {
+            btree_map::Entry::Occupied(book) => Some((book.key().clone(), book.into_mut())),
+            btree_map::Entry::Vacant(slot) if !full => Some((slot.key().clone(), slot.insert(AgentBook::default()))),
+            btree_map::Entry::Vacant(_) => None,
         }
-        Some(self.agents.entry(agent.clone()).or_default())
     }
 
     /// Whether an operation on these books may touch the tenant pool.

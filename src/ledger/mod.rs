@@ -633,9 +633,7 @@ impl Ledger {
                 .map(|(_, seq)| *seq)
                 .filter(|seq| books.env.open.get(seq).is_some_and(|hold| hold.expires_at_ms <= now))
                 .collect();
-            if !seqs.is_empty() {
-                self.record(&mut books, &Event::ExpiredHolds { environment: cell.id.clone(), seqs }, now);
-            }
+            self.expire_holds(&mut books, seqs, now);
         }
         taken
     }
@@ -1114,6 +1112,11 @@ impl Ledger {
             .filter(|(_, hold)| hold.expires_at_ms <= now)
             .map(|(&seq, _)| seq)
             .collect();
+        self.expire_holds(books, seqs, now)
+    }
+
+    /// Expires the open, due holds `seqs` (ascending) as one `ExpiredHolds` event; false if there are none.
+    fn expire_holds(&self, books: &mut Books<'_>, seqs: Vec<u64>, now: u64) -> bool {
         if seqs.is_empty() {
             return false;
         }
