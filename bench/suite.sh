@@ -285,13 +285,19 @@ interleave() {
 
 json_field() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
 
-# Waits (10 s at most) until the holds of a run of reserves alone have expired, so that the sweeper does
-# not release them during the next run.
+# Waits (60 s at most) until the holds of a run of reserves alone have expired, so that the sweeper does
+# not release them during the next run, and logs how long that took.
 holds_expired() {
-    local deadline=$((SECONDS + 10))
-    until [ "$(python3 "$TOOLS" open-holds "$METRICS")" -eq 0 ] || [ "$SECONDS" -ge "$deadline" ]; do
+    local started deadline=$((SECONDS + 60))
+    started=$(now_ms)
+    until [ "$(python3 "$TOOLS" open-holds "$METRICS")" -eq 0 ]; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            log "  holds still open after 60 s: the next run pays for their expiry"
+            return 0
+        fi
         sleep 0.2
     done
+    log "  its holds expired $(($(now_ms) - started)) ms after it ended"
 }
 
 # --- Scenarios ---------------------------------------------------------------------------------------
