@@ -589,13 +589,18 @@ impl Model {
                 replayed: true,
             });
         }
-        let draws = match self.plan(&id, amount) {
+        let mut draws = match self.plan(&id, amount) {
             Err(_) if self.expire_overdue(&id, now) => self.plan(&id, amount),
             planned => planned,
         }?;
+        // At the server's cap the environment's overdue holds expire first too, and the hold is
+        // planned again.
         let total = self.limits.max_open_reservations_total;
         if self.open_total() >= total {
-            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: total });
+            if !self.expire_overdue(&id, now) || self.open_total() >= total {
+                return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: total });
+            }
+            draws = self.plan(&id, amount)?;
         }
         let e = self.capacity_mut(&id);
         // Sequence numbers start at 1 and count grants only.

@@ -421,7 +421,11 @@ mod tests {
     }
 
     fn ledger(sink: Arc<Count>) -> Ledger {
-        let ledger = Ledger::with_sink(Limits::default(), sink);
+        ledger_with(Limits::default(), sink)
+    }
+
+    fn ledger_with(limits: Limits, sink: Arc<Count>) -> Ledger {
+        let ledger = Ledger::with_sink(limits, sink);
         let tenant = TenantId::new("t").unwrap();
         let environment = EnvironmentId::new("e").unwrap();
         for command in [
@@ -468,6 +472,53 @@ mod tests {
         assert!(matches!(results[1], Err(LedgerError::QuotaDepleted { .. })), "{results:?}");
         assert_eq!((ledger.open_reservations(), ledger.api_key("k").unwrap().view().open_reservations), (1, 1));
         assert_eq!(ledger.verify(), Ok(()));
+    }
+
+    /// At the API key's cap, and at the server's, a reservation first expires its environment's overdue
+    /// holds, as at the environment's own cap, and is granted; a dry run answers alike. While no hold
+    /// is due the refusal stands and logs nothing.
+    #[test]
+    fn a_reservation_at_the_keys_or_the_servers_cap_first_expires_overdue_holds() {
+        let (environment, agent) = (EnvironmentId::new("e").unwrap(), crate::ledger::AgentId::new("a").unwrap());
+        let reserve = |now: u64| Command::Reserve {
+            environment: environment.clone(),
+            agent: agent.clone(),
+            usage: Usage::Milli(1),
+            idempotency_key: None,
+            expires_at_ms: now + 60_000,
+            api_key: Some(id("k")),
+        };
+        let key_cap = Limits { max_open_reservations_per_api_key: 1, ..Limits::default() };
+        let server_cap = Limits { max_open_reservations_total: 1, ..Limits::default() };
+        for (limits, scope) in [(key_cap, OpenReservationScope::ApiKey), (server_cap, OpenReservationScope::Server)] {
+            // A ledger at the cap, with one hold due at 60,000 ms, and how many events it has logged.
+            let at_cap = || {
+                let sink = Arc::new(Count::default());
+                let ledger = ledger_with(limits, sink.clone());
+                ledger.apply(&create("k"), 0).unwrap();
+                ledger.apply(&reserve(0), 0).unwrap();
+                let logged = *sink.0.lock();
+                (ledger, sink, logged)
+            };
+            let (ledger, sink, logged) = at_cap();
+            let refused = ledger.apply(&reserve(59_999), 59_999);
+            assert!(
+                matches!(refused, Err(LedgerError::TooManyOpenReservations { scope: s, .. }) if s == scope),
+                "{refused:?}"
+            );
+            assert_eq!(*sink.0.lock(), logged, "{scope:?}: a refusal with nothing due logs nothing");
+            let granted = ledger.apply(&reserve(60_000), 60_000);
+            assert!(matches!(granted, Ok(Outcome::Reserved(_))), "{scope:?}: {granted:?}");
+            assert_eq!(*sink.0.lock(), logged + 2, "{scope:?}: the expiry, then the grant");
+            assert_eq!((ledger.open_reservations(), ledger.api_key("k").unwrap().view().open_reservations), (1, 1));
+            assert_eq!(ledger.verify(), Ok(()));
+
+            let (ledger, sink, logged) = at_cap();
+            let quote = ledger.dry_run(&environment, &agent, &Usage::Milli(1), Some(&id("k")), 60_000);
+            assert!(quote.is_ok(), "{scope:?}: {quote:?}");
+            assert_eq!(*sink.0.lock(), logged + 1, "{scope:?}: the dry run's expiry");
+            assert_eq!((ledger.open_reservations(), ledger.api_key("k").unwrap().view().open_reservations), (0, 0));
+        }
     }
 
     /// A request authenticated with a key that is revoked before the ledger applies it is refused as a

@@ -352,7 +352,7 @@ impl Ledger {
     }
 
     /// Applies one state change at time `now`. A refused command changes nothing, but for the overdue
-    /// holds a reservation may expire first (see `plan_hold_now`).
+    /// holds a reservation may expire first (see `plan_and_count_hold`).
     pub fn apply(&self, command: &Command, now: u64) -> Result<Outcome, LedgerError> {
         match command {
             Command::PurchaseCapacity { tenant, amount_milli, idempotency_key } => {
@@ -434,14 +434,11 @@ impl Ledger {
         let mut books = Books::lock(&cell, now);
         let version = self.rate_cards.read().in_force(now).version;
         let amount = priced_total(&self.price(usage, version)?);
-        let draws = self.plan_hold_now(&mut books, agent, amount, now)?;
-        if let Some(key) = &key {
-            self.check_key_cap(key)?;
+        let mut draws = self.plan_hold_now(&mut books, agent, amount, now)?;
+        if self.check_open_hold_caps(key.as_deref()).is_err() && self.expire_overdue(&mut books, now) {
+            draws = self.plan_hold(&books, agent, amount)?;
         }
-        let max_total = self.limits.max_open_reservations_total;
-        if self.open_total.load(Ordering::Relaxed) >= max_total {
-            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
-        }
+        self.check_open_hold_caps(key.as_deref())?;
         Ok(Quote { amount_milli: amount, draws, balance: books.balance() })
     }
 
@@ -926,25 +923,10 @@ impl Ledger {
         let rate_card_version = self.rate_cards.read().in_force(now).version;
         let amount = priced_total(&self.price(request.usage, rate_card_version)?);
         let max_agents = self.limits.max_usage_keys_per_tenant;
-        let draws = match self.plan_hold_now(books, request.agent, amount, now) {
+        let draws = match self.plan_and_count_hold(books, key, request.agent, amount, now) {
             Ok(draws) => draws,
             Err(error) => return Err(Self::refuse(books, request.agent, error, max_agents, now)),
         };
-        if let Some(key) = key
-            && let Err(error) = self.take_key_hold(key)
-        {
-            return Err(Self::refuse(books, request.agent, error, max_agents, now));
-        }
-        // The server-wide count is taken last, so that every refusal above leaves it untouched.
-        let max_total = self.limits.max_open_reservations_total;
-        if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
-            self.open_total.fetch_sub(1, Ordering::Relaxed);
-            if let Some(key) = key {
-                self.give_back_key_hold(key);
-            }
-            let error = LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total };
-            return Err(Self::refuse(books, request.agent, error, max_agents, now));
-        }
         let attributed_to_other = self.attributed_to_other(books, request.agent, [usage::COUNTS_SCENARIO], now);
         let reservation = ReservationId { environment: books.cell.id.clone(), seq: books.env.next_seq };
         let event = Event::Reserved {
@@ -1084,12 +1066,64 @@ impl Ledger {
         Some(released)
     }
 
+    /// Plans a new hold as `plan_hold_now` does, then counts it against the API key's and the
+    /// server's caps on open holds. At either cap, the environment's overdue holds among its oldest
+    /// expire first, as for a refusal of the environment's own; the hold is then planned and counted
+    /// again. Every refusal leaves both counts as they were.
+    fn plan_and_count_hold(
+        &self,
+        books: &mut Books<'_>,
+        key: Option<&ApiKey>,
+        agent: &AgentId,
+        amount: Milli,
+        now: u64,
+    ) -> Result<Draws, LedgerError> {
+        let draws = self.plan_hold_now(books, agent, amount, now)?;
+        match self.count_open_hold(key) {
+            Err(_) if self.expire_overdue(books, now) => {
+                // Expiry only gives back, but what it gives back may change which sources are drawn.
+                let draws = self.plan_hold(books, agent, amount)?;
+                self.count_open_hold(key).map(|()| draws)
+            }
+            counted => counted.map(|()| draws),
+        }
+    }
+
+    /// Counts a new hold against the API key's cap, then the server's; at either cap, refuses it and
+    /// counts nothing.
+    fn count_open_hold(&self, key: Option<&ApiKey>) -> Result<(), LedgerError> {
+        if let Some(key) = key {
+            self.take_key_hold(key)?;
+        }
+        let max_total = self.limits.max_open_reservations_total;
+        if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
+            self.open_total.fetch_sub(1, Ordering::Relaxed);
+            if let Some(key) = key {
+                self.give_back_key_hold(key);
+            }
+            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
+        }
+        Ok(())
+    }
+
+    /// Whether the API key's and the server's caps on open holds would take one more; for dry runs.
+    fn check_open_hold_caps(&self, key: Option<&ApiKey>) -> Result<(), LedgerError> {
+        if let Some(key) = key {
+            self.check_key_cap(key)?;
+        }
+        let max_total = self.limits.max_open_reservations_total;
+        if self.open_total.load(Ordering::Relaxed) >= max_total {
+            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
+        }
+        Ok(())
+    }
+
     /// Plans a new hold as `plan_hold` does; when the environment refuses it for what ended holds
     /// give back (capacity, its open-hold cap, the agent's limit), first expires the overdue holds
     /// among its oldest and plans again. Holds past their expiry count until the sweep reaches them,
     /// which under a burst of expiries may take seconds; expired first, they make a refusal (or a dry
-    /// run's answer) mean what it says. The API key's and the server's open-hold caps are checked
-    /// after this, across environments, and are left to the sweep.
+    /// run's answer) mean what it says. The API key's and the server's caps take the same step in
+    /// `plan_and_count_hold`.
     fn plan_hold_now(
         &self,
         books: &mut Books<'_>,
@@ -1505,8 +1539,9 @@ fn count_usage_keys(cell: &CapacityCell, tenant: &mut Option<MutexGuard<'_, Tena
 mod tests {
     use super::*;
 
-    /// Only refusals that ended holds could lift look for overdue holds: not a disabled agent, nor
-    /// the API key's or the server's caps, which span environments.
+    /// Only the environment's refusals that ended holds could lift look for overdue holds when a hold
+    /// is planned: not a disabled agent. (The API key's and the server's caps are counted after the
+    /// plan, and take the step there.)
     #[test]
     fn only_refusals_that_ending_holds_could_lift_expire_overdue_holds() {
         let environment = EnvironmentId::new("e").unwrap();
