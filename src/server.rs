@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustix::time::ClockId;
 use tokio::net::TcpListener;
 use tokio_util::{either::Either, sync::CancellationToken};
 use tonic::service::interceptor::InterceptedService;
@@ -35,7 +36,7 @@ pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 const EXPIRY_CHUNK: usize = 256;
 /// How a sweep with more to expire than one turn shares the core with requests. It runs in turns of
 /// at most `EXPIRY_MAX_SLICE`, so a call in flight waits at most that long for it. Between turns it
-/// pauses for `EXPIRY_PAUSE` and measures the CPU the rest of the process used meanwhile. While requests
+/// pauses for `EXPIRY_PAUSE` and measures the CPU others used meanwhile (see [`OthersCpu`]). While requests
 /// keep the core busy, the next turn is sized so that the sweep takes `EXPIRY_BUSY_SHARE` of the core: a
 /// unary grant costs about four times an expiry, so that share keeps up with them. While the core is
 /// idle, the sweep takes what the requests leave.
@@ -55,6 +56,10 @@ const EXPIRY_PAUSE: Duration = Duration::from_millis(1);
 /// Below this share of a pause spent by the rest of the process, the core counts as idle: the sweep
 /// then only yields between turns, rather than sleeping.
 const EXPIRY_IDLE_BELOW: f64 = 0.05;
+/// A yield's pause lasts microseconds, in which the runtime's own polling alone looks like a busy core
+/// (an idle server's sweep took under half the core). Less CPU than the cheapest call takes means that
+/// nothing but that polling ran.
+const EXPIRY_ONLY_POLLED: Duration = Duration::from_micros(10);
 
 /// Health names that report the server's state; `""` is the whole server.
 const HEALTH_SERVICES: [&str; 3] = ["", "quota.v1.Quota", "quota.v1.QuotaAdmin"];
@@ -319,14 +324,13 @@ async fn expire_due(context: &Context) {
         }
         let now = context.clock.now_ms();
         let behind = Duration::from_millis(context.ledger.earliest_expiry().map_or(0, |at| now.saturating_sub(at)));
-        let (paused, cpu_before) = (Instant::now(), process_cpu_time());
+        let (paused, others) = (Instant::now(), OthersCpu::start());
         if turn.sleep {
             tokio::time::sleep(EXPIRY_PAUSE).await;
         } else {
             tokio::task::yield_now().await;
         }
-        let others_cpu = process_cpu_time().saturating_sub(cpu_before);
-        turn = next_expiry_turn(paused.elapsed(), others_cpu, expiry_share(behind));
+        turn = next_expiry_turn(paused.elapsed(), others.since_start(), expiry_share(behind));
     }
 }
 
@@ -350,7 +354,7 @@ fn expiry_share(behind: Duration) -> f64 {
 fn next_expiry_turn(pause: Duration, others_cpu: Duration, share: f64) -> ExpiryTurn {
     let longest = EXPIRY_MAX_SLICE.mul_f64(share / EXPIRY_BUSY_SHARE);
     let busy = (others_cpu.as_secs_f64() / pause.as_secs_f64().max(1e-9)).min(1.0);
-    if busy < EXPIRY_IDLE_BELOW {
+    if busy < EXPIRY_IDLE_BELOW || others_cpu < EXPIRY_ONLY_POLLED {
         return ExpiryTurn { slice: longest, sleep: false };
     }
     let busy_ratio = share / (1.0 - share);
@@ -358,9 +362,35 @@ fn next_expiry_turn(pause: Duration, others_cpu: Duration, share: f64) -> Expiry
     ExpiryTurn { slice, sleep: true }
 }
 
-/// CPU time of the whole process so far, all its threads.
-fn process_cpu_time() -> Duration {
-    let now = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+/// The CPU that others use while the sweep pauses: the other tasks of the runtime thread it pauses on
+/// (requests, above all). The log's threads do not count, as the process's CPU would have them:
+/// busy writing and syncing what the sweep itself expired, they kept an idle server's sweep to a
+/// quarter of the core. Should the sweep resume on another worker thread, the whole process's CPU
+/// is all there is to go by.
+struct OthersCpu {
+    thread: std::thread::ThreadId,
+    thread_cpu: Duration,
+    process_cpu: Duration,
+}
+
+impl OthersCpu {
+    fn start() -> Self {
+        let thread = std::thread::current().id();
+        Self { thread, thread_cpu: cpu_time(ClockId::ThreadCPUTime), process_cpu: cpu_time(ClockId::ProcessCPUTime) }
+    }
+
+    fn since_start(&self) -> Duration {
+        if std::thread::current().id() == self.thread {
+            cpu_time(ClockId::ThreadCPUTime).saturating_sub(self.thread_cpu)
+        } else {
+            cpu_time(ClockId::ProcessCPUTime).saturating_sub(self.process_cpu)
+        }
+    }
+}
+
+/// CPU time so far of the calling thread, or of the whole process.
+fn cpu_time(clock: ClockId) -> Duration {
+    let now = rustix::time::clock_gettime(clock);
     Duration::new(now.tv_sec.max(0) as u64, now.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
@@ -448,6 +478,8 @@ mod tests {
         assert_eq!(next_expiry_turn(MS, Duration::ZERO, ON_TIME), idle);
         assert_eq!(next_expiry_turn(Duration::from_micros(3), Duration::ZERO, ON_TIME), idle);
         assert_eq!(next_expiry_turn(Duration::ZERO, Duration::ZERO, ON_TIME), idle);
+        // A yield in which the runtime only polled its driver.
+        assert_eq!(next_expiry_turn(Duration::from_micros(3), Duration::from_micros(2), ON_TIME), idle);
     }
 
     #[test]
@@ -478,14 +510,23 @@ mod tests {
         assert!((actual - expected).abs() < 1e-9, "{actual} is not {expected}");
     }
 
-    #[test]
-    fn process_cpu_time_counts_the_cpu_this_thread_spends() {
-        let (started, before) = (Instant::now(), process_cpu_time());
-        let mut spin = 0u64;
-        while started.elapsed() < MS * 20 {
+    fn spin(how_long: Duration) {
+        let (started, mut spin) = (Instant::now(), 0u64);
+        while started.elapsed() < how_long {
             spin = std::hint::black_box(spin + 1);
         }
-        // Other test threads may add to it; a preempted spin may spend less than its wall time.
-        assert!(process_cpu_time() - before >= MS * 5);
+    }
+
+    /// On the thread it started on, only that thread's CPU counts: not a thread of the log's.
+    #[test]
+    fn others_cpu_counts_the_cpu_of_the_thread_it_started_on() {
+        let others = OthersCpu::start();
+        std::thread::spawn(|| spin(MS * 50)).join().unwrap();
+        let after_other_thread = others.since_start();
+        spin(MS * 20);
+        let after_own = others.since_start();
+        // A preempted spin may spend less than its wall time, so the bounds leave room both ways.
+        assert!(after_other_thread < MS * 10, "{after_other_thread:?}");
+        assert!(after_own - after_other_thread >= MS * 5, "{after_own:?}");
     }
 }
