@@ -53,8 +53,8 @@ const EXPIRY_LATE_AFTER: Duration = Duration::from_secs(5);
 const EXPIRY_CATCH_UP: Duration = Duration::from_secs(2);
 const EXPIRY_LATE_SHARE: f64 = 0.75;
 const EXPIRY_PAUSE: Duration = Duration::from_millis(1);
-/// Below this share of a pause spent by the rest of the process, the core counts as idle: the sweep
-/// then only yields between turns, rather than sleeping.
+/// Below this share of a pause spent by others, the core counts as idle: the sweep then only yields
+/// between turns, rather than sleeping.
 const EXPIRY_IDLE_BELOW: f64 = 0.05;
 /// A yield's pause lasts microseconds, in which the runtime's own polling alone looks like a busy core
 /// (an idle server's sweep took under half the core). Less CPU than the cheapest call takes means that
@@ -364,9 +364,8 @@ fn next_expiry_turn(pause: Duration, others_cpu: Duration, share: f64) -> Expiry
 
 /// The CPU that others use while the sweep pauses: the other tasks of the runtime thread it pauses on
 /// (requests, above all). The log's threads do not count, as the process's CPU would have them:
-/// busy writing and syncing what the sweep itself expired, they kept an idle server's sweep to a
-/// quarter of the core. Should the sweep resume on another worker thread, the whole process's CPU
-/// is all there is to go by.
+/// busy writing and syncing what the sweep itself expired, they made an idle core look busy. Should
+/// the sweep resume on another worker thread, the whole process's CPU is all there is to go by.
 struct OthersCpu {
     thread: std::thread::ThreadId,
     thread_cpu: Duration,
