@@ -589,19 +589,20 @@ impl Model {
                 replayed: true,
             });
         }
-        let mut draws = match self.plan(&id, amount) {
-            Err(_) if self.expire_overdue(&id, now) => self.plan(&id, amount),
-            planned => planned,
-        }?;
-        // At the server's cap the environment's overdue holds expire first too, and the hold is
-        // planned again.
-        let total = self.limits.max_open_reservations_total;
-        if self.open_total() >= total {
-            if !self.expire_overdue(&id, now) || self.open_total() >= total {
+        // Every refusal here (capacity, the environment's cap, the server's) is one that ending holds
+        // could lift: the environment's overdue holds expire first, and it is decided again.
+        let plan_and_count = |model: &Self| {
+            let draws = model.plan(&id, amount)?;
+            let total = model.limits.max_open_reservations_total;
+            if model.open_total() >= total {
                 return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: total });
             }
-            draws = self.plan(&id, amount)?;
-        }
+            Ok(draws)
+        };
+        let draws = match plan_and_count(self) {
+            Err(_) if self.expire_overdue(&id, now) => plan_and_count(self),
+            planned => planned,
+        }?;
         let e = self.capacity_mut(&id);
         // Sequence numbers start at 1 and count grants only.
         let seq = e.holds.len() as u64 + 1;

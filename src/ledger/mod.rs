@@ -352,7 +352,7 @@ impl Ledger {
     }
 
     /// Applies one state change at time `now`. A refused command changes nothing, but for the overdue
-    /// holds a reservation may expire first (see `plan_and_count_hold`).
+    /// holds a reservation may expire first (see `plan_hold_now`).
     pub fn apply(&self, command: &Command, now: u64) -> Result<Outcome, LedgerError> {
         match command {
             Command::PurchaseCapacity { tenant, amount_milli, idempotency_key } => {
@@ -434,11 +434,7 @@ impl Ledger {
         let mut books = Books::lock(&cell, now);
         let version = self.rate_cards.read().in_force(now).version;
         let amount = priced_total(&self.price(usage, version)?);
-        let mut draws = self.plan_hold_now(&mut books, agent, amount, now)?;
-        if self.check_open_hold_caps(key.as_deref()).is_err() && self.expire_overdue(&mut books, now) {
-            draws = self.plan_hold(&books, agent, amount)?;
-        }
-        self.check_open_hold_caps(key.as_deref())?;
+        let draws = self.plan_hold_now(&mut books, agent, amount, now, || self.check_open_hold_caps(key.as_deref()))?;
         Ok(Quote { amount_milli: amount, draws, balance: books.balance() })
     }
 
@@ -923,7 +919,7 @@ impl Ledger {
         let rate_card_version = self.rate_cards.read().in_force(now).version;
         let amount = priced_total(&self.price(request.usage, rate_card_version)?);
         let max_agents = self.limits.max_usage_keys_per_tenant;
-        let draws = match self.plan_and_count_hold(books, key, request.agent, amount, now) {
+        let draws = match self.plan_hold_now(books, request.agent, amount, now, || self.count_open_hold(key)) {
             Ok(draws) => draws,
             Err(error) => return Err(Self::refuse(books, request.agent, error, max_agents, now)),
         };
@@ -1066,29 +1062,6 @@ impl Ledger {
         Some(released)
     }
 
-    /// Plans a new hold as `plan_hold_now` does, then counts it against the API key's and the
-    /// server's caps on open holds. At either cap, the environment's overdue holds among its oldest
-    /// expire first, as for a refusal of the environment's own; the hold is then planned and counted
-    /// again. Every refusal leaves both counts as they were.
-    fn plan_and_count_hold(
-        &self,
-        books: &mut Books<'_>,
-        key: Option<&ApiKey>,
-        agent: &AgentId,
-        amount: Milli,
-        now: u64,
-    ) -> Result<Draws, LedgerError> {
-        let draws = self.plan_hold_now(books, agent, amount, now)?;
-        match self.count_open_hold(key) {
-            Err(_) if self.expire_overdue(books, now) => {
-                // Expiry only gives back, but what it gives back may change which sources are drawn.
-                let draws = self.plan_hold(books, agent, amount)?;
-                self.count_open_hold(key).map(|()| draws)
-            }
-            counted => counted.map(|()| draws),
-        }
-    }
-
     /// Counts a new hold against the API key's cap, then the server's; at either cap, refuses it and
     /// counts nothing.
     fn count_open_hold(&self, key: Option<&ApiKey>) -> Result<(), LedgerError> {
@@ -1118,23 +1091,26 @@ impl Ledger {
         Ok(())
     }
 
-    /// Plans a new hold as `plan_hold` does; when the environment refuses it for what ended holds
-    /// give back (capacity, its open-hold cap, the agent's limit), first expires the overdue holds
-    /// among its oldest and plans again. Holds past their expiry count until the sweep reaches them,
-    /// which under a burst of expiries may take seconds; expired first, they make a refusal (or a dry
-    /// run's answer) mean what it says. The API key's and the server's caps take the same step in
-    /// `plan_and_count_hold`.
+    /// Plans a new hold as `plan_hold` does, then counts it against the caps that span environments
+    /// (`caps`: the API key's and the server's, counted or only checked). When it is refused for what
+    /// ended holds give back (capacity, the agent's limit, a cap on open holds), the overdue holds
+    /// among the environment's oldest expire first, and the hold is planned and counted again. Holds
+    /// past their expiry count until the sweep reaches them, which under a burst of expiries may take
+    /// seconds; expired first, they make a refusal (or a dry run's answer) mean what it says.
     fn plan_hold_now(
         &self,
         books: &mut Books<'_>,
         agent: &AgentId,
         amount: Milli,
         now: u64,
+        caps: impl Fn() -> Result<(), LedgerError>,
     ) -> Result<Draws, LedgerError> {
-        match self.plan_hold(books, agent, amount) {
-            Err(error) if relieved_by_expiry(&error) && self.expire_overdue(books, now) => {
-                self.plan_hold(books, agent, amount)
-            }
+        let plan_and_count = |books: &Books<'_>| {
+            let draws = self.plan_hold(books, agent, amount)?;
+            caps().map(|()| draws)
+        };
+        match plan_and_count(books) {
+            Err(error) if relieved_by_expiry(&error) && self.expire_overdue(books, now) => plan_and_count(books),
             planned => planned,
         }
     }
@@ -1460,7 +1436,7 @@ fn relieved_by_expiry(error: &LedgerError) -> bool {
         error,
         LedgerError::QuotaDepleted { .. }
             | LedgerError::AgentLimitReached { .. }
-            | LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Environment, .. }
+            | LedgerError::TooManyOpenReservations { .. }
     )
 }
 
@@ -1539,9 +1515,7 @@ fn count_usage_keys(cell: &CapacityCell, tenant: &mut Option<MutexGuard<'_, Tena
 mod tests {
     use super::*;
 
-    /// Only the environment's refusals that ended holds could lift look for overdue holds when a hold
-    /// is planned: not a disabled agent. (The API key's and the server's caps are counted after the
-    /// plan, and take the step there.)
+    /// Only refusals that ended holds could lift look for overdue holds: not a disabled agent.
     #[test]
     fn only_refusals_that_ending_holds_could_lift_expire_overdue_holds() {
         let environment = EnvironmentId::new("e").unwrap();
@@ -1557,13 +1531,11 @@ mod tests {
             held_milli: 0,
             requested_milli: 1,
         };
-        for lifted in [depleted, agent_limit, full(OpenReservationScope::Environment)] {
+        let caps = [OpenReservationScope::Environment, OpenReservationScope::ApiKey, OpenReservationScope::Server];
+        for lifted in [depleted, agent_limit].into_iter().chain(caps.map(full)) {
             assert!(relieved_by_expiry(&lifted), "{lifted:?}");
         }
-        let disabled = LedgerError::AgentDisabled { environment, agent };
-        for kept in [disabled, full(OpenReservationScope::ApiKey), full(OpenReservationScope::Server)] {
-            assert!(!relieved_by_expiry(&kept), "{kept:?}");
-        }
+        assert!(!relieved_by_expiry(&LedgerError::AgentDisabled { environment, agent }));
     }
 
     /// Uncapped pay-as-you-go offers `Milli::MAX` whatever is already held: a hold that would take the
