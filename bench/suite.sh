@@ -434,12 +434,12 @@ scenario_redis() {
     done
 }
 
-# h2load_run NAME RPC BODY [h2load flags...]: h2load for BENCH_DURATION against quotad, with the API key.
-# h2load counts an HTTP 200 as a success whatever grpc-status says, so quotad's metrics before and after
-# decide: the calls by status code go in the result, and a run in which most failed fails.
+# h2load_run NAME RPC BODY CLIENTS STREAMS: h2load for BENCH_DURATION against quotad, with the API key,
+# CLIENTS connections of STREAMS concurrent calls each. h2load counts an HTTP 200 as a success whatever
+# grpc-status says, so quotad's metrics before and after decide: the calls by status code go in the
+# result, and a run in which most failed fails.
 h2load_run() {
-    local name=$1 rpc=$2 body=$3 warmup=()
-    shift 3
+    local name=$1 rpc=$2 body=$3 clients=$4 streams=$5 warmup=()
     [ "$WARMUP" -gt 0 ] && warmup=(--warm-up-time "${WARMUP}s")
     python3 "$TOOLS" metrics "$METRICS" "$WORK/metrics-before"
     rm -f "$WORK/h2load.log" # h2load appends to its log
@@ -447,25 +447,25 @@ h2load_run() {
     # run's throw-away quotad on the loopback address.
     measured "$name" "$OUT/logs/$name.txt" h2load -D "${DURATION}s" "${warmup[@]}" -d "$body" \
         -H 'content-type: application/grpc' -H 'te: trailers' -H "authorization: Bearer $QUOTAD_TOKEN" \
-        --log-file "$WORK/h2load.log" "$@" "$SERVER/$rpc" ||
+        --log-file "$WORK/h2load.log" -c "$clients" -m "$streams" "$SERVER/$rpc" ||
         { fail "$name: h2load: $(tail -n 2 "$OUT/logs/$name.err" | tr '\n' ' ')" && return 0; }
     python3 "$TOOLS" metrics "$METRICS" "$WORK/metrics-after"
     if ! python3 "$TOOLS" h2load-result "$OUT/logs/$name.txt" "$WORK/h2load.log" "$WORK/metrics-before" \
-        "$WORK/metrics-after" "$rpc" >"$OUT/raw/$name.json" 2>>"$OUT/logs/$name.err"; then
+        "$WORK/metrics-after" "$rpc" "$((clients * streams))" >"$OUT/raw/$name.json" 2>>"$OUT/logs/$name.err"; then
         fail "$name: $(tail -n 1 "$OUT/logs/$name.err")"
     fi
     log "  $name: $(json_field "$OUT/raw/$name.json" req_per_s) req/s," \
         "calls $(json_field "$OUT/raw/$name.json" calls) $(cat "$OUT/raw/$name.cpu")"
 }
 
-h2load_health() { h2load_run "h2load-health-r$1" grpc.health.v1.Health/Check "$WORK/health.bin" -c 4 -m 16; }
+h2load_health() { h2load_run "h2load-health-r$1" grpc.health.v1.Health/Check "$WORK/health.bin" 4 16; }
 h2load_reserve() {
-    h2load_run "h2load-reserve-r$1" quota.v1.Quota/CheckAndReserve "$WORK/reserve.bin" -c 4 -m 16
+    h2load_run "h2load-reserve-r$1" quota.v1.Quota/CheckAndReserve "$WORK/reserve.bin" 4 16
     holds_expired
 }
 # The tail: 500 calls in flight against one core, p99 against p50 from h2load's per-request log.
 h2load_tail() {
-    h2load_run "h2load-tail-r$1" quota.v1.Quota/CheckAndReserve "$WORK/reserve.bin" -c 50 -m 10
+    h2load_run "h2load-tail-r$1" quota.v1.Quota/CheckAndReserve "$WORK/reserve.bin" 50 10
     holds_expired
 }
 scenario_h2load() {

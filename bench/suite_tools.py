@@ -8,10 +8,11 @@ Standard library only, so that the suite needs nothing installed beyond python3.
     suite_tools.py open-holds URL                     print quotad_open_holds
     suite_tools.py poll-open-holds URL UNTIL_MS FILE  "unix_ms open_holds" lines every 100 ms until then
     suite_tools.py rss PID                            VmRSS, RssAnon and RssFile of a process, in bytes
-    suite_tools.py h2load-result OUTPUT LOG BEFORE AFTER RPC
-                                                      one h2load run as JSON: its rate, the latency of
-                                                      its log, and quotad's count of its calls by code
-                                                      (exits 1 when most calls failed)
+    suite_tools.py h2load-result OUTPUT LOG BEFORE AFTER RPC IN_FLIGHT
+                                                      one h2load run of IN_FLIGHT concurrent calls as
+                                                      JSON: its rate, the latency of its log, and
+                                                      quotad's count of its calls by code (exits 1 when
+                                                      most calls failed)
     suite_tools.py redis-result CSV BEFORE AFTER N    one redis-benchmark run as JSON (exits 1 unless the
                                                       balance went down by exactly N)
     suite_tools.py expiry-result LOAD POLL SECOND HOLDS CREATION
@@ -96,7 +97,7 @@ def cmd_rss(pid):
     print(json.dumps(fields))
 
 
-def cmd_h2load_result(output_path, log_path, before_path, after_path, rpc):
+def cmd_h2load_result(output_path, log_path, before_path, after_path, rpc, in_flight):
     output = open(output_path).read()
     rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", output)
     requests = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
@@ -106,9 +107,11 @@ def cmd_h2load_result(output_path, log_path, before_path, after_path, rpc):
     before = calls_by_code(open(before_path).read(), rpc)
     after = calls_by_code(open(after_path).read(), rpc)
     calls = {code: after[code] - before.get(code, 0) for code in after if after[code] != before.get(code, 0)}
-    # When its time is up h2load closes its connections with calls still in flight (started, not done),
-    # which quotad counts as UNKNOWN or CANCELLED: those are the end of the run, not errors.
-    cut_off = int(requests.group(2)) - int(requests.group(3))
+    # When its time is up h2load closes its connections with calls still in flight, which quotad may
+    # count as UNKNOWN or CANCELLED: those are the end of the run, not errors. h2load cancels no call
+    # otherwise, and its report need not count those calls as started, so as many as it keeps in flight
+    # are taken for the stop.
+    cut_off = int(in_flight)
     for code in ("UNKNOWN", "CANCELLED"):
         taken = min(cut_off, calls.get(code, 0))
         if taken:
