@@ -1299,11 +1299,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn forgetting_synced_pages_keeps_their_bytes() {
+    /// Segment 1 in a new directory, with a megabyte mapped.
+    fn mapped_segment() -> (tempfile::TempDir, MappedSegment) {
         let dir = tempfile::tempdir().unwrap();
         let mut storage = DirStorage { dir: dir.path().to_owned(), preallocate_bytes: 1 << 20 };
         let segment = storage.create_segment(1).unwrap();
+        (dir, segment)
+    }
+
+    #[test]
+    fn forgetting_synced_pages_keeps_their_bytes() {
+        let (dir, segment) = mapped_segment();
         let page = rustix::param::page_size();
         let bytes: Vec<u8> = (0..3 * page + 100).map(|i| (i % 251) as u8).collect();
         // Appends shorter than a page, so that they are copies into the mapping.
@@ -1471,9 +1477,7 @@ mod tests {
 
     #[test]
     fn appends_through_the_mapping_and_through_pwrite_read_back_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut storage = DirStorage { dir: dir.path().to_owned(), preallocate_bytes: 1 << 20 };
-        let segment = storage.create_segment(1).unwrap();
+        let (dir, segment) = mapped_segment();
         let page = rustix::param::page_size();
         // Small and large appends alternate, so that each kind writes into a page the other began.
         let sizes = [100, page, 7, 2 * page + 13, page - 1, 3 * page, 1];

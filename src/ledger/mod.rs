@@ -1068,13 +1068,12 @@ impl Ledger {
         if let Some(key) = key {
             self.take_key_hold(key)?;
         }
-        let max_total = self.limits.max_open_reservations_total;
-        if self.open_total.fetch_add(1, Ordering::Relaxed) >= max_total {
+        if self.open_total.fetch_add(1, Ordering::Relaxed) >= self.limits.max_open_reservations_total {
             self.open_total.fetch_sub(1, Ordering::Relaxed);
             if let Some(key) = key {
                 self.give_back_key_hold(key);
             }
-            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
+            return Err(self.server_cap_reached());
         }
         Ok(())
     }
@@ -1084,11 +1083,17 @@ impl Ledger {
         if let Some(key) = key {
             self.check_key_cap(key)?;
         }
-        let max_total = self.limits.max_open_reservations_total;
-        if self.open_total.load(Ordering::Relaxed) >= max_total {
-            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::Server, limit: max_total });
+        if self.open_total.load(Ordering::Relaxed) >= self.limits.max_open_reservations_total {
+            return Err(self.server_cap_reached());
         }
         Ok(())
+    }
+
+    fn server_cap_reached(&self) -> LedgerError {
+        LedgerError::TooManyOpenReservations {
+            scope: OpenReservationScope::Server,
+            limit: self.limits.max_open_reservations_total,
+        }
     }
 
     /// Plans a new hold as `plan_hold` does, then counts it against the caps that span environments
