@@ -18,6 +18,7 @@ use quotad::{
     clock::ManualClock,
     config::{AuthConfig, Config, Settings},
     durability::journal::Durability,
+    metrics::endpoint::{CONNECTION_LIFETIME, MAX_CONNECTIONS},
     proto::{Balance, CheckAndReserveRequest, CreateApiKeyRequest, ReleaseRequest},
 };
 use tokio::{
@@ -442,6 +443,35 @@ async fn only_get_metrics_is_served_and_a_large_request_head_is_refused() {
     assert!(refused.status >= 400, "{}", refused.status);
     assert!(!refused.body.contains("quotad_"), "{}", refused.body);
     assert_eq!(get(metrics, "/metrics").await.status, 200, "the endpoint still serves");
+}
+
+#[tokio::test]
+async fn a_connection_over_the_cap_is_served_once_an_idle_one_reaches_its_lifetime() {
+    // Proves: the endpoint serves at most MAX_CONNECTIONS connections at once, and closes one that sends
+    // nothing after CONNECTION_LIFETIME, which gives its slot back: a scrape on one more connection is
+    // answered only after an idle one was closed, and no sooner than that lifetime.
+    let (_server, metrics) = spawn_with_metrics(false).await;
+    let started = tokio::time::Instant::now();
+    let mut idle_ends = tokio::task::JoinSet::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut stream = TcpStream::connect(metrics).await.unwrap();
+        idle_ends.spawn(async move { stream.read(&mut [0u8; 1]).await.unwrap_or(0) });
+    }
+    // Connected after the idle ones, so accepted after them: the listen backlog is first in, first out.
+    let mut scrape = tokio::spawn(get(metrics, "/metrics"));
+    bounded("an idle connection's end", async {
+        tokio::select! {
+            biased;
+            ended = idle_ends.join_next() => assert_eq!(ended.unwrap().unwrap(), 0, "closed without a byte sent"),
+            answer = &mut scrape => {
+                panic!("served while {MAX_CONNECTIONS} connections were open: {}", answer.unwrap().status)
+            }
+        }
+    })
+    .await;
+    assert!(started.elapsed() >= CONNECTION_LIFETIME, "closed after {:?}", started.elapsed());
+    let answer = bounded("the scrape", scrape).await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
 }
 
 // The real binary.
