@@ -478,11 +478,10 @@ impl Storage for DirStorage {
 }
 
 /// A segment file whose first `map.len()` bytes are allocated on disk and mapped into memory, so that
-/// an append shorter than a page is a copy into the page cache rather than a system call: as durable
-/// against a killed process as a `write`, and synced by the same `fdatasync`. An append of a page or
-/// more, and writes past the mapping (a batch larger than a segment), go through `pwrite`. Where the
-/// file system cannot allocate the space up front (it is full, or does not support it), there is no
-/// mapping and every write is a `pwrite`.
+/// an append is a copy into the page cache rather than a system call: as durable against a killed
+/// process as a `write`, and synced by the same `fdatasync`. Writes past the mapping (a batch larger
+/// than a segment) go through `pwrite`. Where the file system cannot allocate the space up front (it
+/// is full, or does not support it), there is no mapping and every write is a `pwrite`.
 ///
 /// Readers see the unused, zeroed end of the allocation as the end of the log; `finish` cuts it off.
 struct MappedSegment {
@@ -543,14 +542,6 @@ unsafe fn copy_in_order(src: &[u8], dst: *mut u8) {
 
 impl SegmentFile for MappedSegment {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        // Through the mapping, each new page faults twice (a read fault fills it with zeros, then a
-        // write fault marks it dirty): for a page or more, that costs more than a `pwrite` (under batches
-        // of 100 reservations, the log's page faults fell from 5.8% of the server's CPU to 1.2%, and
-        // the log's whole share from 12.7% to 10.2%). `pwrite` copies into the same page cache, which
-        // the mapping sees, front to back and page by page, so a killed process leaves a prefix too.
-        if buf.len() >= rustix::param::page_size() {
-            return FileExt::write_all_at(&self.file, buf, offset);
-        }
         let mapped = self.mapped_len();
         let (in_map, rest) = buf.split_at(mapped.saturating_sub(offset).min(buf.len() as u64) as usize);
         if let Some(map) = &self.map
@@ -1299,23 +1290,14 @@ mod tests {
         }
     }
 
-    /// Segment 1 in a new directory, with a megabyte mapped.
-    fn mapped_segment() -> (tempfile::TempDir, MappedSegment) {
+    #[test]
+    fn forgetting_synced_pages_keeps_their_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let mut storage = DirStorage { dir: dir.path().to_owned(), preallocate_bytes: 1 << 20 };
         let segment = storage.create_segment(1).unwrap();
-        (dir, segment)
-    }
-
-    #[test]
-    fn forgetting_synced_pages_keeps_their_bytes() {
-        let (dir, segment) = mapped_segment();
         let page = rustix::param::page_size();
         let bytes: Vec<u8> = (0..3 * page + 100).map(|i| (i % 251) as u8).collect();
-        // Appends shorter than a page, so that they are copies into the mapping.
-        for (i, chunk) in bytes.chunks(100).enumerate() {
-            segment.write_all_at(chunk, (FILE_HEADER_LEN + i * 100) as u64).unwrap();
-        }
+        segment.write_all_at(&bytes, FILE_HEADER_LEN as u64).unwrap();
         segment.sync_data().unwrap();
         let end = (FILE_HEADER_LEN + bytes.len()) as u64;
         segment.forget_synced(end);
@@ -1473,29 +1455,6 @@ mod tests {
         journal.close();
         assert_eq!(len(second), format::read_segment(&path(second)).unwrap().valid_len);
         assert_eq!(read_all(dir.path()).len(), 2);
-    }
-
-    #[test]
-    fn appends_through_the_mapping_and_through_pwrite_read_back_in_order() {
-        let (dir, segment) = mapped_segment();
-        let page = rustix::param::page_size();
-        // Small and large appends alternate, so that each kind writes into a page the other began.
-        let sizes = [100, page, 7, 2 * page + 13, page - 1, 3 * page, 1];
-        let mut expected = Vec::new();
-        let mut end = FILE_HEADER_LEN as u64;
-        for (i, &size) in sizes.iter().enumerate() {
-            let bytes: Vec<u8> = (0..size).map(|at| (at * 7 + i) as u8 | 1).collect();
-            segment.write_all_at(&bytes, end).unwrap();
-            end += size as u64;
-            expected.extend_from_slice(&bytes);
-        }
-        let map = segment.map.as_ref().unwrap();
-        // SAFETY: the range is within the mapping, and nothing writes it meanwhile.
-        let mapped = unsafe { std::slice::from_raw_parts(map.as_ptr().add(FILE_HEADER_LEN), expected.len()) };
-        assert!(mapped == &expected[..], "the mapping sees what pwrite wrote");
-        let on_disk = fs::read(dir.path().join(format::segment_file_name(1))).unwrap();
-        assert!(on_disk[FILE_HEADER_LEN..end as usize] == expected[..], "the file holds every append in order");
-        assert!(on_disk[end as usize..].iter().all(|&byte| byte == 0), "and zeros after them");
     }
 
     #[test]
