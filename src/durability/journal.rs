@@ -308,6 +308,11 @@ impl Journal {
         }
     }
 
+    /// [`Journal::wait_durable`] for a thread outside the async runtime (a snapshot's).
+    pub fn wait_durable_blocking(&self, seq: u64) -> Result<(), Unavailable> {
+        futures_executor::block_on(self.wait_durable(seq))
+    }
+
     pub fn is_healthy(&self) -> bool {
         *self.shared.health.borrow()
     }

@@ -137,9 +137,13 @@ impl Store {
         let started = Instant::now();
         let sink = Arc::new(JournalSink::default());
         let ledger = Ledger::with_rate_card(limits, rate_card, sink.clone());
-        let covered = restore_snapshot(&ledger, &listing, config.recover_from_older_snapshot)?;
+        let Restored { covered, holds_up_to } =
+            restore_snapshot(&ledger, &listing, config.recover_from_older_snapshot)?;
         trusting(&dir, || "the snapshot".into(), || ledger.recompute_totals())?;
-        let (last_seq, replayed) = replay_log(&ledger, &listing, covered)?;
+        let (last_seq, replayed) = replay_log(&ledger, &listing, covered, holds_up_to)?;
+        // New events are numbered after everything the state holds, never again a number an object
+        // of the snapshot holds.
+        let resume_after = last_seq.max(holds_up_to);
         // Every snapshot file, readable or not, and every log segment's name says how far the state had
         // got; recovering less than that would hand out capacity that was already spent.
         let reached_before = listing
@@ -149,12 +153,12 @@ impl Store {
             .chain(listing.segments.iter().map(|(first_seq, _)| first_seq - 1))
             .max()
             .unwrap_or(0);
-        if last_seq < reached_before {
-            return Err(StoreError::Incomplete { recovered: last_seq, reached_before });
+        if resume_after < reached_before {
+            return Err(StoreError::Incomplete { recovered: resume_after, reached_before });
         }
         trusting(&dir, || "the recovered state".into(), || ledger.finish_restore())??;
         // Empty segments alone (a crash before anything was written) still count as a fresh start.
-        let fresh = covered == 0 && last_seq == 0;
+        let fresh = covered == 0 && resume_after == 0;
         if !fresh {
             tracing::info!(
                 snapshot_seq = covered,
@@ -164,9 +168,13 @@ impl Store {
                 "state recovered"
             );
         }
-        let journal =
-            Journal::open(&dir, config.durability, config.fsync_interval, last_seq + 1, config.max_segment_bytes)
-                .map_err(io)?;
+        let next_seq = resume_after.checked_add(1).ok_or_else(|| {
+            StoreError::Restore(RestoreError::Invariant(format!(
+                "the state claims event {resume_after}, the last there is"
+            )))
+        })?;
+        let journal = Journal::open(&dir, config.durability, config.fsync_interval, next_seq, config.max_segment_bytes)
+            .map_err(io)?;
         sink.journal.set(journal.clone()).unwrap_or_else(|_| unreachable!("set once"));
         let store = Arc::new(Store {
             dir: dir.clone(),
@@ -227,6 +235,11 @@ impl Store {
             }
         });
         result.map_err(io)?;
+        // Objects copied late hold events appended after `covered`, perhaps not yet written. Were the
+        // process killed before they are, the snapshot would hold events the log lacks, and the next
+        // process would give their sequence numbers to new events, which replay then skips.
+        let holds_up_to = self.journal.last_appended();
+        self.journal.wait_durable_blocking(holds_up_to).map_err(|e| io(std::io::Error::other(e)))?;
         let path = writer.finish().map_err(io)?;
         let bytes = std::fs::metadata(&path).map_err(io)?.len();
         let removed = self.prune(covered).map_err(io)?;
@@ -265,8 +278,18 @@ impl Store {
     }
 }
 
-/// Imports the newest snapshot that reads back whole; returns the sequence number it covers.
-fn restore_snapshot(ledger: &Ledger, listing: &DataDirListing, fall_back: bool) -> Result<u64, StoreError> {
+/// What the imported snapshot holds.
+#[derive(Default)]
+struct Restored {
+    /// Every event up to this one; replay starts after it.
+    covered: u64,
+    /// The last event any object holds, at least `covered`: a snapshot copies objects one at a time
+    /// while events go on, and those it copied late hold events after `covered`.
+    holds_up_to: u64,
+}
+
+/// Imports the newest snapshot that reads back whole.
+fn restore_snapshot(ledger: &Ledger, listing: &DataDirListing, fall_back: bool) -> Result<Restored, StoreError> {
     for (covered, path) in listing.snapshots.iter().rev() {
         let items = match format::read_snapshot(path) {
             Ok((_, items)) => items,
@@ -276,22 +299,31 @@ fn restore_snapshot(ledger: &Ledger, listing: &DataDirListing, fall_back: bool) 
             }
             Err(error) => return Err(error.into()),
         };
+        let mut holds_up_to = *covered;
         for (index, bytes) in items.iter().enumerate() {
             let item: SnapshotItem = postcard::from_bytes(bytes).map_err(|e| StoreError::Decode {
                 path: path.clone(),
                 seq: index as u64,
                 reason: e.to_string(),
             })?;
+            holds_up_to = holds_up_to.max(item.applied_seq());
             trusting(path, || format!("snapshot item {index}"), || ledger.import(item))??;
         }
-        return Ok(*covered);
+        return Ok(Restored { covered: *covered, holds_up_to });
     }
-    Ok(0)
+    Ok(Restored::default())
 }
 
 /// Replays every logged event after `covered`; returns the last sequence number and how many were
 /// replayed. A torn record at the very end of the log is cut off; anything else unreadable stops.
-fn replay_log(ledger: &Ledger, listing: &DataDirListing, covered: u64) -> Result<(u64, u64), StoreError> {
+/// Records missing up to `holds_up_to` are a gap the snapshot explains: its objects hold events whose
+/// records a power loss took in `write` mode, and the next process numbered its events after them.
+fn replay_log(
+    ledger: &Ledger,
+    listing: &DataDirListing,
+    covered: u64,
+    holds_up_to: u64,
+) -> Result<(u64, u64), StoreError> {
     let mut last = covered;
     let mut replayed = 0;
     let segments = &listing.segments;
@@ -314,7 +346,15 @@ fn replay_log(ledger: &Ledger, listing: &DataDirListing, covered: u64) -> Result
                 continue;
             }
             if *seq != last + 1 {
-                return Err(StoreError::Gap { covered, resumes: *seq, from: last + 1, to: seq - 1 });
+                if *seq - 1 > holds_up_to {
+                    return Err(StoreError::Gap { covered, resumes: *seq, from: last + 1, to: seq - 1 });
+                }
+                tracing::warn!(
+                    from = last + 1,
+                    to = seq - 1,
+                    "the log lacks events that the snapshot's objects hold, as after a power loss in write mode; \
+                     objects copied before them recover without them"
+                );
             }
             let (now, event, levels): (u64, Event, Option<Levels>) = postcard::from_bytes(payload)
                 .map_err(|e| StoreError::Decode { path: path.clone(), seq: *seq, reason: e.to_string() })?;

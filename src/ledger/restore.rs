@@ -51,6 +51,19 @@ pub enum SnapshotItem {
     ApiKey(ApiKeyRecord),
 }
 
+impl SnapshotItem {
+    /// The sequence number of the last logged event this object holds; 0 for objects not kept by
+    /// sequence number (rate cards, API keys and alert logs, whose events replay by their own ids).
+    pub fn applied_seq(&self) -> u64 {
+        match self {
+            SnapshotItem::Tenant { tenant, .. } => tenant.applied_seq,
+            SnapshotItem::Environment { books, .. } => books.applied_seq,
+            SnapshotItem::App { applied_seq, .. } => *applied_seq,
+            SnapshotItem::RateCard(_) | SnapshotItem::Alerts { .. } | SnapshotItem::ApiKey(_) => 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RestoreError {
     #[error("snapshot item for {id}: {reason}")]
