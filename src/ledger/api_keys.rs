@@ -277,10 +277,9 @@ impl Ledger {
     /// Counts a new hold against `key`, or refuses it at the key's cap. Taken under the environment's
     /// lock, like the server-wide count; [`Ledger::give_back_key_hold`] undoes it for a refusal after.
     pub(super) fn take_key_hold(&self, key: &ApiKey) -> Result<(), LedgerError> {
-        let limit = self.limits.max_open_reservations_per_api_key;
-        if key.open_holds.fetch_add(1, Ordering::Relaxed) >= limit {
+        if key.open_holds.fetch_add(1, Ordering::Relaxed) >= self.limits.max_open_reservations_per_api_key {
             key.open_holds.fetch_sub(1, Ordering::Relaxed);
-            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::ApiKey, limit });
+            return Err(self.key_cap_reached());
         }
         Ok(())
     }
@@ -291,11 +290,17 @@ impl Ledger {
 
     /// Whether a new hold of `key` would be refused at its cap; for dry runs.
     pub(super) fn check_key_cap(&self, key: &ApiKey) -> Result<(), LedgerError> {
-        let limit = self.limits.max_open_reservations_per_api_key;
-        if key.open_holds.load(Ordering::Relaxed) >= limit {
-            return Err(LedgerError::TooManyOpenReservations { scope: OpenReservationScope::ApiKey, limit });
+        if key.open_holds.load(Ordering::Relaxed) >= self.limits.max_open_reservations_per_api_key {
+            return Err(self.key_cap_reached());
         }
         Ok(())
+    }
+
+    fn key_cap_reached(&self) -> LedgerError {
+        LedgerError::TooManyOpenReservations {
+            scope: OpenReservationScope::ApiKey,
+            limit: self.limits.max_open_reservations_per_api_key,
+        }
     }
 
     /// Counts a resolved hold off the key that made it. A revoked key is no longer counted; during a
