@@ -17,16 +17,17 @@ use quotad::{
         journal::Durability,
         store::{StorageConfig, Store},
     },
-    ledger::pricing::RateCard,
-    ledger::{AgentId, Command, EnvironmentId, Ledger, Limits, Outcome, SnapshotItem, TenantId, Usage},
+    ledger::{
+        AgentId, Command, EnvironmentId, Ledger, Limits, Outcome, SnapshotItem, TenantId, Usage, pricing::RateCard,
+    },
 };
 
 const NOW_MS: u64 = 1_790_000_000_000;
 const ENVIRONMENTS: [&str; 4] = ["env-a", "env-b", "env-c", "env-d"];
 /// Enough for every commit of the traffic below.
 const ALLOCATED_MILLI: u64 = 1_000_000_000_000;
-/// The snapshots with objects that hold events after the covered one that the first test wants to
-/// see, and how long it may look for them.
+/// How many snapshots holding events past the one they cover the first test wants, and how long it
+/// may take to see them.
 const SNAPSHOTS_AHEAD_WANTED: usize = 10;
 const SEARCH_LIMIT: Duration = Duration::from_secs(60);
 
