@@ -15,7 +15,7 @@ use quotad::{
     durability::{
         format,
         journal::Durability,
-        store::{StorageConfig, Store},
+        store::{StorageConfig, Store, StoreError},
     },
     ledger::{
         AgentId, Command, EnvironmentId, Ledger, Limits, Outcome, SnapshotItem, TenantId, Usage, pricing::RateCard,
@@ -179,6 +179,20 @@ fn lose_log_after(dir: &Path, covered: u64) {
     }
 }
 
+/// Replaces the log segment of `dir` that starts at `first_seq` with one that starts after its first
+/// record: the record is gone, and no segment claims it.
+fn drop_first_record(dir: &Path, first_seq: u64) {
+    let path = dir.join(format::segment_file_name(first_seq));
+    let segment = format::read_segment(&path).unwrap();
+    let mut bytes = Vec::new();
+    format::encode_segment_header(first_seq + 1, &mut bytes);
+    for (seq, payload) in &segment.records[1..] {
+        format::encode_record(*seq, payload, &mut bytes);
+    }
+    std::fs::write(dir.join(format::segment_file_name(first_seq + 1)), bytes).unwrap();
+    std::fs::remove_file(path).unwrap();
+}
+
 fn used(ledger: &Ledger, id: &str) -> u64 {
     ledger.balance(&environment(id), NOW_MS).unwrap().allocation_used_milli
 }
@@ -187,7 +201,8 @@ fn used(ledger: &Ledger, id: &str) -> u64 {
 fn after_a_snapshot_that_holds_events_the_log_lost_new_events_are_numbered_after_them() {
     // Proves that recovery numbers new events after the last one any object of the snapshot holds,
     // not after the end of the log, and that the next recovery replays them past the gap: with the
-    // numbers of events env-a holds given to new events on env-a, replay would skip those.
+    // numbers of events env-a holds given to new events on env-a, replay would skip those. A gap past
+    // what the snapshot's objects hold still stops recovery.
     let tmp = data_dir("snapshot-ahead-of-log-");
     let dir = tmp.path();
     let (ledger, store) = open(dir);
@@ -214,4 +229,14 @@ fn after_a_snapshot_that_holds_events_the_log_lost_new_events_are_numbered_after
     assert_eq!(used(&ledger, "env-b"), 11_000, "and the one on env-b");
     assert_eq!(store.journal().last_appended(), holds_up_to + 4);
     store.close();
+    drop((ledger, store));
+
+    // A gap past what the snapshot's objects hold is still damage, and stops recovery.
+    let lost = holds_up_to + 1;
+    drop_first_record(dir, lost);
+    match Store::open(storage(dir), Limits::default(), RateCard::default()) {
+        Err(StoreError::Gap { from, to, .. }) => assert_eq!((from, to), (set_up_events + 1, lost)),
+        Err(other) => panic!("expected a gap at {lost}, got {other}"),
+        Ok(_) => panic!("recovered past a gap at {lost} that no snapshot object holds"),
+    }
 }
