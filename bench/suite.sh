@@ -7,7 +7,8 @@
 # with `quotad admin api-key create` for the load), --durability write, metrics on. Scenarios
 # (BENCH_SCENARIOS, in this order by default):
 #
-#   concurrent  reserve and reserve+commit at 64 streams over 4 connections, against `health`
+#   concurrent  reserve and reserve+commit at 64 streams over 4 connections, against `health`; balance,
+#               the same answer without accounting, as reserve's ceiling
 #   sequential  one call in flight on one connection: p50 of reserve against p50 of health
 #   contention  reserve+commit by 64 clients on one environment against 64 environments
 #   batch       reserve in batches of 100 (quotad-bench --batch-size) against unary reserve
@@ -303,6 +304,8 @@ holds_expired() {
 # --- Scenarios ---------------------------------------------------------------------------------------
 
 concurrent_health() { load "concurrent-health-r$1" --scenario health -c 64 --connections 4; }
+# The same answer as a reservation's (a whole balance) without any accounting: the ceiling of `reserve`.
+concurrent_balance() { load "concurrent-balance-r$1" --scenario balance -c 64 --connections 4; }
 # Holds of 1 s: with quotad-bench's default of 30 s, a few seconds of reserves would pass the 100,000
 # open holds an API key may have.
 concurrent_reserve() {
@@ -313,7 +316,7 @@ concurrent_pairs() { load "concurrent-pairs-r$1" --scenario reserve+commit -c 64
 scenario_concurrent() {
     start_quotad concurrent
     setup_tenant concurrent "$ENVIRONMENTS"
-    interleave concurrent health reserve pairs
+    interleave concurrent health balance reserve pairs
     stop_server
 }
 

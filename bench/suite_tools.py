@@ -288,11 +288,14 @@ def server_us(result, rate_field):
 
 def summarize_concurrent(t, runs):
     health = med(runs.get("concurrent-health", []), lambda r: r["calls_per_s"])
+    balance = med(runs.get("concurrent-balance", []), lambda r: r["calls_per_s"])
     reserve = med(runs.get("concurrent-reserve", []), lambda r: r["calls_per_s"])
     pairs = med(runs.get("concurrent-pairs", []), lambda r: r["ops_per_s"])
     if health is None:
         return
     t.add("concurrent", "health calls/s, 64 streams over 4 connections", health, "calls/s")
+    t.add("concurrent", "balance calls/s ÷ health calls/s (reserve's ceiling)", balance, "calls/s",
+          ratio(balance, health))
     t.add("concurrent", "reserve calls/s ÷ health calls/s", reserve, "calls/s", ratio(reserve, health), (">=", 0.90))
     t.add("concurrent", "reserve+commit pairs/s ÷ health calls/s", pairs, "pairs/s", ratio(pairs, health),
           (">=", 0.45))
@@ -301,11 +304,15 @@ def summarize_concurrent(t, runs):
     # cores are over quotad-bench's whole run (warmup and connecting too), the calls/s over its
     # measured seconds, so the figures are slightly low, alike for every scenario.
     health_cpu = med(runs.get("concurrent-health", []), lambda r: server_us(r, "calls_per_s"))
+    balance_cpu = med(runs.get("concurrent-balance", []), lambda r: server_us(r, "calls_per_s"))
     reserve_cpu = med(runs.get("concurrent-reserve", []), lambda r: server_us(r, "calls_per_s"))
     pairs_cpu = med(runs.get("concurrent-pairs", []), lambda r: server_us(r, "ops_per_s"))
     t.add("concurrent", "quotad CPU per health call", health_cpu, "µs")
+    t.add("concurrent", "quotad CPU per balance call ÷ per health", balance_cpu, "µs", ratio(balance_cpu, health_cpu))
     t.add("concurrent", "quotad CPU per reserve call (its expiry too) ÷ per health", reserve_cpu, "µs",
           ratio(reserve_cpu, health_cpu))
+    t.add("concurrent", "quotad CPU per reserve call ÷ per balance call", reserve_cpu, "µs",
+          ratio(reserve_cpu, balance_cpu))
     t.add("concurrent", "quotad CPU per reserve+commit pair ÷ per health call", pairs_cpu, "µs",
           ratio(pairs_cpu, health_cpu))
 
