@@ -9,7 +9,7 @@
 #
 #   concurrent  reserve and reserve+commit at 64 streams over 4 connections, against `health`; balance,
 #               the same answer without accounting, as reserve's ceiling
-#   sequential  one call in flight on one connection: p50 of reserve against p50 of health
+#   sequential  one call in flight on one connection: p50 of reserve (and balance) against p50 of health
 #   contention  reserve+commit by 64 clients on one environment against 64 environments
 #   batch       reserve in batches of 100 (quotad-bench --batch-size) against unary reserve
 #   redis       what teams build instead: a Lua script checking and decrementing a balance in Redis,
@@ -321,6 +321,7 @@ scenario_concurrent() {
 }
 
 sequential_health() { load "sequential-health-r$1" --scenario health -c 1 --connections 1; }
+sequential_balance() { load "sequential-balance-r$1" --scenario balance -c 1 --connections 1; }
 sequential_reserve() {
     load "sequential-reserve-r$1" --scenario reserve --ttl-seconds 1 -c 1 --connections 1
     holds_expired
@@ -328,7 +329,7 @@ sequential_reserve() {
 scenario_sequential() {
     start_quotad sequential
     setup_tenant sequential "$ENVIRONMENTS"
-    interleave sequential health reserve
+    interleave sequential health balance reserve
     stop_server
 }
 

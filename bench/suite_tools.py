@@ -319,10 +319,12 @@ def summarize_concurrent(t, runs):
 
 def summarize_sequential(t, runs):
     health = med(runs.get("sequential-health", []), lambda r: r["latency_us"]["p50"])
+    balance = med(runs.get("sequential-balance", []), lambda r: r["latency_us"]["p50"])
     reserve = med(runs.get("sequential-reserve", []), lambda r: r["latency_us"]["p50"])
     if health is None:
         return
     t.add("sequential", "health p50, 1 call in flight on 1 connection", health, "µs")
+    t.add("sequential", "balance p50 ÷ health p50 (reserve's ceiling)", balance, "µs", ratio(balance, health))
     t.add("sequential", "reserve p50 ÷ health p50", reserve, "µs", ratio(reserve, health), ("<=", 1.15))
 
 
