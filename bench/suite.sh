@@ -14,7 +14,7 @@
 #   batch       reserve in batches of 100 (quotad-bench --batch-size) against unary reserve
 #   redis       what teams build instead: a Lua script checking and decrementing a balance in Redis,
 #               without persistence and with appendonly everysec, unpipelined and with -P 10
-#   h2load      health and reserve through an independent HTTP/2 client, and the tail latency of
+#   h2load      health, balance and reserve through an independent HTTP/2 client, and the tail latency of
 #               reserve with 500 calls in flight
 #   memory      RSS per environment at BENCH_MEMORY_ENVS environments, per open hold at BENCH_MEMORY_HOLDS
 #   expiry      p99 of live reserve+commit while BENCH_EXPIRY_HOLDS holds expire in the same second
@@ -463,6 +463,7 @@ h2load_run() {
 }
 
 h2load_health() { h2load_run "h2load-health-r$1" grpc.health.v1.Health/Check "$WORK/health.bin" 4 16; }
+h2load_balance() { h2load_run "h2load-balance-r$1" quota.v1.Quota/GetBalance "$WORK/balance.bin" 4 16; }
 h2load_reserve() {
     h2load_run "h2load-reserve-r$1" quota.v1.Quota/CheckAndReserve "$WORK/reserve.bin" 4 16
     holds_expired
@@ -478,14 +479,16 @@ scenario_h2load() {
         return
     fi
     # The bodies come from quotad-bench, encoded with the same types as its own calls. One fixed body
-    # reserves on one environment (environment 0), with holds of 1 s.
+    # reserves on one environment (environment 0), with holds of 1 s; another reads its balance.
     [ "$("$BENCH" --grpc-body "$WORK/health.bin" --scenario health)" = /grpc.health.v1.Health/Check ] ||
         die "quotad-bench --grpc-body: unexpected path for health"
+    [ "$("$BENCH" --grpc-body "$WORK/balance.bin" --scenario balance)" = /quota.v1.Quota/GetBalance ] ||
+        die "quotad-bench --grpc-body: unexpected path for balance"
     [ "$("$BENCH" --grpc-body "$WORK/reserve.bin" --scenario reserve --ttl-seconds 1)" = \
         /quota.v1.Quota/CheckAndReserve ] || die "quotad-bench --grpc-body: unexpected path for reserve"
     start_quotad h2load
     setup_tenant h2load "$ENVIRONMENTS"
-    interleave h2load health reserve tail
+    interleave h2load health balance reserve tail
     stop_server
 }
 

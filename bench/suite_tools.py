@@ -379,18 +379,20 @@ def summarize_h2load(t, runs, skipped):
         t.add("h2load", "skipped", None, "", note=skipped["h2load"])
         return
     health = med(runs.get("h2load-health", []), lambda r: r["req_per_s"])
+    balance = med(runs.get("h2load-balance", []), lambda r: r["req_per_s"])
     reserve = med(runs.get("h2load-reserve", []), lambda r: r["req_per_s"])
     tail = runs.get("h2load-tail", [])
     if health is None and not tail:
         return
     t.add("h2load", "health req/s, h2load -c 4 -m 16", health, "req/s")
+    t.add("h2load", "balance req/s ÷ health req/s (reserve's ceiling)", balance, "req/s", ratio(balance, health))
     t.add("h2load", "reserve req/s ÷ health req/s", reserve, "req/s", ratio(reserve, health), (">=", 0.90))
     p50 = med(tail, lambda r: r["log"]["p50_us"])
     p99 = med(tail, lambda r: r["log"]["p99_us"])
     t.add("h2load", "reserve p50, 500 in flight (h2load -c 50 -m 10)", p50, "µs")
     t.add("h2load", "reserve p99 ÷ p50, 500 in flight", p99, "µs", ratio(p99, p50), ("<=", 3))
     errors, cut_off = {}, 0
-    for name in ("h2load-health", "h2load-reserve", "h2load-tail"):
+    for name in ("h2load-health", "h2load-balance", "h2load-reserve", "h2load-tail"):
         for r in runs.get(name, []):
             cut_off += r["calls"].get("cut_off_at_stop", 0)
             for code, n in r["calls"].items():
