@@ -22,7 +22,7 @@
 # Each round runs a scenario's measurements interleaved with its `health` baseline, rotating their
 # order; medians over BENCH_REPEATS rounds. The figures are not asserted: a target missed is a row
 # marked `miss`, and the exit status is non-zero only when a run failed (a tool error, or most calls
-# answered with errors). About 14 minutes with the defaults; BENCH_SMOKE=1 runs every scenario once
+# answered with errors). About 17 minutes with the defaults; BENCH_SMOKE=1 runs every scenario once
 # for about a second on small states (about a minute), to check that the suite still works.
 #
 # Environment (defaults in brackets; BENCH_SMOKE=1 changes those marked *):
