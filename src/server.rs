@@ -48,7 +48,7 @@ const EXPIRY_MAX_SLICE: Duration = Duration::from_micros(500);
 /// (with turns as much longer) when it is `EXPIRY_CATCH_UP` later still. A burst that a quarter clears
 /// within `EXPIRY_LATE_AFTER` never takes more: live calls keep three quarters of the core meanwhile,
 /// and a commit or release that meets a due hold expires it anyway. A million holds due at once took 4
-/// to 7 s on the one core of the benchmark machine, 8 to 10 s on a slower day; at 5 s the rise came
+/// to 7 s on the one core of the benchmark machine, 8 to 11 s on a slower day; at 5 s the rise came
 /// within such a burst and raised live p99 with it (median 2.3× against 1.8× at 10 s, five runs each).
 const EXPIRY_LATE_AFTER: Duration = Duration::from_secs(10);
 const EXPIRY_CATCH_UP: Duration = Duration::from_secs(2);
